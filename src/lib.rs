@@ -1,1 +1,4 @@
+//! lakeguard: snapshots, incremental backups and point-in-time restore for Azure Blob Storage.
 
+pub mod copy;
+pub mod model;

@@ -1,0 +1,110 @@
+//! One row of a blob listing, independent of the SDK's generated models so that the pure core can
+//! be tested without I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// An entity tag, kept unquoted.
+///
+/// The service is not consistent about quoting: response headers carry `"0x8D..."` while listings
+/// (and some SDKs) carry the bare value. Comparing raw strings would make every blob look changed,
+/// so equality is defined on the unquoted form and `Display` gives the quoted header form that
+/// `If-Match` expects.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Etag(String);
+
+impl Etag {
+    pub fn new(raw: impl AsRef<str>) -> Self {
+        let raw = raw.as_ref().trim();
+        let raw = raw.strip_prefix("W/").unwrap_or(raw);
+        Etag(raw.trim_matches('"').to_owned())
+    }
+
+    /// The bare value, without quotes.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The quoted form used in `If-Match` headers and in queue messages.
+    pub fn quoted(&self) -> String {
+        format!("\"{}\"", self.0)
+    }
+}
+
+impl fmt::Display for Etag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{}\"", self.0)
+    }
+}
+
+impl fmt::Debug for Etag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Etag({})", self.0)
+    }
+}
+
+impl From<&str> for Etag {
+    fn from(s: &str) -> Self {
+        Etag::new(s)
+    }
+}
+
+impl Serialize for Etag {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.quoted())
+    }
+}
+
+impl<'de> Deserialize<'de> for Etag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(Etag::new(s))
+    }
+}
+
+/// One listing row: a base blob (`snapshot == None`) or one of its snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobEntry {
+    pub name: String,
+    pub snapshot: Option<String>,
+    pub etag: Etag,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_modified: OffsetDateTime,
+    pub content_length: u64,
+    pub content_type: Option<String>,
+    pub content_md5: Option<Vec<u8>>,
+    /// Keys lower-cased: metadata names are case-insensitive in the service.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl BlobEntry {
+    pub fn is_snapshot(&self) -> bool {
+        self.snapshot.is_some()
+    }
+
+    /// HNS directory placeholders (and their emulation on flat accounts) are not data.
+    pub fn is_directory_placeholder(&self) -> bool {
+        self.metadata
+            .get(super::metadata::HDI_ISFOLDER)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etag_equality_ignores_quotes() {
+        assert_eq!(Etag::new("\"0x8D1\""), Etag::new("0x8D1"));
+        assert_eq!(Etag::new("0x8D1").to_string(), "\"0x8D1\"");
+        assert_eq!(Etag::new("W/\"abc\"").as_str(), "abc");
+    }
+}

@@ -1,0 +1,8 @@
+//! Plain data shared by every layer: listing rows, queue messages, metadata names.
+
+pub mod entry;
+pub mod metadata;
+pub mod request;
+
+pub use entry::{BlobEntry, Etag};
+pub use request::BackupRequest;

@@ -1,0 +1,2 @@
+//! Placeholder; the lead writes the queue message schema here.
+pub struct BackupRequest;
