@@ -18,6 +18,7 @@ pub struct App {
     /// User-delegation key of the source account (managed identity copy sources).
     pub source_keys: DelegationKeyCache,
     pub engine: Arc<dyn CopyEngine>,
+    queue_ready: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl App {
@@ -36,6 +37,24 @@ impl App {
             )),
             CopyEngineKind::DataFactory => crate::copy::datafactory_engine(&settings, &clients)?,
         };
-        Ok(App { settings: Arc::new(settings), clients, source, backup, queue, source_keys, engine })
+        Ok(App {
+            settings: Arc::new(settings),
+            clients,
+            source,
+            backup,
+            queue,
+            source_keys,
+            engine,
+            queue_ready: Default::default(),
+        })
+    }
+
+    /// Creates the backup queue (and its poison queue) once per process: the first producer run
+    /// on a fresh account must not fail for want of a queue.
+    pub async fn ensure_queue(&self) -> Result<(), StorageError> {
+        self.queue_ready
+            .get_or_try_init(|| self.queue.ensure_exists())
+            .await
+            .map(|_| ())
     }
 }

@@ -9,7 +9,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::ops::Progress;
 
 #[derive(Debug, Parser)]
-#[command(name = "lakeguard", version, about = "Snapshots, incremental backups and point-in-time restore for Azure Blob Storage / ADLS")]
+#[command(
+    name = "lakeguard",
+    version,
+    about = "Snapshots, incremental backups and point-in-time restore for Azure Blob Storage / ADLS"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -46,6 +50,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Seed a demo data lake (container `demo-lake`) and run producer and worker on it: the
+    /// README's main job, against the local Azurite that `scripts/demo` starts.
+    Demo,
 }
 
 /// A progress bar on a terminal; hidden when stderr is not one (CI, pipes, `--output json`).
@@ -59,8 +66,10 @@ impl Bar {
             ProgressBar::hidden()
         };
         pb.set_style(
-            ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         pb.set_prefix(label.to_owned());
         Arc::new(Bar(pb))

@@ -7,8 +7,8 @@
 pub mod app;
 pub mod cli;
 pub mod copy;
-pub mod handler;
 pub mod core;
+pub mod handler;
 pub mod model;
 pub mod ops;
 pub mod settings;

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
     };
     let serving = matches!(cli.command, Command::Serve);
     lakeguard::telemetry::init(&settings.log_filter, settings.log_format, serving);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lakeguard: cannot start the runtime: {e}");
@@ -31,7 +34,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("lakeguard: {e:#}");
-            let invalid = e.downcast_ref::<OpError>().is_some_and(|e| matches!(e, OpError::InvalidInput(_)));
+            let invalid = e
+                .downcast_ref::<OpError>()
+                .is_some_and(|e| matches!(e, OpError::InvalidInput(_)));
             ExitCode::from(if invalid { 2 } else { 1 })
         }
     }
@@ -42,13 +47,21 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     let app = App::new(settings).context("building storage clients")?;
     match command {
         Command::Serve => {
-            let port = port.context("FUNCTIONS_CUSTOMHANDLER_PORT is not set (the Functions host sets it)")?;
-            lakeguard::handler::serve(app, port).await.context("serving")?;
+            let port = port
+                .context("FUNCTIONS_CUSTOMHANDLER_PORT is not set (the Functions host sets it)")?;
+            lakeguard::handler::serve(app, port)
+                .await
+                .context("serving")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Snapshot { container, prefix, output } => {
+        Command::Snapshot {
+            container,
+            prefix,
+            output,
+        } => {
             let bar = Bar::new("snapshot", output);
-            let report = ops::snapshot::run(&app, &container, prefix.as_deref(), bar.clone()).await?;
+            let report =
+                ops::snapshot::run(&app, &container, prefix.as_deref(), bar.clone()).await?;
             bar.finish();
             print(output, &report, || {
                 format!(
@@ -64,13 +77,25 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     report.failures.iter().map(|f| format!("\n  failed: {}: {}", f.blob, f.error)).collect::<String>()
                 )
             });
-            Ok(if report.is_complete() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.is_complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::Backup { drain, queue, output } => {
-            anyhow::ensure!(drain, "`lakeguard backup` needs --drain (process the queue until it is empty)");
+        Command::Backup {
+            drain,
+            queue,
+            output,
+        } => {
+            anyhow::ensure!(
+                drain,
+                "`lakeguard backup` needs --drain (process the queue until it is empty)"
+            );
             let queue = match queue {
                 Some(name) => {
-                    lakeguard::settings::validate_queue_name(&name).map_err(OpError::InvalidInput)?;
+                    lakeguard::settings::validate_queue_name(&name)
+                        .map_err(OpError::InvalidInput)?;
                     app.clients.backup_queue(&app.settings.jobs, &name)?
                 }
                 None => app.queue.clone(),
@@ -91,14 +116,25 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     report.elapsed_ms
                 )
             });
-            Ok(if report.poisoned == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.poisoned == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Demo => {
+            println!("{}", ops::demo::run(&app).await?);
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 fn print<T: serde::Serialize>(output: Output, value: &T, text: impl FnOnce() -> String) {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        ),
         Output::Text => println!("{}", text()),
     }
 }

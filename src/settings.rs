@@ -95,14 +95,25 @@ impl Settings {
     }
 
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, SettingsError> {
-        let get = |k: &str| vars.get(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let get = |k: &str| {
+            vars.get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
         let source = Connection::from_settings(SOURCE, vars)?;
         let backup = Connection::from_settings(BACKUP, vars)?;
         let jobs = Connection::from_settings(JOBS, vars)?;
-        let backup_queue = get("LAKEGUARD_BACKUP_QUEUE").unwrap_or_else(|| "lakeguard-backup".into());
-        validate_queue_name(&backup_queue)
-            .map_err(|problem| SettingsError::Invalid { name: "LAKEGUARD_BACKUP_QUEUE", problem })?;
-        let copy_engine = match get("LAKEGUARD_COPY_ENGINE").as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let backup_queue =
+            get("LAKEGUARD_BACKUP_QUEUE").unwrap_or_else(|| "lakeguard-backup".into());
+        validate_queue_name(&backup_queue).map_err(|problem| SettingsError::Invalid {
+            name: "LAKEGUARD_BACKUP_QUEUE",
+            problem,
+        })?;
+        let copy_engine = match get("LAKEGUARD_COPY_ENGINE")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("direct") => CopyEngineKind::Direct,
             Some("datafactory") => CopyEngineKind::DataFactory,
             Some(other) => {
@@ -121,27 +132,52 @@ impl Settings {
                 problem: format!("cannot read `{path}`: {e}"),
             })?),
         };
-        let pending_ttl = Duration::from_secs(number(vars, "LAKEGUARD_PENDING_TTL_SECS", 6 * 3600, 60, 30 * 86400)?);
+        let pending_ttl = Duration::from_secs(number(
+            vars,
+            "LAKEGUARD_PENDING_TTL_SECS",
+            6 * 3600,
+            60,
+            30 * 86400,
+        )?);
         let use_lease = boolean(vars, "LAKEGUARD_USE_LEASE")?;
         let list = |k: &str| -> Vec<String> {
-            get(k).map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()).unwrap_or_default()
+            get(k)
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default()
         };
         let max_dequeue_count = number(vars, "LAKEGUARD_MAX_DEQUEUE_COUNT", 5, 1, 100)? as u32;
-        let reconcile_budget = Duration::from_secs(number(vars, "LAKEGUARD_RECONCILE_BUDGET_SECS", 420, 5, 3600)?);
-        let arm_endpoint = get("LAKEGUARD_ARM_ENDPOINT").unwrap_or_else(|| "https://management.azure.com".into());
-        let arm_endpoint = Url::parse(&arm_endpoint)
-            .map_err(|e| SettingsError::Invalid { name: "LAKEGUARD_ARM_ENDPOINT", problem: e.to_string() })?;
+        let reconcile_budget = Duration::from_secs(number(
+            vars,
+            "LAKEGUARD_RECONCILE_BUDGET_SECS",
+            420,
+            5,
+            3600,
+        )?);
+        let arm_endpoint =
+            get("LAKEGUARD_ARM_ENDPOINT").unwrap_or_else(|| "https://management.azure.com".into());
+        let arm_endpoint = Url::parse(&arm_endpoint).map_err(|e| SettingsError::Invalid {
+            name: "LAKEGUARD_ARM_ENDPOINT",
+            problem: e.to_string(),
+        })?;
         let df_sub = get("LAKEGUARD_DATAFACTORY_SUBSCRIPTION_ID");
         let df_rg = get("LAKEGUARD_DATAFACTORY_RESOURCE_GROUP");
         let df_name = get("LAKEGUARD_DATAFACTORY_NAME");
         let datafactory = match (df_sub, df_rg, df_name) {
-            (Some(subscription_id), Some(resource_group), Some(factory_name)) => Some(DataFactorySettings {
-                arm_endpoint,
-                subscription_id,
-                resource_group,
-                factory_name,
-                pipeline_name: get("LAKEGUARD_DATAFACTORY_PIPELINE").unwrap_or_else(|| "lakeguard-backup-copy".into()),
-            }),
+            (Some(subscription_id), Some(resource_group), Some(factory_name)) => {
+                Some(DataFactorySettings {
+                    arm_endpoint,
+                    subscription_id,
+                    resource_group,
+                    factory_name,
+                    pipeline_name: get("LAKEGUARD_DATAFACTORY_PIPELINE")
+                        .unwrap_or_else(|| "lakeguard-backup-copy".into()),
+                })
+            }
             (None, None, None) => None,
             _ => {
                 return Err(SettingsError::Invalid {
@@ -160,10 +196,15 @@ impl Settings {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                return Err(SettingsError::Invalid { name: "LAKEGUARD_LOG_FORMAT", problem: format!("`{other}`: use text or json") })
+                return Err(SettingsError::Invalid {
+                    name: "LAKEGUARD_LOG_FORMAT",
+                    problem: format!("`{other}`: use text or json"),
+                })
             }
         };
-        let port = match get("FUNCTIONS_CUSTOMHANDLER_PORT").or_else(|| get("FUNCTIONS_HTTPWORKER_PORT")) {
+        let port = match get("FUNCTIONS_CUSTOMHANDLER_PORT")
+            .or_else(|| get("FUNCTIONS_HTTPWORKER_PORT"))
+        {
             None => None,
             Some(p) => Some(p.parse::<u16>().map_err(|_| SettingsError::Invalid {
                 name: "FUNCTIONS_CUSTOMHANDLER_PORT",
@@ -194,34 +235,58 @@ impl Settings {
 
     /// Whether reconcile covers `container` (include list, when set, then exclude list).
     pub fn covers_container(&self, container: &str) -> bool {
-        (self.containers_include.is_empty() || self.containers_include.iter().any(|c| c == container))
+        (self.containers_include.is_empty()
+            || self.containers_include.iter().any(|c| c == container))
             && !self.containers_exclude.iter().any(|c| c == container)
     }
 }
 
-fn number(vars: &HashMap<String, String>, name: &'static str, default: u64, min: u64, max: u64) -> Result<u64, SettingsError> {
+fn number(
+    vars: &HashMap<String, String>,
+    name: &'static str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, SettingsError> {
     match vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
         None => Ok(default),
         Some(v) => match v.parse::<u64>() {
             Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(SettingsError::Invalid { name, problem: format!("`{v}` is not a number in {min}..={max}") }),
+            _ => Err(SettingsError::Invalid {
+                name,
+                problem: format!("`{v}` is not a number in {min}..={max}"),
+            }),
         },
     }
 }
 
 fn boolean(vars: &HashMap<String, String>, name: &'static str) -> Result<bool, SettingsError> {
-    match vars.get(name).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+    match vars
+        .get(name)
+        .map(|v| v.trim().to_ascii_lowercase())
+        .as_deref()
+    {
         None | Some("") | Some("false") | Some("0") | Some("no") => Ok(false),
         Some("true") | Some("1") | Some("yes") => Ok(true),
-        Some(other) => Err(SettingsError::Invalid { name, problem: format!("`{other}` is not true/false") }),
+        Some(other) => Err(SettingsError::Invalid {
+            name,
+            problem: format!("`{other}` is not true/false"),
+        }),
     }
 }
 
 /// Queue names: 3-63 characters, lower-case letters, digits and single hyphens, not at the ends.
 /// Our poison queue adds `-poison`, so the base name may have at most 56 characters.
 pub fn validate_queue_name(name: &str) -> Result<(), String> {
-    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if !(3..=56).contains(&name.len()) || !ok_chars || name.starts_with('-') || name.ends_with('-') || name.contains("--") {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !(3..=56).contains(&name.len())
+        || !ok_chars
+        || name.starts_with('-')
+        || name.ends_with('-')
+        || name.contains("--")
+    {
         return Err(format!(
             "`{name}` is not a valid queue name (3-56 characters: lower-case letters, digits, single hyphens; `-poison` is appended for the poison queue)"
         ));
@@ -235,9 +300,17 @@ pub fn validate_container_name(name: &str) -> Result<(), String> {
     if matches!(name, "$root" | "$logs" | "$web") {
         return Ok(());
     }
-    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    let ok_ends = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let ok_ends = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if !(3..=63).contains(&name.len()) || !ok_chars || !ok_ends || name.contains("--") {
         return Err(format!(
             "`{}` is not a valid container name (3-63 characters: lower-case letters, digits and single hyphens, starting and ending with a letter or digit)",
@@ -288,16 +361,32 @@ mod tests {
         }
         let mut m = base();
         m.insert("LAKEGUARD_COPY_ENGINE".into(), "datafactory".into());
-        assert!(Settings::from_map(&m).unwrap_err().to_string().contains("SUBSCRIPTION_ID"));
+        assert!(Settings::from_map(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("SUBSCRIPTION_ID"));
         let mut m = base();
         m.remove(BACKUP);
-        assert!(Settings::from_map(&m).unwrap_err().to_string().contains("BackupStorage"));
+        assert!(Settings::from_map(&m)
+            .unwrap_err()
+            .to_string()
+            .contains("BackupStorage"));
     }
 
     #[test]
     fn container_names() {
         assert!(validate_container_name("raw-data-2026").is_ok());
-        for bad in ["", "ab", "Raw", "a--b", "-ab", "ab-", "a_b", &"a".repeat(64), "../x"] {
+        for bad in [
+            "",
+            "ab",
+            "Raw",
+            "a--b",
+            "-ab",
+            "ab-",
+            "a_b",
+            &"a".repeat(64),
+            "../x",
+        ] {
             assert!(validate_container_name(bad).is_err(), "{bad}");
         }
     }

@@ -14,7 +14,7 @@ use futures::{stream, TryStreamExt};
 use time::Duration;
 
 use super::{CopyEngine, CopyError, CopyJob, CopyOutcome};
-use crate::storage::blob::TargetCondition;
+use crate::storage::blob::{CopySource, TargetCondition};
 use crate::storage::sas::{self, DelegationKeyCache};
 use crate::storage::{BlobStore, StorageError};
 
@@ -31,7 +31,12 @@ pub struct DirectCopy {
 }
 
 impl DirectCopy {
-    pub fn new(source: BlobStore, backup: BlobStore, keys: DelegationKeyCache, concurrency: usize) -> Self {
+    pub fn new(
+        source: BlobStore,
+        backup: BlobStore,
+        keys: DelegationKeyCache,
+        concurrency: usize,
+    ) -> Self {
         DirectCopy {
             source,
             backup,
@@ -52,12 +57,14 @@ impl DirectCopy {
     async fn copy_in_blocks(
         &self,
         job: &CopyJob,
-        source_url: &url::Url,
+        source: &CopySource,
         condition: TargetCondition,
     ) -> Result<crate::model::Etag, StorageError> {
         let n = job.content_length.div_ceil(self.block_size);
         // Fixed-width ids: the service requires all ids of a blob to have the same length.
-        let ids: Vec<Vec<u8>> = (0..n).map(|i| format!("lakeguard-{i:08}").into_bytes()).collect();
+        let ids: Vec<Vec<u8>> = (0..n)
+            .map(|i| format!("lakeguard-{i:08}").into_bytes())
+            .collect();
         stream::iter(ids.iter().enumerate().map(Ok::<_, StorageError>))
             .try_for_each_concurrent(self.concurrency, |(i, id)| {
                 let offset = i as u64 * self.block_size;
@@ -68,18 +75,23 @@ impl DirectCopy {
                             &job.target_container,
                             &job.target_blob,
                             id,
-                            source_url,
+                            source,
                             offset,
                             len,
-                            job.snapshot_etag.as_ref(),
-                            None,
                         )
                         .await
                 }
             })
             .await?;
         self.backup
-            .commit_blocks(&job.target_container, &job.target_blob, ids, job.content_type.as_deref(), &job.metadata, condition)
+            .commit_blocks(
+                &job.target_container,
+                &job.target_blob,
+                ids,
+                job.content_type.as_deref(),
+                &job.metadata,
+                condition,
+            )
             .await
     }
 }
@@ -92,11 +104,30 @@ impl CopyEngine for DirectCopy {
 
     async fn copy(&self, job: &CopyJob) -> Result<CopyOutcome, CopyError> {
         // Long enough for the largest copy at a slow rate; read-only, one snapshot only.
-        let valid = Duration::minutes(60) + Duration::seconds((job.content_length / (1 << 20)) as i64);
-        let sas = sas::read_sas(&self.source, &self.keys, &job.source_container, &job.source_blob, Some(&job.source_snapshot), valid)
-            .await
-            .map_err(classify)?;
-        let source_url = sas::with_sas(self.source.url(&job.source_container, Some(&job.source_blob), Some(&job.source_snapshot)), &sas);
+        let valid =
+            Duration::minutes(60) + Duration::seconds((job.content_length / (1 << 20)) as i64);
+        let sas = sas::read_sas(
+            &self.source,
+            &self.keys,
+            &job.source_container,
+            &job.source_blob,
+            Some(&job.source_snapshot),
+            valid,
+        )
+        .await
+        .map_err(classify)?;
+        let source = CopySource {
+            url: sas::with_sas(
+                self.source.url(
+                    &job.source_container,
+                    Some(&job.source_blob),
+                    Some(&job.source_snapshot),
+                ),
+                &sas,
+            ),
+            if_match: job.snapshot_etag.clone(),
+            authorization: None,
+        };
         let condition = match &job.expected_target {
             Some(e) => TargetCondition::Matches(e.clone()),
             None => TargetCondition::Absent,
@@ -104,25 +135,35 @@ impl CopyEngine for DirectCopy {
         let etag = if job.content_length <= self.block_threshold {
             let meta: BTreeMap<String, String> = job.metadata.clone();
             self.backup
-                .copy_from_url(&job.target_container, &job.target_blob, &source_url, job.snapshot_etag.as_ref(), condition, &meta, None)
+                .copy_from_url(
+                    &job.target_container,
+                    &job.target_blob,
+                    &source,
+                    condition,
+                    &meta,
+                )
                 .await
         } else {
-            self.copy_in_blocks(job, &source_url, condition).await
+            self.copy_in_blocks(job, &source, condition).await
         }
         .map_err(classify)?;
-        Ok(CopyOutcome::Copied { target_etag: Some(etag) })
+        Ok(CopyOutcome::Copied {
+            target_etag: Some(etag),
+        })
     }
 }
 
 fn classify(e: StorageError) -> CopyError {
     match &e {
-        StorageError::NotFound { code, .. } if code == "BlobNotFound" || code == "CannotVerifyCopySource" => {
+        StorageError::NotFound { code, .. }
+            if code == "BlobNotFound" || code == "CannotVerifyCopySource" =>
+        {
             CopyError::SourceGone(e.to_string())
         }
         // 412 on the target: another worker wrote the backup meanwhile; retrying re-evaluates.
-        StorageError::PreconditionFailed { .. } | StorageError::Conflict { .. } | StorageError::Retryable { .. } => {
-            CopyError::Retryable(e.to_string())
-        }
+        StorageError::PreconditionFailed { .. }
+        | StorageError::Conflict { .. }
+        | StorageError::Retryable { .. } => CopyError::Retryable(e.to_string()),
         _ => CopyError::Permanent(e.to_string()),
     }
 }

@@ -16,14 +16,26 @@ const LEASE_SECS: i32 = 30;
 /// Runs `work` while holding a lease on the live source blob, taken only if the blob still has
 /// `etag` (otherwise the live blob no longer is this version, nothing to protect, and `work`
 /// runs without a lease: it copies from the immutable snapshot anyway).
-pub async fn with_source_lease<T, F>(store: &BlobStore, container: &str, blob: &str, etag: &Etag, work: F) -> Result<T, StorageError>
+pub async fn with_source_lease<T, F>(
+    store: &BlobStore,
+    container: &str,
+    blob: &str,
+    etag: &Etag,
+    work: F,
+) -> Result<T, StorageError>
 where
     F: Future<Output = T>,
 {
-    let lease_id = match store.acquire_lease(container, blob, LEASE_SECS, Some(etag)).await {
+    let lease_id = match store
+        .acquire_lease(container, blob, LEASE_SECS, Some(etag))
+        .await
+    {
         Ok(id) => id,
         Err(e) if e.is_precondition_failed() || e.is_not_found() => {
-            info!(blob, "live blob is no longer this version; copying the snapshot without a lease");
+            info!(
+                blob,
+                "live blob is no longer this version; copying the snapshot without a lease"
+            );
             return Ok(work.await);
         }
         Err(e) => return Err(e),

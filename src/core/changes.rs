@@ -39,7 +39,10 @@ impl Decision {
 
 /// The version a snapshot holds.
 pub fn snapshot_version(snapshot: &BlobEntry) -> Etag {
-    snapshot.meta(metadata::SOURCE_ETAG).map(Etag::new).unwrap_or_else(|| snapshot.etag.clone())
+    snapshot
+        .meta(metadata::SOURCE_ETAG)
+        .map(Etag::new)
+        .unwrap_or_else(|| snapshot.etag.clone())
 }
 
 /// Accumulates listing entries of any order and decides per base blob.
@@ -70,7 +73,8 @@ impl ChangeDetector {
                     Some((existing, _)) => snap.as_str() > existing.as_str(),
                 };
                 if newer {
-                    self.newest_snapshot.insert(entry.name.clone(), (snap.clone(), version));
+                    self.newest_snapshot
+                        .insert(entry.name.clone(), (snap.clone(), version));
                 }
             }
         }
@@ -91,7 +95,10 @@ impl ChangeDetector {
     /// Decisions for every base blob pushed so far, by name. Snapshots of names without a base
     /// blob (the base was deleted) need nothing.
     pub fn finish(self) -> Vec<Decision> {
-        let ChangeDetector { bases, newest_snapshot } = self;
+        let ChangeDetector {
+            bases,
+            newest_snapshot,
+        } = self;
         bases
             .into_values()
             .map(|blob| {
@@ -101,7 +108,9 @@ impl ChangeDetector {
                     match newest_snapshot.get(&blob.name) {
                         None => Verdict::New,
                         Some((_, v)) if *v == blob.etag => Verdict::Unchanged,
-                        Some((_, v)) => Verdict::Changed { previous: v.clone() },
+                        Some((_, v)) => Verdict::Changed {
+                            previous: v.clone(),
+                        },
                     }
                 };
                 Decision { blob, verdict }
@@ -142,7 +151,8 @@ mod tests {
         let mut e = base(name, if with_meta { "0xSNAPSHOTOWN" } else { etag });
         e.snapshot = Some(format!("2026-11-01T00:00:{:02}.0000000Z", at));
         if with_meta {
-            e.metadata.insert(metadata::SOURCE_ETAG.into(), format!("\"{etag}\""));
+            e.metadata
+                .insert(metadata::SOURCE_ETAG.into(), format!("\"{etag}\""));
         }
         e
     }
@@ -166,7 +176,12 @@ mod tests {
         assert_eq!(
             verdicts(out),
             vec![
-                ("a".into(), Verdict::Changed { previous: Etag::new("0x1") }),
+                (
+                    "a".into(),
+                    Verdict::Changed {
+                        previous: Etag::new("0x1")
+                    }
+                ),
                 ("b".into(), Verdict::Unchanged),
                 ("c".into(), Verdict::New),
                 ("dir".into(), Verdict::Placeholder),
@@ -177,18 +192,46 @@ mod tests {
     #[test]
     fn newest_snapshot_wins_whatever_the_order() {
         // The reference took the entry before the base; here the newest is chosen by time.
-        let entries = vec![snap("a", 9, "0x3", true), base("a", "0x3"), snap("a", 1, "0x1", true), snap("a", 5, "0x2", true)];
-        assert_eq!(verdicts(detect(entries)), vec![("a".into(), Verdict::Unchanged)]);
-        let entries = vec![snap("a", 1, "0x3", true), base("a", "0x3"), snap("a", 9, "0x1", true)];
-        assert_eq!(verdicts(detect(entries))[0].1, Verdict::Changed { previous: Etag::new("0x1") });
+        let entries = vec![
+            snap("a", 9, "0x3", true),
+            base("a", "0x3"),
+            snap("a", 1, "0x1", true),
+            snap("a", 5, "0x2", true),
+        ];
+        assert_eq!(
+            verdicts(detect(entries)),
+            vec![("a".into(), Verdict::Unchanged)]
+        );
+        let entries = vec![
+            snap("a", 1, "0x3", true),
+            base("a", "0x3"),
+            snap("a", 9, "0x1", true),
+        ];
+        assert_eq!(
+            verdicts(detect(entries))[0].1,
+            Verdict::Changed {
+                previous: Etag::new("0x1")
+            }
+        );
     }
 
     #[test]
     fn names_that_are_prefixes_of_each_other_are_separate() {
-        let entries = vec![base("a.txt", "0x1"), snap("a.txt.bak", 1, "0x1", true), base("a.txt.bak", "0x1"), base("a", "0x1")];
+        let entries = vec![
+            base("a.txt", "0x1"),
+            snap("a.txt.bak", 1, "0x1", true),
+            base("a.txt.bak", "0x1"),
+            base("a", "0x1"),
+        ];
         let v = verdicts(detect(entries));
-        assert_eq!(v.iter().find(|(n, _)| n == "a.txt").unwrap().1, Verdict::New);
-        assert_eq!(v.iter().find(|(n, _)| n == "a.txt.bak").unwrap().1, Verdict::Unchanged);
+        assert_eq!(
+            v.iter().find(|(n, _)| n == "a.txt").unwrap().1,
+            Verdict::New
+        );
+        assert_eq!(
+            v.iter().find(|(n, _)| n == "a.txt.bak").unwrap().1,
+            Verdict::Unchanged
+        );
         assert_eq!(v.iter().find(|(n, _)| n == "a").unwrap().1, Verdict::New);
     }
 

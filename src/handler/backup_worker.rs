@@ -14,7 +14,11 @@ use crate::ops::backup::{self, Retry};
 /// Binding name of the trigger in functions/BackupWorker/function.json.
 pub const BINDING: &str = "msg";
 
-pub async fn handle(State(app): State<App>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+pub async fn handle(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let invocation = invocation_id(&headers);
     let span = tracing::info_span!("BackupWorker", invocation_id = %invocation);
     async move {

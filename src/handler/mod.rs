@@ -24,14 +24,20 @@ use crate::ops::OpError;
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/", get(|| async { "lakeguard ok" }))
-        .route("/api/snapshot", get(snapshot_producer::handle).post(snapshot_producer::handle))
+        .route(
+            "/api/snapshot",
+            get(snapshot_producer::handle).post(snapshot_producer::handle),
+        )
         .route("/BackupWorker", post(backup_worker::handle))
         .fallback(not_found)
         .with_state(app)
 }
 
 async fn not_found(req: Request) -> Response {
-    (StatusCode::NOT_FOUND, Json(json!({"error": format!("no function at {} {}", req.method(), req.uri().path())})))
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": format!("no function at {} {}", req.method(), req.uri().path())})),
+    )
         .into_response()
 }
 
@@ -40,7 +46,9 @@ pub async fn serve(app: App, port: u16) -> std::io::Result<()> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "custom handler listening");
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown_signal()).await
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
 }
 
 async fn shutdown_signal() {

@@ -30,7 +30,10 @@ pub struct InvocationResponse {
 
 impl InvocationResponse {
     pub fn with_logs(logs: Vec<String>) -> Self {
-        InvocationResponse { logs, ..Default::default() }
+        InvocationResponse {
+            logs,
+            ..Default::default()
+        }
     }
 }
 
@@ -62,7 +65,11 @@ pub struct QueueMetadata {
 
 impl QueueMetadata {
     pub fn from_metadata(meta: &Map<String, Value>) -> Self {
-        let get = |key: &str| meta.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v);
+        let get = |key: &str| {
+            meta.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v)
+        };
         let dequeue_count = get("DequeueCount")
             .and_then(|v| match v {
                 Value::Number(n) => n.as_u64(),
@@ -71,7 +78,10 @@ impl QueueMetadata {
             })
             .unwrap_or(1)
             .clamp(1, u32::MAX as u64) as u32;
-        QueueMetadata { dequeue_count, id: get("Id").and_then(decode_text) }
+        QueueMetadata {
+            dequeue_count,
+            id: get("Id").and_then(decode_text),
+        }
     }
 }
 
@@ -86,19 +96,36 @@ pub struct TimerInfo {
 
 impl TimerInfo {
     pub fn from_value(v: Option<&Value>) -> Self {
-        let Some(Value::Object(o)) = v else { return TimerInfo::default() };
-        let is_past_due = o.get("IsPastDue").is_some_and(|v| v.as_bool() == Some(true) || v.as_str() == Some("true"));
+        let Some(Value::Object(o)) = v else {
+            return TimerInfo::default();
+        };
+        let is_past_due = o
+            .get("IsPastDue")
+            .is_some_and(|v| v.as_bool() == Some(true) || v.as_str() == Some("true"));
         let status = o.get("ScheduleStatus").and_then(Value::as_object);
-        let time = |k: &str| status.and_then(|s| s.get(k)).and_then(Value::as_str).and_then(parse_lenient_time);
-        TimerInfo { is_past_due, last: time("Last"), next: time("Next") }
+        let time = |k: &str| {
+            status
+                .and_then(|s| s.get(k))
+                .and_then(Value::as_str)
+                .and_then(parse_lenient_time)
+        };
+        TimerInfo {
+            is_past_due,
+            last: time("Last"),
+            next: time("Next"),
+        }
     }
 }
 
 /// RFC 3339, or the same without an offset (taken as UTC). `0001-01-01...` means "never".
 pub fn parse_lenient_time(s: &str) -> Option<OffsetDateTime> {
     let t = OffsetDateTime::parse(s, &Rfc3339).ok().or_else(|| {
-        let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second][optional [.[subsecond]]]");
-        PrimitiveDateTime::parse(s, &fmt).ok().map(PrimitiveDateTime::assume_utc)
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second][optional [.[subsecond]]]"
+        );
+        PrimitiveDateTime::parse(s, &fmt)
+            .ok()
+            .map(PrimitiveDateTime::assume_utc)
     })?;
     (t.year() > 1).then_some(t)
 }
@@ -111,7 +138,10 @@ mod tests {
     #[test]
     fn double_encoded_strings() {
         assert_eq!(decode_text(&json!("\"hello!!\"")).unwrap(), "hello!!");
-        assert_eq!(decode_text(&json!("\"{\\\"a\\\":1}\"")).unwrap(), "{\"a\":1}");
+        assert_eq!(
+            decode_text(&json!("\"{\\\"a\\\":1}\"")).unwrap(),
+            "{\"a\":1}"
+        );
         // Tolerant: a once-encoded value is used as is.
         assert_eq!(decode_text(&json!("plain")).unwrap(), "plain");
         assert_eq!(decode_text(&json!({"a": 1})).unwrap(), "{\"a\":1}");
@@ -130,8 +160,18 @@ mod tests {
     #[test]
     fn lenient_times() {
         assert!(parse_lenient_time("0001-01-01T00:00:00").is_none());
-        assert_eq!(parse_lenient_time("2024-11-30T14:45:51+00:00").unwrap().hour(), 14);
-        assert_eq!(parse_lenient_time("2024-11-30T14:43:50.403838").unwrap().minute(), 43);
+        assert_eq!(
+            parse_lenient_time("2024-11-30T14:45:51+00:00")
+                .unwrap()
+                .hour(),
+            14
+        );
+        assert_eq!(
+            parse_lenient_time("2024-11-30T14:43:50.403838")
+                .unwrap()
+                .minute(),
+            43
+        );
         assert!(parse_lenient_time("garbage").is_none());
     }
 }

@@ -29,7 +29,10 @@ pub enum RequestError {
     #[error("unsupported message version {0} (this worker understands v1)")]
     Version(u64),
     #[error("invalid field `{field}`: {problem}")]
-    Field { field: &'static str, problem: String },
+    Field {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 /// Blob names are at most 1024 characters.
@@ -73,34 +76,65 @@ impl BackupRequest {
     pub fn parse(text: &str) -> Result<Self, RequestError> {
         let value: serde_json::Value =
             serde_json::from_str(text.trim()).map_err(|e| RequestError::NotJson(e.to_string()))?;
-        let obj = value.as_object().ok_or_else(|| RequestError::Schema("not a JSON object".into()))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| RequestError::Schema("not a JSON object".into()))?;
         let req = if obj.contains_key("v") {
-            let m: V1 = serde_json::from_value(value).map_err(|e| RequestError::Schema(e.to_string()))?;
+            let m: V1 =
+                serde_json::from_value(value).map_err(|e| RequestError::Schema(e.to_string()))?;
             if m.v != 1 {
                 return Err(RequestError::Version(m.v));
             }
-            BackupRequest { v: 1, container: m.container, blob: m.blob, etag: Etag::new(&m.etag), snapshot: m.snapshot }
+            BackupRequest {
+                v: 1,
+                container: m.container,
+                blob: m.blob,
+                etag: Etag::new(&m.etag),
+                snapshot: m.snapshot,
+            }
         } else {
-            let m: Legacy = serde_json::from_value(value).map_err(|e| RequestError::Schema(e.to_string()))?;
-            BackupRequest { v: 1, container: m.container, blob: m.blob_name, etag: Etag::new(&m.etag), snapshot: None }
+            let m: Legacy =
+                serde_json::from_value(value).map_err(|e| RequestError::Schema(e.to_string()))?;
+            BackupRequest {
+                v: 1,
+                container: m.container,
+                blob: m.blob_name,
+                etag: Etag::new(&m.etag),
+                snapshot: None,
+            }
         };
         req.validate()?;
         Ok(req)
     }
 
     fn validate(&self) -> Result<(), RequestError> {
-        crate::settings::validate_container_name(&self.container)
-            .map_err(|problem| RequestError::Field { field: "container", problem })?;
+        crate::settings::validate_container_name(&self.container).map_err(|problem| {
+            RequestError::Field {
+                field: "container",
+                problem,
+            }
+        })?;
         let n = self.blob.chars().count();
         if n == 0 || n > MAX_BLOB_NAME_CHARS {
-            return Err(RequestError::Field { field: "blob", problem: format!("{n} characters (1..=1024 allowed)") });
+            return Err(RequestError::Field {
+                field: "blob",
+                problem: format!("{n} characters (1..=1024 allowed)"),
+            });
         }
         if self.etag.as_str().is_empty() {
-            return Err(RequestError::Field { field: "etag", problem: "empty".into() });
+            return Err(RequestError::Field {
+                field: "etag",
+                problem: "empty".into(),
+            });
         }
         if let Some(s) = &self.snapshot {
-            if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_err() {
-                return Err(RequestError::Field { field: "snapshot", problem: format!("`{s}` is not a snapshot timestamp") });
+            if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .is_err()
+            {
+                return Err(RequestError::Field {
+                    field: "snapshot",
+                    problem: format!("`{s}` is not a snapshot timestamp"),
+                });
             }
         }
         Ok(())
@@ -113,8 +147,17 @@ mod tests {
 
     #[test]
     fn roundtrip_with_hostile_names() {
-        for name in ["a\"b\\c.csv", "dir/sub dir/#1?%20+ü😀.txt", &"n".repeat(1024)] {
-            let r = BackupRequest::new("raw", name, &Etag::new("\"0x8D1\""), "2026-11-22T03:08:15.1234567Z");
+        for name in [
+            "a\"b\\c.csv",
+            "dir/sub dir/#1?%20+ü😀.txt",
+            &"n".repeat(1024),
+        ] {
+            let r = BackupRequest::new(
+                "raw",
+                name,
+                &Etag::new("\"0x8D1\""),
+                "2026-11-22T03:08:15.1234567Z",
+            );
             let text = r.to_json();
             assert!(text.contains(r#""v":1"#));
             assert!(text.contains(r#""etag":"\"0x8D1\"""#), "{text}");
@@ -124,7 +167,8 @@ mod tests {
 
     #[test]
     fn legacy_schema() {
-        let r = BackupRequest::parse(r#"{"container":"raw","blob_name":"a.csv","etag":"\"0x1\""}"#).unwrap();
+        let r = BackupRequest::parse(r#"{"container":"raw","blob_name":"a.csv","etag":"\"0x1\""}"#)
+            .unwrap();
         assert_eq!(r.blob, "a.csv");
         assert_eq!(r.snapshot, None);
         assert_eq!(r.etag, Etag::new("0x1"));
@@ -135,18 +179,36 @@ mod tests {
         let cases = [
             ("not json", "not JSON"),
             ("[1,2]", "not a JSON object"),
-            (r#"{"v":2,"container":"raw","blob":"a","etag":"x","snapshot":"2026-11-22T03:08:15Z"}"#, "version 2"),
+            (
+                r#"{"v":2,"container":"raw","blob":"a","etag":"x","snapshot":"2026-11-22T03:08:15Z"}"#,
+                "version 2",
+            ),
             (r#"{"v":1,"container":"raw","etag":"x"}"#, "blob"),
-            (r#"{"v":1,"container":"Raw!","blob":"a","etag":"x"}"#, "container"),
+            (
+                r#"{"v":1,"container":"Raw!","blob":"a","etag":"x"}"#,
+                "container",
+            ),
             (r#"{"v":1,"container":"raw","blob":"","etag":"x"}"#, "blob"),
-            (r#"{"v":1,"container":"raw","blob":"a","etag":"x","snapshot":"yesterday"}"#, "snapshot"),
-            (r#"{"v":1,"container":"raw","blob":"a","etag":"x","extra":1}"#, "extra"),
+            (
+                r#"{"v":1,"container":"raw","blob":"a","etag":"x","snapshot":"yesterday"}"#,
+                "snapshot",
+            ),
+            (
+                r#"{"v":1,"container":"raw","blob":"a","etag":"x","extra":1}"#,
+                "extra",
+            ),
         ];
         for (text, needle) in cases {
             let err = BackupRequest::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
-        let huge = format!(r#"{{"v":1,"container":"raw","blob":"{}","etag":"x"}}"#, "a".repeat(1025));
-        assert!(BackupRequest::parse(&huge).unwrap_err().to_string().contains("1025"));
+        let huge = format!(
+            r#"{{"v":1,"container":"raw","blob":"{}","etag":"x"}}"#,
+            "a".repeat(1025)
+        );
+        assert!(BackupRequest::parse(&huge)
+            .unwrap_err()
+            .to_string()
+            .contains("1025"));
     }
 }

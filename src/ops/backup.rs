@@ -8,6 +8,7 @@
 //!    up even when the live blob moved on or was deleted). Only a real 404 means "gone".
 //! 4. Keep the backup's current version (snapshot it in the backup account), then copy
 //!    conditionally on the backup ETag just seen, with the configured engine.
+//!
 //! Retryable failures answer non-2xx so the host retries; on the last delivery the worker poisons
 //! the message itself, with the error, so that the reason is never lost.
 
@@ -34,10 +35,23 @@ use crate::storage::{BackupQueue, StorageError};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
-    BackedUp { container: String, blob: String, etag: String },
-    AlreadyBackedUp { container: String, blob: String, etag: String },
+    BackedUp {
+        container: String,
+        blob: String,
+        etag: String,
+    },
+    AlreadyBackedUp {
+        container: String,
+        blob: String,
+        etag: String,
+    },
     /// The requested version cannot be copied any more and a newer request covers the blob.
-    Superseded { container: String, blob: String, etag: String, why: String },
+    Superseded {
+        container: String,
+        blob: String,
+        etag: String,
+        why: String,
+    },
     /// Sent to the poison queue with the reason (malformed, permanent failure, or out of retries).
     Poisoned { reason: String },
 }
@@ -50,11 +64,24 @@ pub struct Retry(pub String);
 impl Outcome {
     pub fn describe(&self) -> String {
         match self {
-            Outcome::BackedUp { container, blob, etag } => format!("backed up {container}/{blob} version {etag}"),
-            Outcome::AlreadyBackedUp { container, blob, etag } => {
+            Outcome::BackedUp {
+                container,
+                blob,
+                etag,
+            } => format!("backed up {container}/{blob} version {etag}"),
+            Outcome::AlreadyBackedUp {
+                container,
+                blob,
+                etag,
+            } => {
                 format!("{container}/{blob} version {etag} is already in the backup; nothing to do")
             }
-            Outcome::Superseded { container, blob, etag, why } => format!("{container}/{blob} version {etag} superseded: {why}"),
+            Outcome::Superseded {
+                container,
+                blob,
+                etag,
+                why,
+            } => format!("{container}/{blob} version {etag} superseded: {why}"),
             Outcome::Poisoned { reason } => format!("poisoned: {reason}"),
         }
     }
@@ -64,24 +91,53 @@ impl Outcome {
 pub async fn process_message(app: &App, text: &str, dequeue_count: u32) -> Result<Outcome, Retry> {
     let request = match BackupRequest::parse(text) {
         Ok(r) => r,
-        Err(e) => return poison(&app.queue, text, &format!("malformed backup request: {e}"), dequeue_count).await,
+        Err(e) => {
+            return poison(
+                &app.queue,
+                text,
+                &format!("malformed backup request: {e}"),
+                dequeue_count,
+            )
+            .await
+        }
     };
     let span = tracing::info_span!("backup", container = %request.container, blob = %request.blob, etag = %request.etag);
     let result = back_up(app, &request, dequeue_count).instrument(span).await;
     match result {
         Ok(outcome) => Ok(outcome),
-        Err(Failure::Permanent(e)) => poison(&app.queue, text, &format!("permanent failure: {e}"), dequeue_count).await,
+        Err(Failure::Permanent(e)) => {
+            poison(
+                &app.queue,
+                text,
+                &format!("permanent failure: {e}"),
+                dequeue_count,
+            )
+            .await
+        }
         Err(Failure::Retryable(e)) if dequeue_count >= app.settings.max_dequeue_count => {
-            poison(&app.queue, text, &format!("failed on all {dequeue_count} deliveries; last error: {e}"), dequeue_count).await
+            poison(
+                &app.queue,
+                text,
+                &format!("failed on all {dequeue_count} deliveries; last error: {e}"),
+                dequeue_count,
+            )
+            .await
         }
         Err(Failure::Retryable(e)) => Err(Retry(e)),
     }
 }
 
-async fn poison(queue: &BackupQueue, text: &str, reason: &str, dequeue_count: u32) -> Result<Outcome, Retry> {
+async fn poison(
+    queue: &BackupQueue,
+    text: &str,
+    reason: &str,
+    dequeue_count: u32,
+) -> Result<Outcome, Retry> {
     warn!(reason, "sending message to the poison queue");
     match queue.poison(text, reason, dequeue_count).await {
-        Ok(()) => Ok(Outcome::Poisoned { reason: reason.to_owned() }),
+        Ok(()) => Ok(Outcome::Poisoned {
+            reason: reason.to_owned(),
+        }),
         // Could not poison: keep the message (the host poisons it after maxDequeueCount anyway).
         Err(e) => Err(Retry(format!("{reason}; and the poison queue failed: {e}"))),
     }
@@ -108,7 +164,12 @@ fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 /// HEAD that maps a real 404 to `None` and keeps every other error an error.
-async fn head(store: &crate::storage::BlobStore, c: &str, b: &str, snap: Option<&str>) -> Result<Option<BlobProperties>, StorageError> {
+async fn head(
+    store: &crate::storage::BlobStore,
+    c: &str,
+    b: &str,
+    snap: Option<&str>,
+) -> Result<Option<BlobProperties>, StorageError> {
     match store.properties(c, b, snap).await {
         Ok(p) => Ok(Some(p)),
         Err(e) if e.is_not_found() => Ok(None),
@@ -118,13 +179,28 @@ async fn head(store: &crate::storage::BlobStore, c: &str, b: &str, snap: Option<
 
 async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<Outcome, Failure> {
     let (c, b) = (req.container.as_str(), req.blob.as_str());
-    let done = |etag: &Etag| Outcome::AlreadyBackedUp { container: c.into(), blob: b.into(), etag: etag.quoted() };
-    let superseded = |why: String| Outcome::Superseded { container: c.into(), blob: b.into(), etag: req.etag.quoted(), why };
+    let done = |etag: &Etag| Outcome::AlreadyBackedUp {
+        container: c.into(),
+        blob: b.into(),
+        etag: etag.quoted(),
+    };
+    let superseded = |why: String| Outcome::Superseded {
+        container: c.into(),
+        blob: b.into(),
+        etag: req.etag.quoted(),
+        why,
+    };
 
     // 2. Idempotency against the backup.
     let target = head(&app.backup, c, b, None).await?;
     if let Some(t) = &target {
-        if t.metadata.get(metadata::SOURCE_ETAG).map(Etag::new).as_ref() == Some(&req.etag) && !t.metadata.contains_key(metadata::DELETED_AT) {
+        if t.metadata
+            .get(metadata::SOURCE_ETAG)
+            .map(Etag::new)
+            .as_ref()
+            == Some(&req.etag)
+            && !t.metadata.contains_key(metadata::DELETED_AT)
+        {
             info!("already backed up");
             return Ok(done(&req.etag));
         }
@@ -152,8 +228,13 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
     // A newer version already in the backup must stay on top: the backup base is what reconcile
     // compares with. The older version remains in the source snapshot.
     if let Some(t) = &target {
-        let backup_time = t.metadata.get(metadata::SOURCE_LAST_MODIFIED).and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
-        if backup_time.is_some_and(|bt| bt > version_time) && !t.metadata.contains_key(metadata::DELETED_AT) {
+        let backup_time = t
+            .metadata
+            .get(metadata::SOURCE_LAST_MODIFIED)
+            .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
+        if backup_time.is_some_and(|bt| bt > version_time)
+            && !t.metadata.contains_key(metadata::DELETED_AT)
+        {
             return Ok(superseded(format!(
                 "the backup already holds a newer version ({}); this one stays in source snapshot {snapshot}",
                 t.metadata.get(metadata::SOURCE_ETAG).map(String::as_str).unwrap_or("?")
@@ -166,17 +247,26 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
     let expected_target = match &target {
         None => None,
         Some(t) => {
-            app.backup.create_snapshot(c, b, &t.etag, &t.metadata).await?;
+            app.backup
+                .create_snapshot(c, b, &t.etag, &t.metadata)
+                .await?;
             Some(t.etag.clone())
         }
     };
 
-    let mut meta: BTreeMap<String, String> =
-        snap_props.metadata.iter().filter(|(k, _)| !metadata::is_lakeguard_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut meta: BTreeMap<String, String> = snap_props
+        .metadata
+        .iter()
+        .filter(|(k, _)| !metadata::is_lakeguard_key(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     meta.insert(metadata::SOURCE_ETAG.into(), req.etag.quoted());
     meta.insert(metadata::SOURCE_SNAPSHOT.into(), snapshot.clone());
     meta.insert(metadata::SOURCE_LAST_MODIFIED.into(), rfc3339(version_time));
-    meta.insert(metadata::BACKED_UP_AT.into(), rfc3339(OffsetDateTime::now_utc()));
+    meta.insert(
+        metadata::BACKED_UP_AT.into(),
+        rfc3339(OffsetDateTime::now_utc()),
+    );
     let job = CopyJob {
         source_container: c.into(),
         source_blob: b.into(),
@@ -200,20 +290,33 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
     match result {
         Ok(_) => {
             info!(engine = app.engine.name(), snapshot = %snapshot, "backed up");
-            Ok(Outcome::BackedUp { container: c.into(), blob: b.into(), etag: req.etag.quoted() })
+            Ok(Outcome::BackedUp {
+                container: c.into(),
+                blob: b.into(),
+                etag: req.etag.quoted(),
+            })
         }
-        Err(CopyError::SourceGone(e)) => Ok(superseded(format!("the source snapshot disappeared during the copy: {e}"))),
+        Err(CopyError::SourceGone(e)) => Ok(superseded(format!(
+            "the source snapshot disappeared during the copy: {e}"
+        ))),
         Err(CopyError::Retryable(e)) => Err(Failure::Retryable(e)),
         Err(CopyError::Permanent(e)) => Err(Failure::Permanent(e)),
     }
 }
 
 /// Finds the source snapshot holding exactly the requested version.
-async fn resolve_snapshot(app: &App, req: &BackupRequest) -> Result<Option<(String, BlobProperties)>, StorageError> {
+async fn resolve_snapshot(
+    app: &App,
+    req: &BackupRequest,
+) -> Result<Option<(String, BlobProperties)>, StorageError> {
     let (c, b) = (req.container.as_str(), req.blob.as_str());
     if let Some(s) = &req.snapshot {
         if let Some(p) = head(&app.source, c, b, Some(s)).await? {
-            let version = p.metadata.get(metadata::SOURCE_ETAG).map(Etag::new).unwrap_or_else(|| p.etag.clone());
+            let version = p
+                .metadata
+                .get(metadata::SOURCE_ETAG)
+                .map(Etag::new)
+                .unwrap_or_else(|| p.etag.clone());
             if version == req.etag {
                 return Ok(Some((s.clone(), p)));
             }
@@ -222,7 +325,12 @@ async fn resolve_snapshot(app: &App, req: &BackupRequest) -> Result<Option<(Stri
     }
     // Legacy message, or the named snapshot is gone: another snapshot of the version, listed by
     // exact name (a prefix listing also returns `a.txt.bak` for `a.txt`: filter by equality).
-    let opts = ListOptions { prefix: Some(b.to_owned()), snapshots: true, metadata: true, max_results: None };
+    let opts = ListOptions {
+        prefix: Some(b.to_owned()),
+        snapshots: true,
+        metadata: true,
+        max_results: None,
+    };
     let mut marker = None;
     let mut best: Option<String> = None;
     let mut live_matches = false;
@@ -230,7 +338,11 @@ async fn resolve_snapshot(app: &App, req: &BackupRequest) -> Result<Option<(Stri
         let page = app.source.list_page(c, &opts, marker.take()).await?;
         for e in page.entries.iter().filter(|e| e.name == b) {
             match &e.snapshot {
-                Some(s) if snapshot_version(e) == req.etag && best.as_ref().is_none_or(|x| s > x) => best = Some(s.clone()),
+                Some(s)
+                    if snapshot_version(e) == req.etag && best.as_ref().is_none_or(|x| s > x) =>
+                {
+                    best = Some(s.clone())
+                }
                 None if e.etag == req.etag => live_matches = true,
                 _ => {}
             }
@@ -246,11 +358,18 @@ async fn resolve_snapshot(app: &App, req: &BackupRequest) -> Result<Option<(Stri
     }
     if live_matches {
         // The version is still live but has no snapshot: make one, conditionally.
-        let Some(props) = head(&app.source, c, b, None).await? else { return Ok(None) };
+        let Some(props) = head(&app.source, c, b, None).await? else {
+            return Ok(None);
+        };
         if props.etag != req.etag {
             return Ok(None);
         }
-        let meta = super::snapshot::snapshot_metadata(&props.metadata, &props.etag, props.last_modified, OffsetDateTime::now_utc());
+        let meta = super::snapshot::snapshot_metadata(
+            &props.metadata,
+            &props.etag,
+            props.last_modified,
+            OffsetDateTime::now_utc(),
+        );
         match app.source.create_snapshot(c, b, &req.etag, &meta).await {
             Ok(s) => {
                 let p = head(&app.source, c, b, Some(&s)).await?;
@@ -280,9 +399,16 @@ pub struct DrainReport {
 /// empty. Messages are hidden while processed; a retryable failure puts the message back with a
 /// short backoff (its dequeue count rises, so it is poisoned after the last attempt, like the host
 /// would).
-pub async fn drain(app: &App, queue: &BackupQueue, progress: Arc<dyn Progress>) -> Result<DrainReport, StorageError> {
+pub async fn drain(
+    app: &App,
+    queue: &BackupQueue,
+    progress: Arc<dyn Progress>,
+) -> Result<DrainReport, StorageError> {
     let started = Instant::now();
-    let mut report = DrainReport { queue: queue.name().to_owned(), ..Default::default() };
+    let mut report = DrainReport {
+        queue: queue.name().to_owned(),
+        ..Default::default()
+    };
     queue.ensure_exists().await?;
     progress.add_total(queue.approximate_count().await?);
     let mut idle_since: Option<Instant> = None;

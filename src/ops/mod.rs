@@ -2,6 +2,7 @@
 //! custom handler and the CLI.
 
 pub mod backup;
+pub mod demo;
 pub mod snapshot;
 
 use std::sync::Arc;

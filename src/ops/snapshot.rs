@@ -51,18 +51,36 @@ enum One {
 /// run (the next run, or reconcile, finds it again).
 const SNAPSHOT_ATTEMPTS: usize = 3;
 
-pub async fn run(app: &App, container: &str, prefix: Option<&str>, progress: Arc<dyn Progress>) -> Result<SnapshotReport, OpError> {
+pub async fn run(
+    app: &App,
+    container: &str,
+    prefix: Option<&str>,
+    progress: Arc<dyn Progress>,
+) -> Result<SnapshotReport, OpError> {
     let started = Instant::now();
     crate::settings::validate_container_name(container).map_err(OpError::InvalidInput)?;
     if !app.source.container_exists(container).await? {
         return Err(OpError::ContainerNotFound(container.to_owned()));
     }
-    let mut report = SnapshotReport { container: container.to_owned(), prefix: prefix.map(str::to_owned), ..Default::default() };
-    let opts = ListOptions { prefix: prefix.map(str::to_owned), snapshots: true, metadata: true, max_results: None };
+    app.ensure_queue().await?;
+    let mut report = SnapshotReport {
+        container: container.to_owned(),
+        prefix: prefix.map(str::to_owned),
+        ..Default::default()
+    };
+    let opts = ListOptions {
+        prefix: prefix.map(str::to_owned),
+        snapshots: true,
+        metadata: true,
+        max_results: None,
+    };
     let mut detector = ChangeDetector::new();
     let mut marker = None;
     loop {
-        let page = app.source.list_page(container, &opts, marker.take()).await?;
+        let page = app
+            .source
+            .list_page(container, &opts, marker.take())
+            .await?;
         let last_name = page.entries.last().map(|e| e.name.clone());
         for entry in page.entries {
             detector.push(entry);
@@ -94,7 +112,13 @@ pub async fn run(app: &App, container: &str, prefix: Option<&str>, progress: Arc
     Ok(report)
 }
 
-async fn process(app: &App, container: &str, decisions: Vec<Decision>, report: &mut SnapshotReport, progress: &Arc<dyn Progress>) {
+async fn process(
+    app: &App,
+    container: &str,
+    decisions: Vec<Decision>,
+    report: &mut SnapshotReport,
+    progress: &Arc<dyn Progress>,
+) {
     report.scanned += decisions.len() as u64;
     progress.add_total(decisions.len() as u64);
     let mut todo = Vec::new();
@@ -143,21 +167,47 @@ async fn process(app: &App, container: &str, decisions: Vec<Decision>, report: &
 
 /// The snapshot's metadata: the blob's own user metadata (so the snapshot is a faithful copy of
 /// the version) plus lakeguard's markers.
-pub fn snapshot_metadata(user: &BTreeMap<String, String>, etag: &Etag, last_modified: OffsetDateTime, now: OffsetDateTime) -> BTreeMap<String, String> {
-    let mut m: BTreeMap<String, String> =
-        user.iter().filter(|(k, _)| !metadata::is_lakeguard_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+pub fn snapshot_metadata(
+    user: &BTreeMap<String, String>,
+    etag: &Etag,
+    last_modified: OffsetDateTime,
+    now: OffsetDateTime,
+) -> BTreeMap<String, String> {
+    let mut m: BTreeMap<String, String> = user
+        .iter()
+        .filter(|(k, _)| !metadata::is_lakeguard_key(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     m.insert(metadata::SOURCE_ETAG.into(), etag.quoted());
-    m.insert(metadata::SOURCE_LAST_MODIFIED.into(), last_modified.format(&Rfc3339).unwrap_or_default());
-    m.insert(metadata::REQUESTED_AT.into(), now.format(&Rfc3339).unwrap_or_default());
+    m.insert(
+        metadata::SOURCE_LAST_MODIFIED.into(),
+        last_modified.format(&Rfc3339).unwrap_or_default(),
+    );
+    m.insert(
+        metadata::REQUESTED_AT.into(),
+        now.format(&Rfc3339).unwrap_or_default(),
+    );
     m
 }
 
 /// Snapshots exactly the listed version (If-Match); on 412 the blob changed after the listing,
 /// so the new version is read and snapshotted instead — a change is never lost.
-pub async fn snapshot_current(store: &BlobStore, container: &str, mut blob: BlobEntry) -> Result<Option<(String, BlobEntry)>, StorageError> {
+pub async fn snapshot_current(
+    store: &BlobStore,
+    container: &str,
+    mut blob: BlobEntry,
+) -> Result<Option<(String, BlobEntry)>, StorageError> {
     for attempt in 1..=SNAPSHOT_ATTEMPTS {
-        let meta = snapshot_metadata(&blob.metadata, &blob.etag, blob.last_modified, OffsetDateTime::now_utc());
-        match store.create_snapshot(container, &blob.name, &blob.etag, &meta).await {
+        let meta = snapshot_metadata(
+            &blob.metadata,
+            &blob.etag,
+            blob.last_modified,
+            OffsetDateTime::now_utc(),
+        );
+        match store
+            .create_snapshot(container, &blob.name, &blob.etag, &meta)
+            .await
+        {
             Ok(id) => return Ok(Some((id, blob))),
             Err(e) if e.is_precondition_failed() && attempt < SNAPSHOT_ATTEMPTS => {
                 let props = match store.properties(container, &blob.name, None).await {
@@ -199,7 +249,12 @@ async fn snapshot_and_enqueue(app: &App, container: &str, blob: BlobEntry) -> On
 /// and a snapshot without a request would otherwise look "done" (the reference lost such
 /// requests silently). If even the delete fails, reconcile (which compares with the backup)
 /// heals it; the failure is reported either way.
-pub async fn enqueue(app: &App, container: &str, blob: &BlobEntry, snapshot: &str) -> Result<(), String> {
+pub async fn enqueue(
+    app: &App,
+    container: &str,
+    blob: &BlobEntry,
+    snapshot: &str,
+) -> Result<(), String> {
     let request = BackupRequest::new(container, &blob.name, &blob.etag, snapshot);
     match app.queue.send_text(&request.to_json()).await {
         Ok(()) => Ok(()),

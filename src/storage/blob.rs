@@ -8,16 +8,20 @@ use azure_core::credentials::TokenCredential;
 use azure_core::http::policies::Policy;
 use azure_core::http::{ClientMethodOptions, ClientOptions, Context, RequestContent};
 use azure_storage_blob::models::{
-    BlobClientAcquireLeaseOptions, BlobClientAcquireLeaseResultHeaders, BlobClientCreateSnapshotOptions,
-    BlobClientCreateSnapshotResultHeaders, BlobClientDeleteOptions, BlobClientGetPropertiesOptions,
-    BlobClientGetPropertiesResultHeaders, BlobClientReleaseLeaseOptions, BlobClientRenewLeaseOptions,
-    BlobClientSetMetadataOptions, BlobClientStartCopyFromUrlOptions, BlobClientStartCopyFromUrlResultHeaders,
+    BlobClientAcquireLeaseOptions, BlobClientAcquireLeaseResultHeaders,
+    BlobClientCreateSnapshotOptions, BlobClientCreateSnapshotResultHeaders,
+    BlobClientDeleteOptions, BlobClientGetPropertiesOptions, BlobClientGetPropertiesResultHeaders,
+    BlobClientReleaseLeaseOptions, BlobClientRenewLeaseOptions, BlobClientSetMetadataOptions,
+    BlobClientStartCopyFromUrlOptions, BlobClientStartCopyFromUrlResultHeaders,
     BlobContainerClientListBlobsOptions, BlobItem, BlobServiceClientListContainersOptions,
     BlockBlobClientCommitBlockListOptions, BlockBlobClientCommitBlockListResultHeaders,
-    BlockBlobClientStageBlockFromUrlOptions, BlockBlobClientUploadOptions, BlockLookupList, HttpRange,
-    ListBlobsIncludeItem,
+    BlockBlobClientStageBlockFromUrlOptions, BlockBlobClientUploadOptions, BlockLookupList,
+    HttpRange, ListBlobsIncludeItem,
 };
-use azure_storage_blob::{BlobClient, BlobClientOptions, BlobContainerClient, BlobContainerClientOptions, BlobServiceClient, BlobServiceClientOptions};
+use azure_storage_blob::{
+    BlobClient, BlobClientOptions, BlobContainerClient, BlobContainerClientOptions,
+    BlobServiceClient, BlobServiceClientOptions,
+};
 use futures::TryStreamExt;
 use time::OffsetDateTime;
 use url::Url;
@@ -74,14 +78,19 @@ impl std::fmt::Debug for BlobStore {
 }
 
 fn ctx_with(extra: ExtraHeaders) -> ClientMethodOptions<'static> {
-    ClientMethodOptions { context: Context::new().with_value(extra) }
+    ClientMethodOptions {
+        context: Context::new().with_value(extra),
+    }
 }
 
 impl BlobStore {
     pub fn new(clients: &Clients, conn: &Connection) -> Result<Self, StorageError> {
         let endpoint = conn
             .blob_endpoint()
-            .map_err(|e| StorageError::Permanent { what: conn.name.clone(), detail: e.to_string() })?
+            .map_err(|e| StorageError::Permanent {
+                what: conn.name.clone(),
+                detail: e.to_string(),
+            })?
             .clone();
         let (credential, per_try, sas): (_, Vec<Arc<dyn Policy>>, _) = clients.auth_for(conn)?;
         Ok(BlobStore {
@@ -107,7 +116,9 @@ impl BlobStore {
     pub fn url(&self, container: &str, blob: Option<&str>, snapshot: Option<&str>) -> Url {
         let mut url = self.endpoint.clone();
         {
-            let mut segs = url.path_segments_mut().expect("validated endpoint is a base URL");
+            let mut segs = url
+                .path_segments_mut()
+                .expect("validated endpoint is a base URL");
             segs.pop_if_empty();
             segs.push(container);
             if let Some(name) = blob {
@@ -118,7 +129,10 @@ impl BlobStore {
         }
         let mut query = Vec::new();
         if let Some(s) = snapshot {
-            query.push(format!("snapshot={}", percent_encoding::utf8_percent_encode(s, QUERY)));
+            query.push(format!(
+                "snapshot={}",
+                percent_encoding::utf8_percent_encode(s, QUERY)
+            ));
         }
         if let Some(sas) = &self.sas {
             query.push(sas.clone());
@@ -137,7 +151,10 @@ impl BlobStore {
         BlobServiceClient::new(
             url,
             self.credential.clone(),
-            Some(BlobServiceClientOptions { client_options: self.options.clone(), ..Default::default() }),
+            Some(BlobServiceClientOptions {
+                client_options: self.options.clone(),
+                ..Default::default()
+            }),
         )
         .map_err(|e| StorageError::from_azure("blob service client", e))
     }
@@ -146,16 +163,27 @@ impl BlobStore {
         BlobContainerClient::new(
             self.url(container, None, None),
             self.credential.clone(),
-            Some(BlobContainerClientOptions { client_options: self.options.clone(), ..Default::default() }),
+            Some(BlobContainerClientOptions {
+                client_options: self.options.clone(),
+                ..Default::default()
+            }),
         )
         .map_err(|e| StorageError::from_azure(format!("container {container}"), e))
     }
 
-    pub fn blob(&self, container: &str, blob: &str, snapshot: Option<&str>) -> Result<BlobClient, StorageError> {
+    pub fn blob(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<BlobClient, StorageError> {
         BlobClient::new(
             self.url(container, Some(blob), snapshot),
             self.credential.clone(),
-            Some(BlobClientOptions { client_options: self.options.clone(), ..Default::default() }),
+            Some(BlobClientOptions {
+                client_options: self.options.clone(),
+                ..Default::default()
+            }),
         )
         .map_err(|e| StorageError::from_azure(format!("blob {container}/{blob}"), e))
     }
@@ -187,30 +215,61 @@ impl BlobStore {
             .list_blobs(Some(options))
             .map_err(|e| StorageError::from_azure(&what, e))?
             .into_pages();
-        let page = pages.try_next().await.map_err(|e| StorageError::from_azure(&what, e))?;
-        let Some(page) = page else { return Ok(ListPage::default()) };
-        let body = page.into_model().map_err(|e| StorageError::from_azure(&what, e))?;
+        let page = pages
+            .try_next()
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        let Some(page) = page else {
+            return Ok(ListPage::default());
+        };
+        let body = page
+            .into_model()
+            .map_err(|e| StorageError::from_azure(&what, e))?;
         let mut entries = Vec::with_capacity(body.blob_items.len());
         for item in body.blob_items {
-            entries.push(entry_from_item(item).map_err(|detail| StorageError::Permanent { what: what.clone(), detail })?);
+            entries.push(
+                entry_from_item(item).map_err(|detail| StorageError::Permanent {
+                    what: what.clone(),
+                    detail,
+                })?,
+            );
         }
-        Ok(ListPage { entries, next_marker: body.next_marker.filter(|m| !m.is_empty()) })
+        Ok(ListPage {
+            entries,
+            next_marker: body.next_marker.filter(|m| !m.is_empty()),
+        })
     }
 
     /// One page of container names.
-    pub async fn list_containers_page(&self, marker: Option<String>) -> Result<(Vec<String>, Option<String>), StorageError> {
+    pub async fn list_containers_page(
+        &self,
+        marker: Option<String>,
+    ) -> Result<(Vec<String>, Option<String>), StorageError> {
         let what = "list containers";
-        let options = BlobServiceClientListContainersOptions { marker, ..Default::default() };
+        let options = BlobServiceClientListContainersOptions {
+            marker,
+            ..Default::default()
+        };
         let mut pages = self
             .service_client()?
             .list_containers(Some(options))
             .map_err(|e| StorageError::from_azure(what, e))?
             .into_pages();
-        let Some(page) = pages.try_next().await.map_err(|e| StorageError::from_azure(what, e))? else {
+        let Some(page) = pages
+            .try_next()
+            .await
+            .map_err(|e| StorageError::from_azure(what, e))?
+        else {
             return Ok((vec![], None));
         };
-        let body = page.into_model().map_err(|e| StorageError::from_azure(what, e))?;
-        let names = body.container_items.into_iter().filter_map(|c| c.name).collect();
+        let body = page
+            .into_model()
+            .map_err(|e| StorageError::from_azure(what, e))?;
+        let names = body
+            .container_items
+            .into_iter()
+            .filter_map(|c| c.name)
+            .collect();
         Ok((names, body.next_marker.filter(|m| !m.is_empty())))
     }
 
@@ -236,7 +295,9 @@ impl BlobStore {
             Err(e) => {
                 let err = StorageError::from_azure(format!("create container {container}"), e);
                 match &err {
-                    StorageError::Conflict { code, .. } if code == "ContainerAlreadyExists" => Ok(()),
+                    StorageError::Conflict { code, .. } if code == "ContainerAlreadyExists" => {
+                        Ok(())
+                    }
                     _ => Err(err),
                 }
             }
@@ -258,18 +319,36 @@ impl BlobStore {
     }
 
     /// HEAD of a blob or snapshot.
-    pub async fn properties(&self, container: &str, blob: &str, snapshot: Option<&str>) -> Result<BlobProperties, StorageError> {
+    pub async fn properties(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<BlobProperties, StorageError> {
         let what = format!("properties of {container}/{blob}");
         let rsp = self
             .blob(container, blob, snapshot)?
             .get_properties(Some(BlobClientGetPropertiesOptions::default()))
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
-        let bad = |detail: String| StorageError::Permanent { what: what.clone(), detail };
+        let bad = |detail: String| StorageError::Permanent {
+            what: what.clone(),
+            detail,
+        };
         Ok(BlobProperties {
-            etag: rsp.etag().map_err(|e| bad(e.to_string()))?.map(|e| Etag::new(e.to_string())).ok_or_else(|| bad("no ETag".into()))?,
-            last_modified: rsp.last_modified().map_err(|e| bad(e.to_string()))?.ok_or_else(|| bad("no Last-Modified".into()))?,
-            content_length: rsp.content_length().map_err(|e| bad(e.to_string()))?.unwrap_or(0),
+            etag: rsp
+                .etag()
+                .map_err(|e| bad(e.to_string()))?
+                .map(|e| Etag::new(&e))
+                .ok_or_else(|| bad("no ETag".into()))?,
+            last_modified: rsp
+                .last_modified()
+                .map_err(|e| bad(e.to_string()))?
+                .ok_or_else(|| bad("no Last-Modified".into()))?,
+            content_length: rsp
+                .content_length()
+                .map_err(|e| bad(e.to_string()))?
+                .unwrap_or(0),
             content_type: rsp.content_type().map_err(|e| bad(e.to_string()))?,
             content_md5: rsp.content_md5().map_err(|e| bad(e.to_string()))?,
             metadata: lower_keys(rsp.metadata().map_err(|e| bad(e.to_string()))?),
@@ -290,7 +369,12 @@ impl BlobStore {
         let what = format!("snapshot {container}/{blob}");
         let options = BlobClientCreateSnapshotOptions {
             if_match: Some(if_match.quoted().into()),
-            metadata: Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            metadata: Some(
+                metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
             ..Default::default()
         };
         let rsp = self
@@ -299,8 +383,14 @@ impl BlobStore {
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
         rsp.snapshot()
-            .map_err(|e| StorageError::Permanent { what: what.clone(), detail: e.to_string() })?
-            .ok_or(StorageError::Permanent { what, detail: "no x-ms-snapshot in the answer".into() })
+            .map_err(|e| StorageError::Permanent {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?
+            .ok_or(StorageError::Permanent {
+                what,
+                detail: "no x-ms-snapshot in the answer".into(),
+            })
     }
 
     /// Replaces a blob's metadata, conditionally on its ETag.
@@ -312,9 +402,18 @@ impl BlobStore {
         if_match: &Etag,
     ) -> Result<(), StorageError> {
         let what = format!("set metadata of {container}/{blob}");
-        let options = BlobClientSetMetadataOptions { if_match: Some(if_match.quoted().into()), ..Default::default() };
+        let options = BlobClientSetMetadataOptions {
+            if_match: Some(if_match.quoted().into()),
+            ..Default::default()
+        };
         self.blob(container, blob, None)?
-            .set_metadata(&metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(), Some(options))
+            .set_metadata(
+                &metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<HashMap<_, _>>(),
+                Some(options),
+            )
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
         Ok(())
@@ -332,7 +431,8 @@ impl BlobStore {
         let what = format!("delete {container}/{blob}");
         let options = BlobClientDeleteOptions {
             if_match: if_match.map(|e| e.quoted().into()),
-            delete_snapshots: include_snapshots.then_some(azure_storage_blob::models::DeleteSnapshotsOptionType::Include),
+            delete_snapshots: include_snapshots
+                .then_some(azure_storage_blob::models::DeleteSnapshotsOptionType::Include),
             ..Default::default()
         };
         self.blob(container, blob, snapshot)?
@@ -354,7 +454,12 @@ impl BlobStore {
         let what = format!("upload {container}/{blob}");
         let options = BlockBlobClientUploadOptions {
             blob_content_type: content_type.map(str::to_owned),
-            metadata: Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            metadata: Some(
+                metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
             ..Default::default()
         };
         let rsp = self
@@ -363,18 +468,32 @@ impl BlobStore {
             .upload(RequestContent::from(data), Some(options))
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
-        rsp.etag.map(|e| Etag::new(e.to_string())).ok_or(StorageError::Permanent { what, detail: "no ETag".into() })
+        rsp.etag
+            .map(|e| Etag::new(&e))
+            .ok_or(StorageError::Permanent {
+                what,
+                detail: "no ETag".into(),
+            })
     }
 
     /// Downloads a whole blob or snapshot into memory (small blobs only: tests, demo).
-    pub async fn download(&self, container: &str, blob: &str, snapshot: Option<&str>) -> Result<Vec<u8>, StorageError> {
+    pub async fn download(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Vec<u8>, StorageError> {
         let what = format!("download {container}/{blob}");
         let rsp = self
             .blob(container, blob, snapshot)?
             .download(None)
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
-        let body = rsp.body.collect().await.map_err(|e| StorageError::from_azure(&what, e))?;
+        let body = rsp
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
         Ok(body.to_vec())
     }
 
@@ -394,7 +513,11 @@ impl BlobStore {
             .map_err(|e| StorageError::from_azure(&what, e))?;
         let mut body = rsp.body;
         let mut total = 0u64;
-        while let Some(chunk) = body.try_next().await.map_err(|e| StorageError::from_azure(&what, e))? {
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?
+        {
             total += chunk.len() as u64;
             sink(&chunk);
         }
@@ -408,42 +531,51 @@ impl BlobStore {
         &self,
         container: &str,
         blob: &str,
-        source_url: &Url,
-        source_if_match: Option<&Etag>,
+        source: &CopySource,
         target_condition: TargetCondition,
         metadata: &BTreeMap<String, String>,
-        source_authorization: Option<String>,
     ) -> Result<Etag, StorageError> {
         let what = format!("copy into {container}/{blob}");
         let mut extra = vec![("x-ms-requires-sync", "true".to_owned())];
-        if let Some(auth) = source_authorization {
-            extra.push(("x-ms-copy-source-authorization", auth));
+        if let Some(auth) = &source.authorization {
+            extra.push(("x-ms-copy-source-authorization", auth.clone()));
         }
         let (if_match, if_none_match) = target_condition.headers();
         let options = BlobClientStartCopyFromUrlOptions {
-            source_if_match: source_if_match.map(|e| e.quoted().into()),
+            source_if_match: source.if_match.as_ref().map(|e| e.quoted().into()),
             if_match,
             if_none_match,
-            metadata: Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            metadata: Some(
+                metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
             method_options: ctx_with(ExtraHeaders(extra)),
             ..Default::default()
         };
         let rsp = self
             .blob(container, blob, None)?
-            .start_copy_from_url(source_url.to_string(), Some(options))
+            .start_copy_from_url(source.url.to_string(), Some(options))
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
         let status = rsp.copy_status().ok().flatten();
         if let Some(s) = status {
             if s != azure_storage_blob::models::CopyStatus::Success {
-                return Err(StorageError::Retryable { what, detail: format!("copy status {s:?}, expected success") });
+                return Err(StorageError::Retryable {
+                    what,
+                    detail: format!("copy status {s:?}, expected success"),
+                });
             }
         }
         rsp.etag()
             .ok()
             .flatten()
-            .map(|e| Etag::new(e.to_string()))
-            .ok_or(StorageError::Permanent { what, detail: "no ETag".into() })
+            .map(|e| Etag::new(&e))
+            .ok_or(StorageError::Permanent {
+                what,
+                detail: "no ETag".into(),
+            })
     }
 
     /// Put Block From URL: stages `range` of the source as block `block_id` of the target.
@@ -452,22 +584,20 @@ impl BlobStore {
         container: &str,
         blob: &str,
         block_id: &[u8],
-        source_url: &Url,
+        source: &CopySource,
         offset: u64,
         length: u64,
-        source_if_match: Option<&Etag>,
-        source_authorization: Option<String>,
     ) -> Result<(), StorageError> {
         let what = format!("stage block of {container}/{blob} at {offset}");
         let options = BlockBlobClientStageBlockFromUrlOptions {
-            source_if_match: source_if_match.map(|e| e.quoted().into()),
+            source_if_match: source.if_match.as_ref().map(|e| e.quoted().into()),
             source_range: Some(HttpRange::new(offset, length)),
-            copy_source_authorization: source_authorization,
+            copy_source_authorization: source.authorization.clone(),
             ..Default::default()
         };
         self.blob(container, blob, None)?
             .block_blob_client()
-            .stage_block_from_url(block_id, 0, source_url.to_string(), Some(options))
+            .stage_block_from_url(block_id, 0, source.url.to_string(), Some(options))
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
         Ok(())
@@ -484,17 +614,26 @@ impl BlobStore {
         target_condition: TargetCondition,
     ) -> Result<Etag, StorageError> {
         let what = format!("commit blocks of {container}/{blob}");
-        let list = BlockLookupList { latest: Some(block_ids), ..Default::default() };
+        let list = BlockLookupList {
+            latest: Some(block_ids),
+            ..Default::default()
+        };
         let (if_match, if_none_match) = target_condition.headers();
         let options = BlockBlobClientCommitBlockListOptions {
             blob_content_type: content_type.map(str::to_owned),
-            metadata: Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            metadata: Some(
+                metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
             if_match,
             if_none_match,
             ..Default::default()
         };
-        let content: RequestContent<BlockLookupList, azure_core::http::XmlFormat> =
-            list.try_into().map_err(|e| StorageError::from_azure(&what, e))?;
+        let content: RequestContent<BlockLookupList, azure_core::http::XmlFormat> = list
+            .try_into()
+            .map_err(|e| StorageError::from_azure(&what, e))?;
         let rsp = self
             .blob(container, blob, None)?
             .block_blob_client()
@@ -504,14 +643,26 @@ impl BlobStore {
         rsp.etag()
             .ok()
             .flatten()
-            .map(|e| Etag::new(e.to_string()))
-            .ok_or(StorageError::Permanent { what, detail: "no ETag".into() })
+            .map(|e| Etag::new(&e))
+            .ok_or(StorageError::Permanent {
+                what,
+                detail: "no ETag".into(),
+            })
     }
 
     /// Acquires a lease (`duration_secs` 15..=60) on a blob, conditionally on its ETag.
-    pub async fn acquire_lease(&self, container: &str, blob: &str, duration_secs: i32, if_match: Option<&Etag>) -> Result<String, StorageError> {
+    pub async fn acquire_lease(
+        &self,
+        container: &str,
+        blob: &str,
+        duration_secs: i32,
+        if_match: Option<&Etag>,
+    ) -> Result<String, StorageError> {
         let what = format!("lease {container}/{blob}");
-        let options = BlobClientAcquireLeaseOptions { if_match: if_match.map(|e| e.quoted().into()), ..Default::default() };
+        let options = BlobClientAcquireLeaseOptions {
+            if_match: if_match.map(|e| e.quoted().into()),
+            ..Default::default()
+        };
         let rsp = self
             .blob(container, blob, None)?
             .acquire_lease(duration_secs, Some(options))
@@ -520,23 +671,65 @@ impl BlobStore {
         rsp.lease_id()
             .ok()
             .flatten()
-            .ok_or(StorageError::Permanent { what, detail: "no lease id".into() })
+            .ok_or(StorageError::Permanent {
+                what,
+                detail: "no lease id".into(),
+            })
     }
 
-    pub async fn renew_lease(&self, container: &str, blob: &str, lease_id: &str) -> Result<(), StorageError> {
+    pub async fn renew_lease(
+        &self,
+        container: &str,
+        blob: &str,
+        lease_id: &str,
+    ) -> Result<(), StorageError> {
         self.blob(container, blob, None)?
-            .renew_lease(lease_id.to_owned(), Some(BlobClientRenewLeaseOptions::default()))
+            .renew_lease(
+                lease_id.to_owned(),
+                Some(BlobClientRenewLeaseOptions::default()),
+            )
             .await
             .map_err(|e| StorageError::from_azure(format!("renew lease {container}/{blob}"), e))?;
         Ok(())
     }
 
-    pub async fn release_lease(&self, container: &str, blob: &str, lease_id: &str) -> Result<(), StorageError> {
+    pub async fn release_lease(
+        &self,
+        container: &str,
+        blob: &str,
+        lease_id: &str,
+    ) -> Result<(), StorageError> {
         self.blob(container, blob, None)?
-            .release_lease(lease_id.to_owned(), Some(BlobClientReleaseLeaseOptions::default()))
+            .release_lease(
+                lease_id.to_owned(),
+                Some(BlobClientReleaseLeaseOptions::default()),
+            )
             .await
-            .map_err(|e| StorageError::from_azure(format!("release lease {container}/{blob}"), e))?;
+            .map_err(|e| {
+                StorageError::from_azure(format!("release lease {container}/{blob}"), e)
+            })?;
         Ok(())
+    }
+}
+
+/// The source of a server-side copy: a URL that carries its own read authorisation (SAS), the
+/// ETag it must still have, and optionally `x-ms-copy-source-authorization`.
+#[derive(Clone)]
+pub struct CopySource {
+    pub url: Url,
+    pub if_match: Option<Etag>,
+    pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for CopySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL carries a SAS: never print it.
+        write!(
+            f,
+            "CopySource {{ path: {}, if_match: {:?} }}",
+            self.url.path(),
+            self.if_match
+        )
     }
 }
 
@@ -552,7 +745,12 @@ pub enum TargetCondition {
 }
 
 impl TargetCondition {
-    fn headers(&self) -> (Option<azure_core::http::Etag>, Option<azure_core::http::Etag>) {
+    fn headers(
+        &self,
+    ) -> (
+        Option<azure_core::http::Etag>,
+        Option<azure_core::http::Etag>,
+    ) {
         match self {
             TargetCondition::Any => (None, None),
             TargetCondition::Absent => (None, Some("*".into())),
@@ -571,15 +769,28 @@ const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b':');
 
 fn lower_keys(m: HashMap<String, String>) -> BTreeMap<String, String> {
-    m.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()
+    m.into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
 }
 
 fn entry_from_item(item: BlobItem) -> Result<BlobEntry, String> {
     let name = item.name.ok_or("listing entry without a name")?;
-    let props = item.properties.ok_or_else(|| format!("listing entry {name} without properties"))?;
-    let etag = props.etag.map(|e| Etag::new(e.to_string())).ok_or_else(|| format!("listing entry {name} without ETag"))?;
-    let last_modified = props.last_modified.ok_or_else(|| format!("listing entry {name} without Last-Modified"))?;
-    let metadata = item.metadata.and_then(|m| m.values).map(lower_keys).unwrap_or_default();
+    let props = item
+        .properties
+        .ok_or_else(|| format!("listing entry {name} without properties"))?;
+    let etag = props
+        .etag
+        .map(|e| Etag::new(&e))
+        .ok_or_else(|| format!("listing entry {name} without ETag"))?;
+    let last_modified = props
+        .last_modified
+        .ok_or_else(|| format!("listing entry {name} without Last-Modified"))?;
+    let metadata = item
+        .metadata
+        .and_then(|m| m.values)
+        .map(lower_keys)
+        .unwrap_or_default();
     Ok(BlobEntry {
         name,
         snapshot: item.snapshot.filter(|s| !s.is_empty()),

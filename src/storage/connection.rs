@@ -62,7 +62,10 @@ pub struct Connection {
 
 impl Connection {
     /// Reads connection `name` from the settings map using the Functions convention.
-    pub fn from_settings(name: &str, vars: &HashMap<String, String>) -> Result<Self, ConnectionError> {
+    pub fn from_settings(
+        name: &str,
+        vars: &HashMap<String, String>,
+    ) -> Result<Self, ConnectionError> {
         if let Some(cs) = vars.get(name).filter(|v| !v.trim().is_empty()) {
             return Self::parse_connection_string(name, cs);
         }
@@ -79,23 +82,30 @@ impl Connection {
         }
         if let Some(kind) = get("credential") {
             if !kind.eq_ignore_ascii_case("managedidentity") {
-                return Err(invalid(name, format!("`{name}__credential` must be `managedidentity`, not `{kind}`")));
+                return Err(invalid(
+                    name,
+                    format!("`{name}__credential` must be `managedidentity`, not `{kind}`"),
+                ));
             }
         }
         let parse = |what: &str, v: Option<String>| -> Result<Option<Url>, ConnectionError> {
-            v.map(|s| {
-                endpoint(&s).map_err(|e| invalid(name, format!("`{name}__{what}`: {e}")))
-            })
-            .transpose()
+            v.map(|s| endpoint(&s).map_err(|e| invalid(name, format!("`{name}__{what}`: {e}"))))
+                .transpose()
         };
         let mut blob_endpoint = parse("blobServiceUri", blob_uri)?;
         let mut queue_endpoint = parse("queueServiceUri", queue_uri)?;
         if let Some(acct) = &account_name {
             if blob_endpoint.is_none() {
-                blob_endpoint = Some(endpoint(&format!("https://{acct}.blob.core.windows.net")).map_err(|e| invalid(name, e))?);
+                blob_endpoint = Some(
+                    endpoint(&format!("https://{acct}.blob.core.windows.net"))
+                        .map_err(|e| invalid(name, e))?,
+                );
             }
             if queue_endpoint.is_none() {
-                queue_endpoint = Some(endpoint(&format!("https://{acct}.queue.core.windows.net")).map_err(|e| invalid(name, e))?);
+                queue_endpoint = Some(
+                    endpoint(&format!("https://{acct}.queue.core.windows.net"))
+                        .map_err(|e| invalid(name, e))?,
+                );
             }
         }
         for url in blob_endpoint.iter().chain(queue_endpoint.iter()) {
@@ -115,7 +125,9 @@ impl Connection {
             account,
             blob_endpoint,
             queue_endpoint,
-            credential: Credential::ManagedIdentity { client_id: get("clientId") },
+            credential: Credential::ManagedIdentity {
+                client_id: get("clientId"),
+            },
         })
     }
 
@@ -129,7 +141,10 @@ impl Connection {
                 .ok_or_else(|| invalid(name, "connection string has a part without `=`"))?;
             parts.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
         }
-        if parts.get("usedevelopmentstorage").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        if parts
+            .get("usedevelopmentstorage")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
             let host = parts
                 .get("developmentstorageproxyuri")
                 .map(|s| s.trim_end_matches('/').to_owned())
@@ -137,16 +152,28 @@ impl Connection {
             return Ok(Connection {
                 name: name.to_owned(),
                 account: DEVSTORE_ACCOUNT.to_owned(),
-                blob_endpoint: Some(endpoint(&format!("{host}:10000/{DEVSTORE_ACCOUNT}")).map_err(|e| invalid(name, e))?),
-                queue_endpoint: Some(endpoint(&format!("{host}:10001/{DEVSTORE_ACCOUNT}")).map_err(|e| invalid(name, e))?),
+                blob_endpoint: Some(
+                    endpoint(&format!("{host}:10000/{DEVSTORE_ACCOUNT}"))
+                        .map_err(|e| invalid(name, e))?,
+                ),
+                queue_endpoint: Some(
+                    endpoint(&format!("{host}:10001/{DEVSTORE_ACCOUNT}"))
+                        .map_err(|e| invalid(name, e))?,
+                ),
                 credential: Credential::SharedKey {
                     account: DEVSTORE_ACCOUNT.to_owned(),
                     key: Secret::new(DEVSTORE_KEY),
                 },
             });
         }
-        let protocol = parts.get("defaultendpointsprotocol").map(String::as_str).unwrap_or("https");
-        let suffix = parts.get("endpointsuffix").map(String::as_str).unwrap_or("core.windows.net");
+        let protocol = parts
+            .get("defaultendpointsprotocol")
+            .map(String::as_str)
+            .unwrap_or("https");
+        let suffix = parts
+            .get("endpointsuffix")
+            .map(String::as_str)
+            .unwrap_or("core.windows.net");
         let explicit = |key: &str| -> Result<Option<Url>, ConnectionError> {
             parts
                 .get(key)
@@ -162,25 +189,50 @@ impl Connection {
             .or_else(|| queue_endpoint.as_ref().and_then(account_from_url));
         if let Some(acct) = &account {
             if blob_endpoint.is_none() {
-                blob_endpoint = Some(endpoint(&format!("{protocol}://{acct}.blob.{suffix}")).map_err(|e| invalid(name, e))?);
+                blob_endpoint = Some(
+                    endpoint(&format!("{protocol}://{acct}.blob.{suffix}"))
+                        .map_err(|e| invalid(name, e))?,
+                );
             }
             if queue_endpoint.is_none() {
-                queue_endpoint = Some(endpoint(&format!("{protocol}://{acct}.queue.{suffix}")).map_err(|e| invalid(name, e))?);
+                queue_endpoint = Some(
+                    endpoint(&format!("{protocol}://{acct}.queue.{suffix}"))
+                        .map_err(|e| invalid(name, e))?,
+                );
             }
         }
-        let account = account.ok_or_else(|| invalid(name, "connection string names no AccountName and no endpoint"))?;
+        let account = account.ok_or_else(|| {
+            invalid(
+                name,
+                "connection string names no AccountName and no endpoint",
+            )
+        })?;
         let credential = if let Some(key) = parts.get("accountkey") {
             if base64_len_ok(key) {
-                Credential::SharedKey { account: account.clone(), key: Secret::new(key.clone()) }
+                Credential::SharedKey {
+                    account: account.clone(),
+                    key: Secret::new(key.clone()),
+                }
             } else {
                 return Err(invalid(name, "AccountKey is not valid base64"));
             }
         } else if let Some(sas) = parts.get("sharedaccesssignature") {
-            Credential::Sas { token: Secret::new(sas.trim_start_matches('?').to_owned()) }
+            Credential::Sas {
+                token: Secret::new(sas.trim_start_matches('?').to_owned()),
+            }
         } else {
-            return Err(invalid(name, "connection string has neither AccountKey nor SharedAccessSignature"));
+            return Err(invalid(
+                name,
+                "connection string has neither AccountKey nor SharedAccessSignature",
+            ));
         };
-        Ok(Connection { name: name.to_owned(), account, blob_endpoint, queue_endpoint, credential })
+        Ok(Connection {
+            name: name.to_owned(),
+            account,
+            blob_endpoint,
+            queue_endpoint,
+            credential,
+        })
     }
 
     pub fn blob_endpoint(&self) -> Result<&Url, ConnectionError> {
@@ -197,12 +249,17 @@ impl Connection {
 }
 
 fn invalid(name: &str, problem: impl Into<String>) -> ConnectionError {
-    ConnectionError::Invalid { name: name.to_owned(), problem: problem.into() }
+    ConnectionError::Invalid {
+        name: name.to_owned(),
+        problem: problem.into(),
+    }
 }
 
 fn base64_len_ok(key: &str) -> bool {
     use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(key).is_ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok()
 }
 
 /// Parses an endpoint, normalised without a trailing slash so that path segments append cleanly.
@@ -212,7 +269,9 @@ fn endpoint(s: &str) -> Result<Url, String> {
         return Err(format!("`{s}` is not an http(s) endpoint"));
     }
     if url.query().is_some() {
-        return Err("an endpoint must not carry a query (put a SAS in SharedAccessSignature=)".into());
+        return Err(
+            "an endpoint must not carry a query (put a SAS in SharedAccessSignature=)".into(),
+        );
     }
     let mut url = url;
     let path = url.path().trim_end_matches('/').to_owned();
@@ -222,7 +281,10 @@ fn endpoint(s: &str) -> Result<Url, String> {
 
 /// `https://acct.blob.core.windows.net` -> `acct`; emulator style `http://127.0.0.1:10000/acct` -> `acct`.
 fn account_from_url(url: &Url) -> Option<String> {
-    let first_segment = url.path_segments().and_then(|mut s| s.next()).filter(|s| !s.is_empty());
+    let first_segment = url
+        .path_segments()
+        .and_then(|mut s| s.next())
+        .filter(|s| !s.is_empty());
     if let Some(seg) = first_segment {
         return Some(seg.to_owned());
     }
@@ -236,7 +298,9 @@ fn account_from_url(url: &Url) -> Option<String> {
 /// True when the endpoint addresses the account in the path (emulator style), which changes how
 /// Shared Key canonicalises the resource and how URLs are built.
 pub fn is_path_style(url: &Url) -> bool {
-    url.path_segments().and_then(|mut s| s.next()).is_some_and(|s| !s.is_empty())
+    url.path_segments()
+        .and_then(|mut s| s.next())
+        .is_some_and(|s| !s.is_empty())
 }
 
 #[cfg(test)]
@@ -244,14 +308,21 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn development_storage() {
-        let c = Connection::from_settings("S", &vars(&[("S", "UseDevelopmentStorage=true")])).unwrap();
+        let c =
+            Connection::from_settings("S", &vars(&[("S", "UseDevelopmentStorage=true")])).unwrap();
         assert_eq!(c.account, "devstoreaccount1");
-        assert_eq!(c.blob_endpoint.unwrap().as_str(), "http://127.0.0.1:10000/devstoreaccount1");
+        assert_eq!(
+            c.blob_endpoint.unwrap().as_str(),
+            "http://127.0.0.1:10000/devstoreaccount1"
+        );
         assert!(matches!(c.credential, Credential::SharedKey { .. }));
     }
 
@@ -260,8 +331,14 @@ mod tests {
         let cs = "DefaultEndpointsProtocol=http;AccountName=backupacct;AccountKey=YWJjZA==;BlobEndpoint=http://127.0.0.1:5000/backupacct;";
         let c = Connection::parse_connection_string("B", cs).unwrap();
         assert_eq!(c.account, "backupacct");
-        assert_eq!(c.blob_endpoint.as_ref().unwrap().as_str(), "http://127.0.0.1:5000/backupacct");
-        assert_eq!(c.queue_endpoint.as_ref().unwrap().as_str(), "http://backupacct.queue.core.windows.net/");
+        assert_eq!(
+            c.blob_endpoint.as_ref().unwrap().as_str(),
+            "http://127.0.0.1:5000/backupacct"
+        );
+        assert_eq!(
+            c.queue_endpoint.as_ref().unwrap().as_str(),
+            "http://backupacct.queue.core.windows.net/"
+        );
         match c.credential {
             Credential::SharedKey { key, .. } => assert_eq!(key.secret(), "YWJjZA=="),
             other => panic!("{other:?}"),
@@ -272,21 +349,32 @@ mod tests {
     fn public_cloud_connection_string() {
         let cs = "DefaultEndpointsProtocol=https;AccountName=lake;AccountKey=YWJjZA==;EndpointSuffix=core.windows.net";
         let c = Connection::parse_connection_string("S", cs).unwrap();
-        assert_eq!(c.blob_endpoint.unwrap().as_str(), "https://lake.blob.core.windows.net/");
+        assert_eq!(
+            c.blob_endpoint.unwrap().as_str(),
+            "https://lake.blob.core.windows.net/"
+        );
     }
 
     #[test]
     fn identity_connection() {
         let v = vars(&[
-            ("S__blobServiceUri", "https://127.0.0.1:1234/devstoreaccount1"),
+            (
+                "S__blobServiceUri",
+                "https://127.0.0.1:1234/devstoreaccount1",
+            ),
             ("S__clientId", "abc"),
         ]);
         let c = Connection::from_settings("S", &v).unwrap();
         assert_eq!(c.account, "devstoreaccount1");
-        assert!(matches!(c.credential, Credential::ManagedIdentity { client_id: Some(ref id) } if id == "abc"));
+        assert!(
+            matches!(c.credential, Credential::ManagedIdentity { client_id: Some(ref id) } if id == "abc")
+        );
         let v = vars(&[("S__accountName", "lake")]);
         let c = Connection::from_settings("S", &v).unwrap();
-        assert_eq!(c.queue_endpoint.unwrap().as_str(), "https://lake.queue.core.windows.net/");
+        assert_eq!(
+            c.queue_endpoint.unwrap().as_str(),
+            "https://lake.queue.core.windows.net/"
+        );
     }
 
     #[test]
@@ -295,17 +383,24 @@ mod tests {
             Connection::from_settings("S", &vars(&[])),
             Err(ConnectionError::Missing(ref n)) if n == "S"
         ));
-        let err = Connection::from_settings("S", &vars(&[("S__blobServiceUri", "http://x/acct")])).unwrap_err();
+        let err = Connection::from_settings("S", &vars(&[("S__blobServiceUri", "http://x/acct")]))
+            .unwrap_err();
         assert!(err.to_string().contains("https"), "{err}");
-        let err = Connection::parse_connection_string("S", "AccountName=a;AccountKey=not base64!").unwrap_err();
+        let err = Connection::parse_connection_string("S", "AccountName=a;AccountKey=not base64!")
+            .unwrap_err();
         assert!(err.to_string().contains("base64"));
-        let err = Connection::from_settings("S", &vars(&[("S__accountName", "a"), ("S__credential", "secret")])).unwrap_err();
+        let err = Connection::from_settings(
+            "S",
+            &vars(&[("S__accountName", "a"), ("S__credential", "secret")]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("managedidentity"));
     }
 
     #[test]
     fn debug_never_shows_the_key() {
-        let c = Connection::parse_connection_string("S", "AccountName=a;AccountKey=c2VjcmV0a2V5").unwrap();
+        let c = Connection::parse_connection_string("S", "AccountName=a;AccountKey=c2VjcmV0a2V5")
+            .unwrap();
         assert!(!format!("{c:?}").contains("c2VjcmV0a2V5"));
     }
 }

@@ -29,7 +29,9 @@ impl StorageError {
     pub fn from_azure(what: impl Into<String>, err: azure_core::Error) -> Self {
         let what = what.into();
         match err.kind() {
-            ErrorKind::HttpResponse { status, error_code, .. } => {
+            ErrorKind::HttpResponse {
+                status, error_code, ..
+            } => {
                 let code = error_code.clone().unwrap_or_default();
                 Self::from_status(what, *status, code)
             }
@@ -37,7 +39,10 @@ impl StorageError {
                 what,
                 detail: format!("transport: {}", root_message(&err)),
             },
-            _ => StorageError::Permanent { what, detail: root_message(&err) },
+            _ => StorageError::Permanent {
+                what,
+                detail: root_message(&err),
+            },
         }
     }
 
@@ -50,7 +55,10 @@ impl StorageError {
                 what,
                 detail: format!("HTTP {} {code}", u16::from(status)),
             },
-            s => StorageError::Permanent { what, detail: format!("HTTP {s} {code}") },
+            s => StorageError::Permanent {
+                what,
+                detail: format!("HTTP {s} {code}"),
+            },
         }
     }
 

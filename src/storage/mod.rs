@@ -15,7 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use azure_core::credentials::TokenCredential;
 use azure_core::http::policies::{Policy, PolicyResult};
-use azure_core::http::{ClientOptions, Context, ExponentialRetryOptions, Request, RetryOptions, Transport};
+use azure_core::http::{
+    ClientOptions, Context, ExponentialRetryOptions, Request, RetryOptions, Transport,
+};
 use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId};
 
 pub use blob::BlobStore;
@@ -25,20 +27,34 @@ pub use queue::BackupQueue;
 
 use crate::settings::Settings;
 
+/// Managed identity credentials by client id (`None` = system-assigned).
+type CredentialMap = HashMap<Option<String>, Arc<dyn TokenCredential>>;
+
+/// How one connection is authorised: bearer credential, per-try policies (Shared Key), SAS.
+pub(crate) type Auth = (
+    Option<Arc<dyn TokenCredential>>,
+    Vec<Arc<dyn Policy>>,
+    Option<String>,
+);
+
 /// Process-wide pieces shared by every client: one HTTP connection pool, one credential per
 /// identity (azure_identity caches tokens per scope inside it, so a token is fetched once, not per
 /// message), and the retry policy.
 #[derive(Clone)]
 pub struct Clients {
     http: reqwest::Client,
-    credentials: Arc<Mutex<HashMap<Option<String>, Arc<dyn TokenCredential>>>>,
+    credentials: Arc<Mutex<CredentialMap>>,
     max_retries: u32,
 }
 
 impl Clients {
     pub fn new(settings: &Settings) -> Result<Self, StorageError> {
         let http = http_client(settings.ca_cert_pem.as_deref())?;
-        Ok(Clients { http, credentials: Default::default(), max_retries: settings.max_retries })
+        Ok(Clients {
+            http,
+            credentials: Default::default(),
+            max_retries: settings.max_retries,
+        })
     }
 
     pub fn http(&self) -> &reqwest::Client {
@@ -46,7 +62,10 @@ impl Clients {
     }
 
     /// The managed identity credential for `client_id` (None = system-assigned), built once.
-    pub fn credential(&self, client_id: Option<&str>) -> Result<Arc<dyn TokenCredential>, StorageError> {
+    pub fn credential(
+        &self,
+        client_id: Option<&str>,
+    ) -> Result<Arc<dyn TokenCredential>, StorageError> {
         let mut map = self.credentials.lock().expect("credential map poisoned");
         if let Some(c) = map.get(&client_id.map(str::to_owned)) {
             return Ok(c.clone());
@@ -54,7 +73,6 @@ impl Clients {
         let options = ManagedIdentityCredentialOptions {
             user_assigned_id: client_id.map(|id| UserAssignedId::ClientId(id.to_owned())),
             client_options: self.client_options(vec![]),
-            ..Default::default()
         };
         let cred: Arc<dyn TokenCredential> = ManagedIdentityCredential::new(Some(options))
             .map_err(|e| StorageError::from_azure("managed identity credential", e))?;
@@ -91,16 +109,20 @@ impl Clients {
 
     /// Authorisation of one connection: (credential for bearer tokens, extra per-try policies,
     /// SAS to append to URLs).
-    pub(crate) fn auth_for(
-        &self,
-        conn: &Connection,
-    ) -> Result<(Option<Arc<dyn TokenCredential>>, Vec<Arc<dyn Policy>>, Option<String>), StorageError> {
+    pub(crate) fn auth_for(&self, conn: &Connection) -> Result<Auth, StorageError> {
         Ok(match &conn.credential {
-            Credential::SharedKey { account, key } => {
-                (None, vec![Arc::new(shared_key::SharedKeyPolicy::new(account.clone(), key.clone()))], None)
-            }
+            Credential::SharedKey { account, key } => (
+                None,
+                vec![Arc::new(shared_key::SharedKeyPolicy::new(
+                    account.clone(),
+                    key.clone(),
+                ))],
+                None,
+            ),
             Credential::Sas { token } => (None, vec![], Some(token.secret().to_owned())),
-            Credential::ManagedIdentity { client_id } => (Some(self.credential(client_id.as_deref())?), vec![], None),
+            Credential::ManagedIdentity { client_id } => {
+                (Some(self.credential(client_id.as_deref())?), vec![], None)
+            }
         })
     }
 }
@@ -114,15 +136,19 @@ fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, StorageError> {
         .read_timeout(Duration::from_secs(300))
         .pool_idle_timeout(Duration::from_secs(60));
     if let Some(pem) = ca_pem {
-        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| StorageError::Permanent {
-            what: "LAKEGUARD_CA_CERT".into(),
-            detail: format!("not a PEM certificate bundle: {e}"),
-        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(pem).map_err(|e| StorageError::Permanent {
+                what: "LAKEGUARD_CA_CERT".into(),
+                detail: format!("not a PEM certificate bundle: {e}"),
+            })?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder.build().map_err(|e| StorageError::Permanent { what: "HTTP client".into(), detail: e.to_string() })
+    builder.build().map_err(|e| StorageError::Permanent {
+        what: "HTTP client".into(),
+        detail: e.to_string(),
+    })
 }
 
 /// Headers that the SDK has no option for (`x-ms-requires-sync` turns Start Copy into the
@@ -136,7 +162,12 @@ struct ExtraHeadersPolicy;
 
 #[async_trait]
 impl Policy for ExtraHeadersPolicy {
-    async fn send(&self, ctx: &Context, request: &mut Request, next: &[Arc<dyn Policy>]) -> PolicyResult {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
         if let Some(extra) = ctx.value::<ExtraHeaders>() {
             for (k, v) in &extra.0 {
                 request.insert_header(*k, v.clone());

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 
 use azure_core::http::policies::Policy;
-use azure_storage_queue::models::{QueueClientReceiveMessagesOptions, QueueClientUpdateMessageOptions, QueueMessage};
+use azure_storage_queue::models::{
+    QueueClientReceiveMessagesOptions, QueueClientUpdateMessageOptions, QueueMessage,
+};
 use azure_storage_queue::{QueueClient, QueueClientOptions};
 use base64::Engine as _;
 use serde::Serialize;
@@ -51,20 +53,27 @@ pub struct PoisonRecord<'a> {
 
 impl BackupQueue {
     pub fn new(clients: &Clients, conn: &Connection, name: &str) -> Result<Self, StorageError> {
-        let endpoint = conn
-            .queue_endpoint()
-            .map_err(|e| StorageError::Permanent { what: conn.name.clone(), detail: e.to_string() })?;
+        let endpoint = conn.queue_endpoint().map_err(|e| StorageError::Permanent {
+            what: conn.name.clone(),
+            detail: e.to_string(),
+        })?;
         let (credential, per_try, sas): (_, Vec<Arc<dyn Policy>>, _) = clients.auth_for(conn)?;
         let make = |queue_name: &str| -> Result<QueueClient, StorageError> {
             let mut url = endpoint.clone();
-            url.path_segments_mut().expect("base url").pop_if_empty().push(queue_name);
+            url.path_segments_mut()
+                .expect("base url")
+                .pop_if_empty()
+                .push(queue_name);
             if let Some(sas) = &sas {
                 url.set_query(Some(sas));
             }
             QueueClient::new(
                 url,
                 credential.clone(),
-                Some(QueueClientOptions { client_options: clients.client_options(per_try.clone()), ..Default::default() }),
+                Some(QueueClientOptions {
+                    client_options: clients.client_options(per_try.clone()),
+                    ..Default::default()
+                }),
             )
             .map_err(|e| StorageError::from_azure(format!("queue {queue_name}"), e))
         };
@@ -81,8 +90,13 @@ impl BackupQueue {
 
     /// Creates the queue and its poison queue if missing (idempotent: 201 and 204 both succeed).
     pub async fn ensure_exists(&self) -> Result<(), StorageError> {
-        for (q, n) in [(&*self.queue, self.name.clone()), (&*self.poison, format!("{}-poison", self.name))] {
-            q.create(None).await.map_err(|e| StorageError::from_azure(format!("create queue {n}"), e))?;
+        for (q, n) in [
+            (&*self.queue, self.name.clone()),
+            (&*self.poison, format!("{}-poison", self.name)),
+        ] {
+            q.create(None)
+                .await
+                .map_err(|e| StorageError::from_azure(format!("create queue {n}"), e))?;
         }
         Ok(())
     }
@@ -93,8 +107,18 @@ impl BackupQueue {
     }
 
     /// Sends to `<queue>-poison`, wrapped with the reason.
-    pub async fn poison(&self, original: &str, reason: &str, dequeue_count: u32) -> Result<(), StorageError> {
-        let record = PoisonRecord { reason, original, dequeue_count, poisoned_at: OffsetDateTime::now_utc() };
+    pub async fn poison(
+        &self,
+        original: &str,
+        reason: &str,
+        dequeue_count: u32,
+    ) -> Result<(), StorageError> {
+        let record = PoisonRecord {
+            reason,
+            original,
+            dequeue_count,
+            poisoned_at: OffsetDateTime::now_utc(),
+        };
         let mut text = serde_json::to_string(&record).expect("poison record serialises");
         if base64_len(text.len()) > MAX_MESSAGE_BYTES {
             // Keep the reason; truncate the original on a char boundary so the record still fits.
@@ -102,19 +126,36 @@ impl BackupQueue {
             while !original.is_char_boundary(cut) {
                 cut -= 1;
             }
-            let record = PoisonRecord { original: &original[..cut], ..record };
+            let record = PoisonRecord {
+                original: &original[..cut],
+                ..record
+            };
             text = serde_json::to_string(&record).expect("poison record serialises");
         }
         send(&self.poison, &format!("{}-poison", self.name), &text).await
     }
 
     /// Receives up to `max` messages, hiding them for `visibility_secs`.
-    pub async fn receive(&self, max: u8, visibility_secs: i32) -> Result<Vec<Received>, StorageError> {
+    pub async fn receive(
+        &self,
+        max: u8,
+        visibility_secs: i32,
+    ) -> Result<Vec<Received>, StorageError> {
         receive(&self.queue, &self.name, max, visibility_secs).await
     }
 
-    pub async fn receive_poison(&self, max: u8, visibility_secs: i32) -> Result<Vec<Received>, StorageError> {
-        receive(&self.poison, &format!("{}-poison", self.name), max, visibility_secs).await
+    pub async fn receive_poison(
+        &self,
+        max: u8,
+        visibility_secs: i32,
+    ) -> Result<Vec<Received>, StorageError> {
+        receive(
+            &self.poison,
+            &format!("{}-poison", self.name),
+            max,
+            visibility_secs,
+        )
+        .await
     }
 
     /// Deletes a processed message. A 404 means it was already deleted (or its pop receipt went
@@ -123,7 +164,9 @@ impl BackupQueue {
         self.queue
             .delete_message(&msg.id, &msg.pop_receipt, None)
             .await
-            .map_err(|e| StorageError::from_azure(format!("delete message {} from {}", msg.id, self.name), e))?;
+            .map_err(|e| {
+                StorageError::from_azure(format!("delete message {} from {}", msg.id, self.name), e)
+            })?;
         Ok(())
     }
 
@@ -131,35 +174,51 @@ impl BackupQueue {
         self.poison
             .delete_message(&msg.id, &msg.pop_receipt, None)
             .await
-            .map_err(|e| StorageError::from_azure(format!("delete poison message {}", msg.id), e))?;
+            .map_err(|e| {
+                StorageError::from_azure(format!("delete poison message {}", msg.id), e)
+            })?;
         Ok(())
     }
 
     /// Extends a message's invisibility while a long copy runs; returns the new pop receipt.
-    pub async fn extend(&self, msg: &Received, visibility_secs: i32) -> Result<String, StorageError> {
+    pub async fn extend(
+        &self,
+        msg: &Received,
+        visibility_secs: i32,
+    ) -> Result<String, StorageError> {
         let what = format!("update message {} in {}", msg.id, self.name);
         let rsp = self
             .queue
-            .update_message(&msg.id, &msg.pop_receipt, visibility_secs, Some(QueueClientUpdateMessageOptions::default()))
+            .update_message(
+                &msg.id,
+                &msg.pop_receipt,
+                visibility_secs,
+                Some(QueueClientUpdateMessageOptions::default()),
+            )
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
         // The SDK exposes the new receipt only as a raw header.
         rsp.headers()
-            .get_optional_str(&azure_core::http::headers::HeaderName::from_static("x-ms-popreceipt"))
+            .get_optional_str(&azure_core::http::headers::HeaderName::from_static(
+                "x-ms-popreceipt",
+            ))
             .map(str::to_owned)
-            .ok_or(StorageError::Permanent { what, detail: "no x-ms-popreceipt".into() })
+            .ok_or(StorageError::Permanent {
+                what,
+                detail: "no x-ms-popreceipt".into(),
+            })
     }
 
     /// Approximate number of messages (for progress bars).
     pub async fn approximate_count(&self) -> Result<u64, StorageError> {
-        let rsp = self
-            .queue
-            .get_properties(None)
-            .await
-            .map_err(|e| StorageError::from_azure(format!("properties of queue {}", self.name), e))?;
+        let rsp = self.queue.get_properties(None).await.map_err(|e| {
+            StorageError::from_azure(format!("properties of queue {}", self.name), e)
+        })?;
         Ok(rsp
             .headers()
-            .get_optional_str(&azure_core::http::headers::HeaderName::from_static("x-ms-approximate-messages-count"))
+            .get_optional_str(&azure_core::http::headers::HeaderName::from_static(
+                "x-ms-approximate-messages-count",
+            ))
             .and_then(|s| s.parse().ok())
             .unwrap_or(0))
     }
@@ -174,24 +233,46 @@ async fn send(client: &QueueClient, name: &str, text: &str) -> Result<(), Storag
     if encoded.len() > MAX_MESSAGE_BYTES {
         return Err(StorageError::Permanent {
             what: format!("send to {name}"),
-            detail: format!("message of {} bytes exceeds the queue's 64 KiB limit", encoded.len()),
+            detail: format!(
+                "message of {} bytes exceeds the queue's 64 KiB limit",
+                encoded.len()
+            ),
         });
     }
-    let message = QueueMessage { message_text: Some(encoded) };
-    let content = message.try_into().map_err(|e| StorageError::from_azure(format!("send to {name}"), e))?;
-    client.send_message(content, None).await.map_err(|e| StorageError::from_azure(format!("send to {name}"), e))?;
+    let message = QueueMessage {
+        message_text: Some(encoded),
+    };
+    let content = message
+        .try_into()
+        .map_err(|e| StorageError::from_azure(format!("send to {name}"), e))?;
+    client
+        .send_message(content, None)
+        .await
+        .map_err(|e| StorageError::from_azure(format!("send to {name}"), e))?;
     Ok(())
 }
 
-async fn receive(client: &QueueClient, name: &str, max: u8, visibility_secs: i32) -> Result<Vec<Received>, StorageError> {
+async fn receive(
+    client: &QueueClient,
+    name: &str,
+    max: u8,
+    visibility_secs: i32,
+) -> Result<Vec<Received>, StorageError> {
     let what = format!("receive from {name}");
     let options = QueueClientReceiveMessagesOptions {
         number_of_messages: Some(max.clamp(1, 32) as i32),
         visibility_timeout: Some(visibility_secs),
         ..Default::default()
     };
-    let rsp = client.receive_messages(Some(options)).await.map_err(|e| StorageError::from_azure(&what, e))?;
-    let items = rsp.into_model().map_err(|e| StorageError::from_azure(&what, e))?.items.unwrap_or_default();
+    let rsp = client
+        .receive_messages(Some(options))
+        .await
+        .map_err(|e| StorageError::from_azure(&what, e))?;
+    let items = rsp
+        .into_model()
+        .map_err(|e| StorageError::from_azure(&what, e))?
+        .items
+        .unwrap_or_default();
     Ok(items
         .into_iter()
         .filter_map(|m| {

@@ -72,9 +72,14 @@ async fn delegation_key(
         }
     }
     let expiry = now + Duration::hours(2).max(needed_until - now + Duration::minutes(10));
-    let info = KeyInfo { start: Some(now - Duration::minutes(5)), expiry: Some(expiry), ..Default::default() };
-    let content: RequestContent<KeyInfo, XmlFormat> =
-        info.try_into().map_err(|e| StorageError::from_azure("user delegation key", e))?;
+    let info = KeyInfo {
+        start: Some(now - Duration::minutes(5)),
+        expiry: Some(expiry),
+        ..Default::default()
+    };
+    let content: RequestContent<KeyInfo, XmlFormat> = info
+        .try_into()
+        .map_err(|e| StorageError::from_azure("user delegation key", e))?;
     let key = store
         .service_client()?
         .get_user_delegation_key(content, None)
@@ -87,13 +92,20 @@ async fn delegation_key(
 }
 
 /// Account SAS (blob service, object level, read only).
-fn account_sas(account: &str, key: &Secret, start: OffsetDateTime, expiry: OffsetDateTime) -> Result<String, StorageError> {
+fn account_sas(
+    account: &str,
+    key: &Secret,
+    start: OffsetDateTime,
+    expiry: OffsetDateTime,
+) -> Result<String, StorageError> {
     let st = sas_time(start);
     let se = sas_time(expiry);
     let (sp, ss, srt, spr) = ("r", "b", "o", "https,http");
     // String-to-sign of an account SAS for versions 2020-12-06 and later (encryption scope empty).
-    let string_to_sign = format!("{account}\n{sp}\n{ss}\n{srt}\n{st}\n{se}\n\n{spr}\n{SAS_VERSION}\n\n");
-    let sig = azure_core::hmac::hmac_sha256(&string_to_sign, key).map_err(|e| StorageError::from_azure("account SAS", e))?;
+    let string_to_sign =
+        format!("{account}\n{sp}\n{ss}\n{srt}\n{st}\n{se}\n\n{spr}\n{SAS_VERSION}\n\n");
+    let sig = azure_core::hmac::hmac_sha256(&string_to_sign, key)
+        .map_err(|e| StorageError::from_azure("account SAS", e))?;
     let enc = |s: &str| percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string();
     Ok(format!(
         "sv={SAS_VERSION}&ss={ss}&srt={srt}&sp={sp}&st={}&se={}&spr={}&sig={}",
@@ -105,8 +117,11 @@ fn account_sas(account: &str, key: &Secret, start: OffsetDateTime, expiry: Offse
 }
 
 /// Everything but RFC 3986 unreserved characters is percent-encoded in SAS query values.
-const UNRESERVED: &percent_encoding::AsciiSet =
-    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 fn sas_time(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
@@ -144,7 +159,11 @@ mod tests {
 
     #[test]
     fn sas_is_appended_after_snapshot() {
-        let url = url::Url::parse("http://h/acct/c/b?snapshot=2026-01-01T00:00:00.0000000Z").unwrap();
-        assert_eq!(with_sas(url, "sv=1&sig=x").query().unwrap(), "snapshot=2026-01-01T00:00:00.0000000Z&sv=1&sig=x");
+        let url =
+            url::Url::parse("http://h/acct/c/b?snapshot=2026-01-01T00:00:00.0000000Z").unwrap();
+        assert_eq!(
+            with_sas(url, "sv=1&sig=x").query().unwrap(),
+            "snapshot=2026-01-01T00:00:00.0000000Z&sv=1&sig=x"
+        );
     }
 }

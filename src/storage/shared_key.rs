@@ -29,18 +29,29 @@ impl std::fmt::Debug for SharedKeyPolicy {
 
 impl SharedKeyPolicy {
     pub fn new(account: impl Into<String>, key: Secret) -> Self {
-        Self { account: account.into(), key }
+        Self {
+            account: account.into(),
+            key,
+        }
     }
 }
 
 #[async_trait]
 impl Policy for SharedKeyPolicy {
-    async fn send(&self, ctx: &Context, request: &mut Request, next: &[Arc<dyn Policy>]) -> PolicyResult {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
         request.insert_header("x-ms-date", http_date(OffsetDateTime::now_utc()));
         let content_length = request.body().len().unwrap_or(0);
         let string_to_sign = string_to_sign(&self.account, request, content_length);
         let signature = azure_core::hmac::hmac_sha256(&string_to_sign, &self.key)?;
-        request.insert_header("authorization", format!("SharedKey {}:{}", self.account, signature));
+        request.insert_header(
+            "authorization",
+            format!("SharedKey {}:{}", self.account, signature),
+        );
         next[0].send(ctx, request, &next[1..]).await
     }
 }
@@ -48,7 +59,10 @@ impl Policy for SharedKeyPolicy {
 /// RFC 1123 date in GMT, as the service requires (`Sun, 22 Nov 2026 03:08:15 GMT`).
 pub fn http_date(t: OffsetDateTime) -> String {
     // Rfc2822 prints "+0000"; the service wants the literal "GMT".
-    let s = t.to_offset(time::UtcOffset::UTC).format(&Rfc2822).unwrap_or_default();
+    let s = t
+        .to_offset(time::UtcOffset::UTC)
+        .format(&Rfc2822)
+        .unwrap_or_default();
     s.replace(" +0000", " GMT")
 }
 
@@ -61,7 +75,11 @@ fn string_to_sign(account: &str, request: &Request, content_length: u64) -> Stri
             .to_owned()
     };
     // Content-Length must be empty, not "0", for an empty body (versions 2015-02-21 and later).
-    let length = if content_length == 0 { String::new() } else { content_length.to_string() };
+    let length = if content_length == 0 {
+        String::new()
+    } else {
+        content_length.to_string()
+    };
     let mut canonical_headers = BTreeMap::new();
     for (name, value) in headers.iter() {
         let name = name.as_str().to_ascii_lowercase();
@@ -105,7 +123,10 @@ fn canonical_resource(account: &str, url: &url::Url) -> String {
     let mut out = format!("/{}{}", account, url.path());
     let mut params: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (k, v) in url.query_pairs() {
-        params.entry(k.to_ascii_lowercase()).or_default().push(v.into_owned());
+        params
+            .entry(k.to_ascii_lowercase())
+            .or_default()
+            .push(v.into_owned());
     }
     for (k, mut values) in params {
         values.sort();
@@ -139,7 +160,8 @@ mod tests {
 
     #[test]
     fn string_to_sign_layout() {
-        let url = url::Url::parse("https://acct.blob.core.windows.net/c/a%20b?comp=snapshot").unwrap();
+        let url =
+            url::Url::parse("https://acct.blob.core.windows.net/c/a%20b?comp=snapshot").unwrap();
         let mut req = Request::new(url, Method::Put);
         req.insert_header("x-ms-version", "2025-01-05");
         req.insert_header("x-ms-date", "Sun, 22 Nov 2026 03:08:15 GMT");
