@@ -449,3 +449,385 @@ impl ReconcileTally {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::testutil::*;
+    use crate::model::metadata::{HDI_ISFOLDER, SOURCE_LAST_MODIFIED};
+
+    fn run(order: NameOrder, src: Vec<BlobEntry>, bk: Vec<BlobEntry>) -> Vec<Action> {
+        merge_join(order, src, bk).collect::<Result<_, _>>().unwrap()
+    }
+
+    fn bk(name: &str, src_etag: &str) -> BlobEntry {
+        backup_row(name, &format!("b-{src_etag}"), src_etag, 0)
+    }
+
+    #[test]
+    fn every_case_once() {
+        let src = vec![
+            entry("changed", "s2", 5),
+            placeholder("dir"),
+            placeholder("dir-over-file"),
+            entry("missing", "s1", 7),
+            entry("recreated", "s9", 9),
+            entry("same", "s1", 1),
+            entry("unmarked", "s1", 3),
+        ];
+        let bkrows = vec![
+            entry("changed", "b", 0),
+            placeholder("dir"),
+            bk("dir-over-file", "s0"),
+            with_time(bk("gone", "s1"), DELETED_AT, 3),
+            bk("live-gone", "s1"),
+            with_time(bk("recreated", "s1"), DELETED_AT, 4),
+            bk("same", "s1"),
+            entry("unmarked", "b", 0),
+        ];
+        let bkrows: Vec<_> = bkrows
+            .into_iter()
+            .map(|e| if e.name == "changed" { with_meta(e, SOURCE_ETAG, "s1") } else { e })
+            .collect();
+        let got = run(NameOrder::Utf16Units, src, bkrows);
+        let summary: Vec<String> = got
+            .iter()
+            .map(|a| match a {
+                Action::InSync { name } => format!("{name}:in_sync"),
+                Action::NeedsBackup { source, reason, .. } => format!("{}:{reason:?}", source.name),
+                Action::Tombstone { backup } => format!("{}:tombstone", backup.name),
+                Action::AlreadyTombstoned { name } => format!("{name}:already"),
+                Action::SkipPlaceholder { name } => format!("{name}:placeholder"),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "changed:Changed",
+                "dir:placeholder",
+                "dir-over-file:tombstone",
+                "gone:already",
+                "live-gone:tombstone",
+                "missing:Missing",
+                "recreated:Recreated",
+                "same:in_sync",
+                "unmarked:Unmarked",
+            ]
+        );
+        let mut tally = ReconcileTally::default();
+        got.iter().for_each(|a| tally.record(a));
+        assert_eq!(tally.needs_backup, 4);
+        assert_eq!((tally.tombstones, tally.already_tombstoned, tally.placeholders), (2, 1, 1));
+        // Oldest unbacked change: "unmarked" at 3 (changed 5, missing 7, recreated 9).
+        assert_eq!(tally.oldest_unbacked_change, Some(ts(3)));
+        assert_eq!(tally.rpo_lag(ts(63)), Duration::from_secs(60));
+        assert_eq!(tally.rpo_lag(ts(0)), Duration::ZERO);
+    }
+
+    #[test]
+    fn names_that_are_prefixes_are_distinct() {
+        let src = vec![entry("a", "s1", 0), entry("a.txt", "s1", 0), entry("a/b", "s1", 0)];
+        let bkrows = vec![bk("a.txt", "s1"), bk("a.txt.bak", "s1"), bk("a/b", "s2")];
+        let got = run(NameOrder::Utf16Units, src, bkrows);
+        let names: Vec<_> = got.iter().map(|a| a.name().to_owned()).collect();
+        assert_eq!(names, ["a", "a.txt", "a.txt.bak", "a/b"]);
+        assert!(matches!(&got[0], Action::NeedsBackup { reason: BackupReason::Missing, .. }));
+        assert!(matches!(&got[1], Action::InSync { .. }));
+        assert!(matches!(&got[2], Action::Tombstone { .. }));
+        assert!(matches!(&got[3], Action::NeedsBackup { reason: BackupReason::Changed, .. }));
+    }
+
+    #[test]
+    fn out_of_order_across_pages_is_an_error() {
+        let mut j = ReconcileJoin::new(NameOrder::Utf16Units);
+        j.push_source([entry("a", "1", 0), entry("c", "1", 0)]).unwrap();
+        let err = j.push_source([entry("b", "1", 0)]).unwrap_err();
+        assert!(matches!(err, JoinError::OutOfOrder { input: "source", .. }), "{err}");
+        // Duplicates are out of order too.
+        let mut j = ReconcileJoin::new(NameOrder::Utf16Units);
+        j.push_backup([entry("a", "1", 0)]).unwrap();
+        assert!(j.push_backup([entry("a", "1", 0)]).is_err());
+        // Astral vs high BMP: sorted for UTF-8, not for UTF-16.
+        let utf8_sorted = vec![entry("\u{FF5E}", "1", 0), entry("\u{1F600}", "1", 0)];
+        let r: Result<Vec<_>, _> = merge_join(NameOrder::Utf16Units, utf8_sorted.clone(), vec![]).collect();
+        assert!(r.is_err());
+        let r: Result<Vec<_>, _> = merge_join(NameOrder::Utf8Bytes, utf8_sorted, vec![]).collect();
+        assert_eq!(r.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn snapshots_and_late_pages_are_refused() {
+        let mut j = ReconcileJoin::new(NameOrder::Utf16Units);
+        let err = j.push_source([snapshot(entry("a", "1", 0), 5)]).unwrap_err();
+        assert!(matches!(err, JoinError::UnexpectedSnapshot { .. }));
+        j.end_backup();
+        assert_eq!(j.push_backup([entry("a", "1", 0)]), Err(JoinError::PushAfterEnd { input: "backup" }));
+    }
+
+    #[test]
+    fn asks_for_a_page_only_when_its_queue_is_empty() {
+        let mut j = ReconcileJoin::new(NameOrder::Utf16Units);
+        assert!(matches!(j.step(), Step::NeedSource));
+        j.push_source([entry("a", "1", 0), entry("b", "1", 0)]).unwrap();
+        assert!(matches!(j.step(), Step::NeedBackup));
+        j.push_backup([bk("a", "1")]).unwrap();
+        assert!(matches!(j.step(), Step::Action(Action::InSync { .. })));
+        // Backup queue empty again: "b" cannot be decided before the backup says more.
+        assert!(matches!(j.step(), Step::NeedBackup));
+        j.end_backup();
+        assert!(matches!(j.step(), Step::Action(Action::NeedsBackup { .. })));
+        assert!(matches!(j.step(), Step::NeedSource));
+        j.end_source();
+        assert!(matches!(j.step(), Step::Done));
+        assert_eq!(j.scanned(), (2, 1));
+    }
+
+    fn lg_snap(name: &str, etag: &str, id: i64, requested: Option<i64>) -> BlobEntry {
+        let e = snapshot(with_meta(entry(name, "snap-etag", 0), SOURCE_ETAG, etag), id);
+        let e = with_time(e, SOURCE_LAST_MODIFIED, 0);
+        match requested {
+            Some(r) => with_time(e, REQUESTED_AT, r),
+            None => e,
+        }
+    }
+
+    #[test]
+    fn snapshot_decisions() {
+        let src = entry("a", "cur", 0);
+        let ttl = Duration::from_secs(100);
+        let now = ts(1000);
+        let decide = |snaps: &[BlobEntry]| decide_snapshot(&src, snaps, now, ttl);
+        assert_eq!(
+            decide(&[]),
+            SnapshotDecision::SnapshotAndEnqueue { if_match: Etag::new("cur"), why: SnapshotWhy::NoSnapshot }
+        );
+        // Fresh marker on the current version: pending.
+        let fresh = lg_snap("a", "cur", 950, Some(950));
+        assert!(matches!(decide(&[fresh.clone()]), SnapshotDecision::Pending { requested_at, .. } if requested_at == ts(950)));
+        // Stale marker, or marker on another version, or another name's snapshot: not pending.
+        let stale = lg_snap("a", "cur", 800, Some(800));
+        assert!(matches!(decide(&[stale.clone()]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::MarkerStale { .. }, .. }));
+        assert!(matches!(decide(&[lg_snap("a", "old", 990, Some(990))]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::NoSnapshot, .. }));
+        assert!(matches!(decide(&[lg_snap("a.bak", "cur", 990, Some(990))]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::NoSnapshot, .. }));
+        // Any order: the fresh one wins over a stale one.
+        assert!(matches!(decide(&[fresh.clone(), stale.clone()]), SnapshotDecision::Pending { .. }));
+        assert!(matches!(decide(&[stale, fresh]), SnapshotDecision::Pending { .. }));
+        // A snapshot made by someone else: its own ETag names the version, no marker.
+        let foreign = snapshot(entry("a", "cur", 0), 990);
+        assert!(matches!(decide(&[foreign]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::MarkerStale { .. }, .. }));
+        // Unreadable or absurdly future markers do not suppress requests.
+        let garbage = with_meta(lg_snap("a", "cur", 990, None), REQUESTED_AT, "yesterday");
+        assert!(matches!(decide(&[garbage]), SnapshotDecision::SnapshotAndEnqueue { .. }));
+        assert!(matches!(decide(&[lg_snap("a", "cur", 990, Some(5000))]), SnapshotDecision::SnapshotAndEnqueue { .. }));
+        // Slightly ahead (clock skew) still counts.
+        assert!(matches!(decide(&[lg_snap("a", "cur", 990, Some(1010))]), SnapshotDecision::Pending { .. }));
+        // The base row in a prefix listing is not a snapshot.
+        assert!(matches!(decide(&[with_time(entry("a", "cur", 0), REQUESTED_AT, 999)]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::NoSnapshot, .. }));
+    }
+
+    #[test]
+    fn placeholder_case_insensitive_value() {
+        let p = with_meta(entry("d", "1", 0), HDI_ISFOLDER, "True");
+        assert!(matches!(classify(Some(p), None), Some(Action::SkipPlaceholder { .. })));
+    }
+
+    #[test]
+    fn tally_merge_and_serde() {
+        let mut a = ReconcileTally { in_sync: 2, oldest_unbacked_change: Some(ts(5)), ..Default::default() };
+        let b = ReconcileTally { in_sync: 1, oldest_unbacked_change: Some(ts(3)), ..Default::default() };
+        a.merge(&b);
+        assert_eq!((a.in_sync, a.oldest_unbacked_change), (3, Some(ts(3))));
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["in_sync"], 3);
+        let back: ReconcileTally = serde_json::from_value(json).unwrap();
+        assert_eq!(back, a);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::core::testutil::*;
+
+    /// Pieces chosen so that names collide, are prefixes of each other, and hit every order
+    /// difference: `/` vs `-`/`.`, a high BMP character vs an astral one.
+    const PIECES: &[&str] = &["a", "b", "/", ".", "-", "é", "\u{FF5E}", "\u{1F600}", "A", "\u{E000}"];
+
+    fn name() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(PIECES), 1..4).prop_map(|p| p.concat())
+    }
+
+    #[derive(Clone, Debug)]
+    struct Src {
+        etag: u8,
+        placeholder: bool,
+        lm: i64,
+    }
+    #[derive(Clone, Debug)]
+    struct Bk {
+        source_etag: Option<u8>,
+        tombstoned: bool,
+        placeholder: bool,
+    }
+
+    fn world() -> impl Strategy<Value = (BTreeMap<String, Src>, BTreeMap<String, Bk>)> {
+        let src = (0u8..3, prop::bool::weighted(0.1), 0i64..1000)
+            .prop_map(|(etag, placeholder, lm)| Src { etag, placeholder, lm });
+        let bk = (prop::option::weighted(0.9, 0u8..3), prop::bool::weighted(0.3), prop::bool::weighted(0.1))
+            .prop_map(|(source_etag, tombstoned, placeholder)| Bk { source_etag, tombstoned, placeholder });
+        prop::collection::vec((name(), prop::option::of(src), prop::option::of(bk)), 0..40).prop_map(|rows| {
+            let mut s = BTreeMap::new();
+            let mut b = BTreeMap::new();
+            for (n, src, bk) in rows {
+                if let Some(x) = src {
+                    s.insert(n.clone(), x);
+                }
+                if let Some(x) = bk {
+                    b.insert(n, x);
+                }
+            }
+            (s, b)
+        })
+    }
+
+    fn rows(order: NameOrder, s: &BTreeMap<String, Src>, b: &BTreeMap<String, Bk>) -> (Vec<BlobEntry>, Vec<BlobEntry>) {
+        let mut src: Vec<_> = s
+            .iter()
+            .map(|(n, x)| {
+                let e = entry(n, &format!("s{}", x.etag), x.lm);
+                if x.placeholder { with_meta(e, crate::model::metadata::HDI_ISFOLDER, "true") } else { e }
+            })
+            .collect();
+        let mut bk: Vec<_> = b
+            .iter()
+            .map(|(n, x)| {
+                let mut e = entry(n, "backup", 0);
+                if let Some(se) = x.source_etag {
+                    e = with_meta(e, SOURCE_ETAG, &format!("s{se}"));
+                }
+                if x.tombstoned {
+                    e = with_time(e, DELETED_AT, 1);
+                }
+                if x.placeholder {
+                    e = with_meta(e, crate::model::metadata::HDI_ISFOLDER, "true");
+                }
+                e
+            })
+            .collect();
+        order.sort_by_name(&mut src, |e| &e.name);
+        order.sort_by_name(&mut bk, |e| &e.name);
+        (src, bk)
+    }
+
+    /// The naive oracle: look every name up in the two maps.
+    fn oracle(order: NameOrder, s: &BTreeMap<String, Src>, b: &BTreeMap<String, Bk>) -> Vec<String> {
+        let mut names: Vec<&String> = s.keys().chain(b.keys()).collect();
+        names.sort_by(|x, y| order.cmp(x, y));
+        names.dedup();
+        names
+            .into_iter()
+            .map(|n| {
+                let src = s.get(n).filter(|x| !x.placeholder);
+                let bk = b.get(n).filter(|x| !x.placeholder);
+                let what = match (src, bk) {
+                    (None, None) => "placeholder".to_owned(),
+                    (Some(_), None) => "backup:Missing".to_owned(),
+                    (None, Some(k)) if k.tombstoned => "already".to_owned(),
+                    (None, Some(_)) => "tombstone".to_owned(),
+                    (Some(_), Some(k)) if k.tombstoned => "backup:Recreated".to_owned(),
+                    (Some(_), Some(Bk { source_etag: None, .. })) => "backup:Unmarked".to_owned(),
+                    (Some(x), Some(Bk { source_etag: Some(e), .. })) if *e == x.etag => "in_sync".to_owned(),
+                    (Some(_), Some(_)) => "backup:Changed".to_owned(),
+                };
+                format!("{n}={what}")
+            })
+            .collect()
+    }
+
+    fn describe(a: &Action) -> String {
+        let what = match a {
+            Action::InSync { .. } => "in_sync".to_owned(),
+            Action::NeedsBackup { reason, .. } => format!("backup:{reason:?}"),
+            Action::Tombstone { .. } => "tombstone".to_owned(),
+            Action::AlreadyTombstoned { .. } => "already".to_owned(),
+            Action::SkipPlaceholder { .. } => "placeholder".to_owned(),
+        };
+        format!("{}={what}", a.name())
+    }
+
+    fn order() -> impl Strategy<Value = NameOrder> {
+        prop::sample::select(vec![NameOrder::Utf8Bytes, NameOrder::Utf16Units, NameOrder::Hierarchical])
+    }
+
+    /// Splits `rows` into pages at the given cut points.
+    fn pages(rows: Vec<BlobEntry>, cuts: &[usize]) -> Vec<Vec<BlobEntry>> {
+        let mut out = vec![Vec::new()];
+        for (i, r) in rows.into_iter().enumerate() {
+            if cuts.contains(&i) {
+                out.push(Vec::new());
+            }
+            out.last_mut().unwrap().push(r);
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn join_equals_oracle_for_any_paging(
+            (s, b) in world(),
+            order in order(),
+            cuts_s in prop::collection::vec(0usize..40, 0..6),
+            cuts_b in prop::collection::vec(0usize..40, 0..6),
+        ) {
+            let (src, bk) = rows(order, &s, &b);
+            let expected = oracle(order, &s, &b);
+            // One row at a time.
+            let got: Vec<String> = merge_join(order, src.clone(), bk.clone())
+                .map(|a| describe(&a.unwrap()))
+                .collect();
+            prop_assert_eq!(&got, &expected);
+            // Pages of any size, including empty ones.
+            let mut sp = pages(src, &cuts_s).into_iter();
+            let mut bp = pages(bk, &cuts_b).into_iter();
+            let mut j = ReconcileJoin::new(order);
+            let mut paged = Vec::new();
+            loop {
+                match j.step() {
+                    Step::Action(a) => paged.push(describe(&a)),
+                    Step::NeedSource => match sp.next() { Some(p) => j.push_source(p).unwrap(), None => j.end_source() },
+                    Step::NeedBackup => match bp.next() { Some(p) => j.push_backup(p).unwrap(), None => j.end_backup() },
+                    Step::Done => break,
+                }
+            }
+            prop_assert_eq!(&paged, &expected);
+            prop_assert_eq!(j.scanned(), (s.len() as u64, b.len() as u64));
+        }
+
+        #[test]
+        fn wrong_order_is_detected_never_silently_joined(
+            (s, b) in world(),
+            listed in order(),
+            assumed in order(),
+        ) {
+            let (src, bk) = rows(listed, &s, &b);
+            let sorted_for = |v: &[BlobEntry]| v.windows(2).all(|w| assumed.cmp(&w[0].name, &w[1].name).is_lt());
+            let consistent = sorted_for(&src) && sorted_for(&bk);
+            let r: Result<Vec<Action>, JoinError> = merge_join(assumed, src, bk).collect();
+            match r {
+                Ok(actions) => {
+                    prop_assert!(consistent);
+                    let got: Vec<String> = actions.iter().map(describe).collect();
+                    prop_assert_eq!(got, oracle(assumed, &s, &b));
+                }
+                Err(JoinError::OutOfOrder { .. }) => prop_assert!(!consistent),
+                Err(e) => prop_assert!(false, "unexpected {}", e),
+            }
+        }
+    }
+}
