@@ -48,7 +48,13 @@ impl NameOrder {
             // Mapping `/` below every other unit is the same as comparing segment by segment,
             // a shorter segment list first when one is a prefix of the other.
             NameOrder::Hierarchical => {
-                let key = |u: u16| if u == u16::from(b'/') { 0u32 } else { u32::from(u) + 1 };
+                let key = |u: u16| {
+                    if u == u16::from(b'/') {
+                        0u32
+                    } else {
+                        u32::from(u) + 1
+                    }
+                };
                 a.encode_utf16().map(key).cmp(b.encode_utf16().map(key))
             }
         }
@@ -86,7 +92,9 @@ pub enum JoinError {
     },
     /// A snapshot row in an input that must hold base blobs only (a flat listing without
     /// `include=snapshots`): its etag would be taken for the live blob's.
-    #[error("{input} listing contains snapshot {snapshot} of {name:?}; base blobs only are expected")]
+    #[error(
+        "{input} listing contains snapshot {snapshot} of {name:?}; base blobs only are expected"
+    )]
     UnexpectedSnapshot {
         input: &'static str,
         name: String,
@@ -276,9 +284,15 @@ mod tests {
     fn utf16_and_utf8_differ_on_astral_vs_high_bmp() {
         let astral = "\u{1F600}"; // surrogate pair D83D DE00
         let high_bmp = "\u{FF5E}";
-        assert_eq!(NameOrder::Utf8Bytes.cmp(astral, high_bmp), Ordering::Greater);
+        assert_eq!(
+            NameOrder::Utf8Bytes.cmp(astral, high_bmp),
+            Ordering::Greater
+        );
         assert_eq!(NameOrder::Utf16Units.cmp(astral, high_bmp), Ordering::Less);
-        assert_eq!(NameOrder::Hierarchical.cmp(astral, high_bmp), Ordering::Less);
+        assert_eq!(
+            NameOrder::Hierarchical.cmp(astral, high_bmp),
+            Ordering::Less
+        );
     }
 
     #[test]
@@ -289,7 +303,11 @@ mod tests {
             "AB/dat4", "AB.txt", "ABC",
         ];
         for w in adls.windows(2) {
-            assert_eq!(NameOrder::Hierarchical.cmp(w[0], w[1]), Ordering::Less, "{w:?}");
+            assert_eq!(
+                NameOrder::Hierarchical.cmp(w[0], w[1]),
+                Ordering::Less,
+                "{w:?}"
+            );
         }
         // The same names on a flat account.
         let flat = [
@@ -297,7 +315,11 @@ mod tests {
             "AB/AB", "AB/dat4", "ABC",
         ];
         for w in flat.windows(2) {
-            assert_eq!(NameOrder::Utf16Units.cmp(w[0], w[1]), Ordering::Less, "{w:?}");
+            assert_eq!(
+                NameOrder::Utf16Units.cmp(w[0], w[1]),
+                Ordering::Less,
+                "{w:?}"
+            );
         }
     }
 

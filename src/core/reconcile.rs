@@ -112,6 +112,8 @@ pub fn classify(source: Option<BlobEntry>, backup: Option<BlobEntry>) -> Option<
 }
 
 /// What [`ReconcileJoin::step`] needs or produced.
+// Returned by value once per name and consumed at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Step {
     Action(Action),
@@ -155,13 +157,19 @@ impl ReconcileJoin {
     }
 
     /// Adds a page of the source's base blobs (a listing without snapshots).
-    pub fn push_source(&mut self, page: impl IntoIterator<Item = BlobEntry>) -> Result<(), JoinError> {
+    pub fn push_source(
+        &mut self,
+        page: impl IntoIterator<Item = BlobEntry>,
+    ) -> Result<(), JoinError> {
         let rows = base_rows("source", page)?;
         self.source.push(self.order, rows)
     }
 
     /// Adds a page of the backup container's base blobs (a listing without snapshots).
-    pub fn push_backup(&mut self, page: impl IntoIterator<Item = BlobEntry>) -> Result<(), JoinError> {
+    pub fn push_backup(
+        &mut self,
+        page: impl IntoIterator<Item = BlobEntry>,
+    ) -> Result<(), JoinError> {
         let rows = base_rows("backup", page)?;
         self.backup.push(self.order, rows)
     }
@@ -210,7 +218,11 @@ fn base_rows(
 
 /// Sync adapter over [`ReconcileJoin`] for in-memory or blocking listings: yields one action per
 /// name, or the first error and then nothing.
-pub fn merge_join<S, B>(order: NameOrder, source: S, backup: B) -> MergeJoin<S::IntoIter, B::IntoIter>
+pub fn merge_join<S, B>(
+    order: NameOrder,
+    source: S,
+    backup: B,
+) -> MergeJoin<S::IntoIter, B::IntoIter>
 where
     S: IntoIterator<Item = BlobEntry>,
     B: IntoIterator<Item = BlobEntry>,
@@ -443,7 +455,8 @@ impl ReconcileTally {
         self.tombstones += o.tombstones;
         self.already_tombstoned += o.already_tombstoned;
         self.placeholders += o.placeholders;
-        self.oldest_unbacked_change = match (self.oldest_unbacked_change, o.oldest_unbacked_change) {
+        self.oldest_unbacked_change = match (self.oldest_unbacked_change, o.oldest_unbacked_change)
+        {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -457,7 +470,9 @@ mod tests {
     use crate::model::metadata::{HDI_ISFOLDER, SOURCE_LAST_MODIFIED};
 
     fn run(order: NameOrder, src: Vec<BlobEntry>, bk: Vec<BlobEntry>) -> Vec<Action> {
-        merge_join(order, src, bk).collect::<Result<_, _>>().unwrap()
+        merge_join(order, src, bk)
+            .collect::<Result<_, _>>()
+            .unwrap()
     }
 
     fn bk(name: &str, src_etag: &str) -> BlobEntry {
@@ -487,7 +502,13 @@ mod tests {
         ];
         let bkrows: Vec<_> = bkrows
             .into_iter()
-            .map(|e| if e.name == "changed" { with_meta(e, SOURCE_ETAG, "s1") } else { e })
+            .map(|e| {
+                if e.name == "changed" {
+                    with_meta(e, SOURCE_ETAG, "s1")
+                } else {
+                    e
+                }
+            })
             .collect();
         let got = run(NameOrder::Utf16Units, src, bkrows);
         let summary: Vec<String> = got
@@ -517,7 +538,14 @@ mod tests {
         let mut tally = ReconcileTally::default();
         got.iter().for_each(|a| tally.record(a));
         assert_eq!(tally.needs_backup, 4);
-        assert_eq!((tally.tombstones, tally.already_tombstoned, tally.placeholders), (2, 1, 1));
+        assert_eq!(
+            (
+                tally.tombstones,
+                tally.already_tombstoned,
+                tally.placeholders
+            ),
+            (2, 1, 1)
+        );
         // Oldest unbacked change: "unmarked" at 3 (changed 5, missing 7, recreated 9).
         assert_eq!(tally.oldest_unbacked_change, Some(ts(3)));
         assert_eq!(tally.rpo_lag(ts(63)), Duration::from_secs(60));
@@ -526,30 +554,57 @@ mod tests {
 
     #[test]
     fn names_that_are_prefixes_are_distinct() {
-        let src = vec![entry("a", "s1", 0), entry("a.txt", "s1", 0), entry("a/b", "s1", 0)];
+        let src = vec![
+            entry("a", "s1", 0),
+            entry("a.txt", "s1", 0),
+            entry("a/b", "s1", 0),
+        ];
         let bkrows = vec![bk("a.txt", "s1"), bk("a.txt.bak", "s1"), bk("a/b", "s2")];
         let got = run(NameOrder::Utf16Units, src, bkrows);
         let names: Vec<_> = got.iter().map(|a| a.name().to_owned()).collect();
         assert_eq!(names, ["a", "a.txt", "a.txt.bak", "a/b"]);
-        assert!(matches!(&got[0], Action::NeedsBackup { reason: BackupReason::Missing, .. }));
+        assert!(matches!(
+            &got[0],
+            Action::NeedsBackup {
+                reason: BackupReason::Missing,
+                ..
+            }
+        ));
         assert!(matches!(&got[1], Action::InSync { .. }));
         assert!(matches!(&got[2], Action::Tombstone { .. }));
-        assert!(matches!(&got[3], Action::NeedsBackup { reason: BackupReason::Changed, .. }));
+        assert!(matches!(
+            &got[3],
+            Action::NeedsBackup {
+                reason: BackupReason::Changed,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn out_of_order_across_pages_is_an_error() {
         let mut j = ReconcileJoin::new(NameOrder::Utf16Units);
-        j.push_source([entry("a", "1", 0), entry("c", "1", 0)]).unwrap();
+        j.push_source([entry("a", "1", 0), entry("c", "1", 0)])
+            .unwrap();
         let err = j.push_source([entry("b", "1", 0)]).unwrap_err();
-        assert!(matches!(err, JoinError::OutOfOrder { input: "source", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                JoinError::OutOfOrder {
+                    input: "source",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         // Duplicates are out of order too.
         let mut j = ReconcileJoin::new(NameOrder::Utf16Units);
         j.push_backup([entry("a", "1", 0)]).unwrap();
         assert!(j.push_backup([entry("a", "1", 0)]).is_err());
         // Astral vs high BMP: sorted for UTF-8, not for UTF-16.
         let utf8_sorted = vec![entry("\u{FF5E}", "1", 0), entry("\u{1F600}", "1", 0)];
-        let r: Result<Vec<_>, _> = merge_join(NameOrder::Utf16Units, utf8_sorted.clone(), vec![]).collect();
+        let r: Result<Vec<_>, _> =
+            merge_join(NameOrder::Utf16Units, utf8_sorted.clone(), vec![]).collect();
         assert!(r.is_err());
         let r: Result<Vec<_>, _> = merge_join(NameOrder::Utf8Bytes, utf8_sorted, vec![]).collect();
         assert_eq!(r.unwrap().len(), 2);
@@ -558,17 +613,23 @@ mod tests {
     #[test]
     fn snapshots_and_late_pages_are_refused() {
         let mut j = ReconcileJoin::new(NameOrder::Utf16Units);
-        let err = j.push_source([snapshot(entry("a", "1", 0), 5)]).unwrap_err();
+        let err = j
+            .push_source([snapshot(entry("a", "1", 0), 5)])
+            .unwrap_err();
         assert!(matches!(err, JoinError::UnexpectedSnapshot { .. }));
         j.end_backup();
-        assert_eq!(j.push_backup([entry("a", "1", 0)]), Err(JoinError::PushAfterEnd { input: "backup" }));
+        assert_eq!(
+            j.push_backup([entry("a", "1", 0)]),
+            Err(JoinError::PushAfterEnd { input: "backup" })
+        );
     }
 
     #[test]
     fn asks_for_a_page_only_when_its_queue_is_empty() {
         let mut j = ReconcileJoin::new(NameOrder::Utf16Units);
         assert!(matches!(j.step(), Step::NeedSource));
-        j.push_source([entry("a", "1", 0), entry("b", "1", 0)]).unwrap();
+        j.push_source([entry("a", "1", 0), entry("b", "1", 0)])
+            .unwrap();
         assert!(matches!(j.step(), Step::NeedBackup));
         j.push_backup([bk("a", "1")]).unwrap();
         assert!(matches!(j.step(), Step::Action(Action::InSync { .. })));
@@ -583,7 +644,10 @@ mod tests {
     }
 
     fn lg_snap(name: &str, etag: &str, id: i64, requested: Option<i64>) -> BlobEntry {
-        let e = snapshot(with_meta(entry(name, "snap-etag", 0), SOURCE_ETAG, etag), id);
+        let e = snapshot(
+            with_meta(entry(name, "snap-etag", 0), SOURCE_ETAG, etag),
+            id,
+        );
         let e = with_time(e, SOURCE_LAST_MODIFIED, 0);
         match requested {
             Some(r) => with_time(e, REQUESTED_AT, r),
@@ -599,42 +663,103 @@ mod tests {
         let decide = |snaps: &[BlobEntry]| decide_snapshot(&src, snaps, now, ttl);
         assert_eq!(
             decide(&[]),
-            SnapshotDecision::SnapshotAndEnqueue { if_match: Etag::new("cur"), why: SnapshotWhy::NoSnapshot }
+            SnapshotDecision::SnapshotAndEnqueue {
+                if_match: Etag::new("cur"),
+                why: SnapshotWhy::NoSnapshot
+            }
         );
         // Fresh marker on the current version: pending.
         let fresh = lg_snap("a", "cur", 950, Some(950));
-        assert!(matches!(decide(&[fresh.clone()]), SnapshotDecision::Pending { requested_at, .. } if requested_at == ts(950)));
+        assert!(
+            matches!(decide(std::slice::from_ref(&fresh)), SnapshotDecision::Pending { requested_at, .. } if requested_at == ts(950))
+        );
         // Stale marker, or marker on another version, or another name's snapshot: not pending.
         let stale = lg_snap("a", "cur", 800, Some(800));
-        assert!(matches!(decide(&[stale.clone()]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::MarkerStale { .. }, .. }));
-        assert!(matches!(decide(&[lg_snap("a", "old", 990, Some(990))]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::NoSnapshot, .. }));
-        assert!(matches!(decide(&[lg_snap("a.bak", "cur", 990, Some(990))]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::NoSnapshot, .. }));
+        assert!(matches!(
+            decide(std::slice::from_ref(&stale)),
+            SnapshotDecision::SnapshotAndEnqueue {
+                why: SnapshotWhy::MarkerStale { .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&[lg_snap("a", "old", 990, Some(990))]),
+            SnapshotDecision::SnapshotAndEnqueue {
+                why: SnapshotWhy::NoSnapshot,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&[lg_snap("a.bak", "cur", 990, Some(990))]),
+            SnapshotDecision::SnapshotAndEnqueue {
+                why: SnapshotWhy::NoSnapshot,
+                ..
+            }
+        ));
         // Any order: the fresh one wins over a stale one.
-        assert!(matches!(decide(&[fresh.clone(), stale.clone()]), SnapshotDecision::Pending { .. }));
-        assert!(matches!(decide(&[stale, fresh]), SnapshotDecision::Pending { .. }));
+        assert!(matches!(
+            decide(&[fresh.clone(), stale.clone()]),
+            SnapshotDecision::Pending { .. }
+        ));
+        assert!(matches!(
+            decide(&[stale, fresh]),
+            SnapshotDecision::Pending { .. }
+        ));
         // A snapshot made by someone else: its own ETag names the version, no marker.
         let foreign = snapshot(entry("a", "cur", 0), 990);
-        assert!(matches!(decide(&[foreign]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::MarkerStale { .. }, .. }));
+        assert!(matches!(
+            decide(&[foreign]),
+            SnapshotDecision::SnapshotAndEnqueue {
+                why: SnapshotWhy::MarkerStale { .. },
+                ..
+            }
+        ));
         // Unreadable or absurdly future markers do not suppress requests.
         let garbage = with_meta(lg_snap("a", "cur", 990, None), REQUESTED_AT, "yesterday");
-        assert!(matches!(decide(&[garbage]), SnapshotDecision::SnapshotAndEnqueue { .. }));
-        assert!(matches!(decide(&[lg_snap("a", "cur", 990, Some(5000))]), SnapshotDecision::SnapshotAndEnqueue { .. }));
+        assert!(matches!(
+            decide(&[garbage]),
+            SnapshotDecision::SnapshotAndEnqueue { .. }
+        ));
+        assert!(matches!(
+            decide(&[lg_snap("a", "cur", 990, Some(5000))]),
+            SnapshotDecision::SnapshotAndEnqueue { .. }
+        ));
         // Slightly ahead (clock skew) still counts.
-        assert!(matches!(decide(&[lg_snap("a", "cur", 990, Some(1010))]), SnapshotDecision::Pending { .. }));
+        assert!(matches!(
+            decide(&[lg_snap("a", "cur", 990, Some(1010))]),
+            SnapshotDecision::Pending { .. }
+        ));
         // The base row in a prefix listing is not a snapshot.
-        assert!(matches!(decide(&[with_time(entry("a", "cur", 0), REQUESTED_AT, 999)]), SnapshotDecision::SnapshotAndEnqueue { why: SnapshotWhy::NoSnapshot, .. }));
+        assert!(matches!(
+            decide(&[with_time(entry("a", "cur", 0), REQUESTED_AT, 999)]),
+            SnapshotDecision::SnapshotAndEnqueue {
+                why: SnapshotWhy::NoSnapshot,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn placeholder_case_insensitive_value() {
         let p = with_meta(entry("d", "1", 0), HDI_ISFOLDER, "True");
-        assert!(matches!(classify(Some(p), None), Some(Action::SkipPlaceholder { .. })));
+        assert!(matches!(
+            classify(Some(p), None),
+            Some(Action::SkipPlaceholder { .. })
+        ));
     }
 
     #[test]
     fn tally_merge_and_serde() {
-        let mut a = ReconcileTally { in_sync: 2, oldest_unbacked_change: Some(ts(5)), ..Default::default() };
-        let b = ReconcileTally { in_sync: 1, oldest_unbacked_change: Some(ts(3)), ..Default::default() };
+        let mut a = ReconcileTally {
+            in_sync: 2,
+            oldest_unbacked_change: Some(ts(5)),
+            ..Default::default()
+        };
+        let b = ReconcileTally {
+            in_sync: 1,
+            oldest_unbacked_change: Some(ts(3)),
+            ..Default::default()
+        };
         a.merge(&b);
         assert_eq!((a.in_sync, a.oldest_unbacked_change), (3, Some(ts(3))));
         let json = serde_json::to_value(&a).unwrap();
@@ -655,7 +780,18 @@ mod props {
 
     /// Pieces chosen so that names collide, are prefixes of each other, and hit every order
     /// difference: `/` vs `-`/`.`, a high BMP character vs an astral one.
-    const PIECES: &[&str] = &["a", "b", "/", ".", "-", "é", "\u{FF5E}", "\u{1F600}", "A", "\u{E000}"];
+    const PIECES: &[&str] = &[
+        "a",
+        "b",
+        "/",
+        ".",
+        "-",
+        "é",
+        "\u{FF5E}",
+        "\u{1F600}",
+        "A",
+        "\u{E000}",
+    ];
 
     fn name() -> impl Strategy<Value = String> {
         prop::collection::vec(prop::sample::select(PIECES), 1..4).prop_map(|p| p.concat())
@@ -675,31 +811,54 @@ mod props {
     }
 
     fn world() -> impl Strategy<Value = (BTreeMap<String, Src>, BTreeMap<String, Bk>)> {
-        let src = (0u8..3, prop::bool::weighted(0.1), 0i64..1000)
-            .prop_map(|(etag, placeholder, lm)| Src { etag, placeholder, lm });
-        let bk = (prop::option::weighted(0.9, 0u8..3), prop::bool::weighted(0.3), prop::bool::weighted(0.1))
-            .prop_map(|(source_etag, tombstoned, placeholder)| Bk { source_etag, tombstoned, placeholder });
-        prop::collection::vec((name(), prop::option::of(src), prop::option::of(bk)), 0..40).prop_map(|rows| {
-            let mut s = BTreeMap::new();
-            let mut b = BTreeMap::new();
-            for (n, src, bk) in rows {
-                if let Some(x) = src {
-                    s.insert(n.clone(), x);
+        let src =
+            (0u8..3, prop::bool::weighted(0.1), 0i64..1000).prop_map(|(etag, placeholder, lm)| {
+                Src {
+                    etag,
+                    placeholder,
+                    lm,
                 }
-                if let Some(x) = bk {
-                    b.insert(n, x);
+            });
+        let bk = (
+            prop::option::weighted(0.9, 0u8..3),
+            prop::bool::weighted(0.3),
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(|(source_etag, tombstoned, placeholder)| Bk {
+                source_etag,
+                tombstoned,
+                placeholder,
+            });
+        prop::collection::vec((name(), prop::option::of(src), prop::option::of(bk)), 0..40)
+            .prop_map(|rows| {
+                let mut s = BTreeMap::new();
+                let mut b = BTreeMap::new();
+                for (n, src, bk) in rows {
+                    if let Some(x) = src {
+                        s.insert(n.clone(), x);
+                    }
+                    if let Some(x) = bk {
+                        b.insert(n, x);
+                    }
                 }
-            }
-            (s, b)
-        })
+                (s, b)
+            })
     }
 
-    fn rows(order: NameOrder, s: &BTreeMap<String, Src>, b: &BTreeMap<String, Bk>) -> (Vec<BlobEntry>, Vec<BlobEntry>) {
+    fn rows(
+        order: NameOrder,
+        s: &BTreeMap<String, Src>,
+        b: &BTreeMap<String, Bk>,
+    ) -> (Vec<BlobEntry>, Vec<BlobEntry>) {
         let mut src: Vec<_> = s
             .iter()
             .map(|(n, x)| {
                 let e = entry(n, &format!("s{}", x.etag), x.lm);
-                if x.placeholder { with_meta(e, crate::model::metadata::HDI_ISFOLDER, "true") } else { e }
+                if x.placeholder {
+                    with_meta(e, crate::model::metadata::HDI_ISFOLDER, "true")
+                } else {
+                    e
+                }
             })
             .collect();
         let mut bk: Vec<_> = b
@@ -724,7 +883,11 @@ mod props {
     }
 
     /// The naive oracle: look every name up in the two maps.
-    fn oracle(order: NameOrder, s: &BTreeMap<String, Src>, b: &BTreeMap<String, Bk>) -> Vec<String> {
+    fn oracle(
+        order: NameOrder,
+        s: &BTreeMap<String, Src>,
+        b: &BTreeMap<String, Bk>,
+    ) -> Vec<String> {
         let mut names: Vec<&String> = s.keys().chain(b.keys()).collect();
         names.sort_by(|x, y| order.cmp(x, y));
         names.dedup();
@@ -739,8 +902,19 @@ mod props {
                     (None, Some(k)) if k.tombstoned => "already".to_owned(),
                     (None, Some(_)) => "tombstone".to_owned(),
                     (Some(_), Some(k)) if k.tombstoned => "backup:Recreated".to_owned(),
-                    (Some(_), Some(Bk { source_etag: None, .. })) => "backup:Unmarked".to_owned(),
-                    (Some(x), Some(Bk { source_etag: Some(e), .. })) if *e == x.etag => "in_sync".to_owned(),
+                    (
+                        Some(_),
+                        Some(Bk {
+                            source_etag: None, ..
+                        }),
+                    ) => "backup:Unmarked".to_owned(),
+                    (
+                        Some(x),
+                        Some(Bk {
+                            source_etag: Some(e),
+                            ..
+                        }),
+                    ) if *e == x.etag => "in_sync".to_owned(),
                     (Some(_), Some(_)) => "backup:Changed".to_owned(),
                 };
                 format!("{n}={what}")
@@ -760,7 +934,11 @@ mod props {
     }
 
     fn order() -> impl Strategy<Value = NameOrder> {
-        prop::sample::select(vec![NameOrder::Utf8Bytes, NameOrder::Utf16Units, NameOrder::Hierarchical])
+        prop::sample::select(vec![
+            NameOrder::Utf8Bytes,
+            NameOrder::Utf16Units,
+            NameOrder::Hierarchical,
+        ])
     }
 
     /// Splits `rows` into pages at the given cut points.

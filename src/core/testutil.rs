@@ -58,7 +58,11 @@ pub fn placeholder(name: &str) -> BlobEntry {
 
 /// A backup row holding source version `etag` that became current at `lm`.
 pub fn backup_row(name: &str, backup_etag: &str, etag: &str, lm: i64) -> BlobEntry {
-    let e = with_meta(entry(name, backup_etag, lm + 1), metadata::SOURCE_ETAG, etag);
+    let e = with_meta(
+        entry(name, backup_etag, lm + 1),
+        metadata::SOURCE_ETAG,
+        etag,
+    );
     let e = with_time(e, metadata::SOURCE_LAST_MODIFIED, lm);
     with_time(e, metadata::BACKED_UP_AT, lm + 1)
 }
