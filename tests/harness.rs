@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::identity::{self, STORAGE_RESOURCE};
@@ -360,4 +361,181 @@ async fn host_payloads_match_the_captured_shapes() {
     assert!(host::check_answer(r#"{"Outputs":{},"Logs":["x"],"ReturnValue":null}"#).is_ok());
     assert!(host::check_answer(r#"{"Logs":[1]}"#).is_err());
     assert!(host::check_answer("ok").is_err());
+}
+
+/// What the fake function saw.
+#[derive(Clone, Default)]
+struct Seen {
+    calls: Arc<Mutex<Vec<(axum::http::HeaderMap, serde_json::Value)>>>,
+}
+
+/// A stand-in BackupWorker: "ok"/JSON messages succeed, "fail" answers 500, "nonjson" answers
+/// 200 with a non-JSON body (which the host counts as a failure).
+async fn fake_worker(
+    axum::extract::State(seen): axum::extract::State<Seen>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("host sends JSON");
+    seen.calls.lock().unwrap().push((headers, v.clone()));
+    let once: String = serde_json::from_str(v["Data"]["msg"].as_str().unwrap()).unwrap();
+    match once.as_str() {
+        "fail" => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+        "nonjson" => (axum::http::StatusCode::OK, "done").into_response(),
+        _ => axum::Json(serde_json::json!({"Outputs": {}, "Logs": ["ok"], "ReturnValue": null}))
+            .into_response(),
+    }
+}
+
+#[tokio::test]
+async fn queue_trigger_emulation_deletes_retries_and_poisons() {
+    use base64::Engine;
+    use support::host::{Delivery, QueueAccess, QueueTrigger};
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+
+    let az = Azurite::start(Mode::SharedKeyHttp).await;
+    let seen = Seen::default();
+    let app = axum::Router::new()
+        .route("/BackupWorker", axum::routing::post(fake_worker))
+        .with_state(seen.clone());
+    let server = support::BackgroundServer::start(app);
+
+    let q = az.queue_rest(DEV_ACCOUNT);
+    let queue = support::unique_name("trigger");
+    let json_msg = r#"{"v":1,"container":"c","blob":"a \"b\".txt"}"#;
+    for text in ["ok", "fail", "nonjson", json_msg] {
+        q.put_raw(&queue, &b64(text)).await;
+    }
+    q.put_raw(&queue, "plain text, not base64!").await;
+
+    let trigger = QueueTrigger {
+        access: &q,
+        port: server.addr().port(),
+        function: "BackupWorker".into(),
+        binding: "msg".into(),
+        queue: queue.clone(),
+        max_dequeue_count: 5,
+        lease_secs: 60,
+    };
+    let report = trigger.drain(50).await;
+    // ok + json succeed; fail and nonjson are tried 5 times each then poisoned; the
+    // non-base64 message is poisoned without an invocation.
+    assert_eq!(report.succeeded, 2, "{report:#?}");
+    assert_eq!(report.failed, 8);
+    assert_eq!(report.poisoned, 3);
+    assert_eq!(seen.calls.lock().unwrap().len(), 12);
+    assert_eq!(q.message_count(&queue).await, 0);
+    let mut poison: Vec<String> = q
+        .peek_messages(&trigger.poison_queue())
+        .await
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    poison.sort();
+    let mut expected = vec![
+        b64("fail"),
+        b64("nonjson"),
+        "plain text, not base64!".to_string(),
+    ];
+    expected.sort();
+    assert_eq!(poison, expected);
+    let last_fail = report
+        .deliveries
+        .iter()
+        .filter_map(|d| match d {
+            Delivery::Poisoned {
+                dequeue_count,
+                response: Some(_),
+                ..
+            } => Some(*dequeue_count),
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(last_fail, vec![5, 5]);
+
+    // What the function received looks like the host's requests.
+    let calls = seen.calls.lock().unwrap().clone();
+    for (headers, v) in &calls {
+        let h = |n: &str| headers.get(n).and_then(|x| x.to_str().ok()).unwrap_or("");
+        assert_eq!(h("transfer-encoding"), "chunked");
+        assert!(headers.get("content-length").is_none());
+        assert_eq!(h("content-type"), "application/json; charset=utf-8");
+        assert!(h("user-agent").starts_with("Azure-Functions-Host/4."));
+        assert_eq!(h("x-azure-functions-invocationid").len(), 36);
+        assert!(h("traceparent").starts_with("00-"));
+        let count: u32 = v["Metadata"]["DequeueCount"]
+            .as_str()
+            .expect("DequeueCount is a string")
+            .parse()
+            .unwrap();
+        assert!((1..=5).contains(&count));
+        let id = v["Metadata"]["Id"].as_str().unwrap();
+        assert!(id.starts_with('"') && id.len() > 2, "{id}");
+        assert_eq!(v["Metadata"]["sys"]["MethodName"], "BackupWorker");
+    }
+    let json_call = calls
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["Data"]["msg"].as_str().unwrap().contains("container"))
+        .expect("json message delivered");
+    let once: String = serde_json::from_str(json_call["Data"]["msg"].as_str().unwrap()).unwrap();
+    assert_eq!(once, json_msg);
+    assert_eq!(json_call["Metadata"]["container"], "\"c\"");
+    assert_eq!(json_call["Metadata"]["v"], "1");
+}
+
+/// A minimal custom handler in Node (present wherever Azurite runs): answers `GET /`, prints its
+/// environment's variable names, and slowly starts so readiness polling is exercised.
+const NODE_HANDLER: &str = r#"
+console.log("ENV " + JSON.stringify(Object.keys(process.env).sort()));
+console.error("starting on " + process.env.FUNCTIONS_CUSTOMHANDLER_PORT);
+setTimeout(() => {
+  require("http").createServer((req, res) => {
+    console.log(req.method + " " + req.url);
+    res.end("{}");
+  }).listen(Number(process.env.FUNCTIONS_CUSTOMHANDLER_PORT), "127.0.0.1");
+}, 300);
+"#;
+
+#[tokio::test]
+async fn handler_runner_gives_a_clean_env_waits_for_ready_and_kills() {
+    let node = std::path::PathBuf::from("node");
+    let env = vec![("LAKEGUARD_LOG".to_string(), "debug".to_string())];
+    let mut handler = support::Handler::spawn_program(&node, &["-e", NODE_HANDLER], &env).await;
+    let port = handler.port();
+    assert!(port_open(port));
+    let resp = reqwest::get(format!("{}/", handler.base_url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let logs = handler.logs();
+    let env_line = logs
+        .lines()
+        .find(|l| l.starts_with("ENV "))
+        .expect("env line");
+    let names: Vec<String> = serde_json::from_str(&env_line[4..]).unwrap();
+    assert!(names.contains(&"FUNCTIONS_CUSTOMHANDLER_PORT".to_string()));
+    assert!(names.contains(&"LAKEGUARD_LOG".to_string()));
+    assert!(names.contains(&"PATH".to_string()));
+    // Nothing leaks from the test process (cargo sets CARGO_* for tests).
+    assert!(!names.iter().any(|n| n.starts_with("CARGO")), "{names:?}");
+    assert!(handler.stderr().contains(&format!("starting on {port}")));
+    assert!(handler.stdout().contains("GET /"));
+    assert!(handler.is_running());
+    support::assert_free_of(&logs, &["a-secret-that-is-not-there"]);
+    let leaked = std::panic::catch_unwind(|| support::assert_free_of(&logs, &["starting on"]));
+    assert!(
+        leaked.is_err(),
+        "assert_free_of must catch a secret in the logs"
+    );
+
+    // SIGTERM ends it; drop of another instance kills it.
+    handler.terminate();
+    assert!(handler.wait_exit(Duration::from_secs(10)).await.is_some());
+    let second = support::Handler::spawn_program(&node, &["-e", NODE_HANDLER], &env).await;
+    let port2 = second.port();
+    assert!(port_open(port2));
+    drop(second);
+    assert!(!port_open(port2));
 }

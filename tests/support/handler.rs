@@ -31,6 +31,15 @@ impl Handler {
     /// Starts `lakeguard serve` with `env` and waits until `GET /` answers (30 s). Panics with the
     /// handler's output if it exits or never answers. Retries with another port on a bind race.
     pub async fn spawn(env: &[(String, String)]) -> Handler {
+        Self::spawn_program(&lakeguard_bin(), &["serve"], env).await
+    }
+
+    /// `spawn` for any program speaking the custom-handler startup contract (harness self-tests).
+    pub async fn spawn_program(
+        program: &std::path::Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Handler {
         let dir = tempfile::Builder::new()
             .prefix("lakeguard-handler-")
             .tempdir()
@@ -44,8 +53,8 @@ impl Handler {
             let port = free_port();
             let stdout = dir.path().join(format!("stdout-{attempt}.log"));
             let stderr = dir.path().join(format!("stderr-{attempt}.log"));
-            let mut child = Command::new(lakeguard_bin())
-                .arg("serve")
+            let mut child = Command::new(program)
+                .args(args)
                 .env_clear()
                 .envs(base_env())
                 .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -67,12 +76,16 @@ impl Handler {
                         last = logs;
                         break;
                     }
-                    panic!("lakeguard serve exited ({status}) before answering GET /:\n{logs}");
+                    panic!(
+                        "{} exited ({status}) before answering GET /:\n{logs}",
+                        program.display()
+                    );
                 }
                 if Instant::now() > deadline {
                     kill_group(&mut child);
                     panic!(
-                        "lakeguard serve did not answer GET / within 30 s:\n{}",
+                        "{} did not answer GET / within 30 s:\n{}",
+                        program.display(),
                         read_logs(&stdout, &stderr)
                     );
                 }
@@ -88,7 +101,10 @@ impl Handler {
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         }
-        panic!("lakeguard serve could not bind a port in 3 attempts:\n{last}");
+        panic!(
+            "{} could not bind a port in 3 attempts:\n{last}",
+            program.display()
+        );
     }
 
     pub fn port(&self) -> u16 {
