@@ -16,7 +16,10 @@ fn queue_text_message_is_double_encoded() {
     assert_eq!(decode_text(&p.data["msg"]).unwrap(), "hello!!");
     let meta = QueueMetadata::from_metadata(&p.metadata);
     assert_eq!(meta.dequeue_count, 1);
-    assert_eq!(meta.id.as_deref(), Some("52d53c5f-e212-487e-998b-abbe3b9d51e4"));
+    assert_eq!(
+        meta.id.as_deref(),
+        Some("52d53c5f-e212-487e-998b-abbe3b9d51e4")
+    );
     // Not a backup request: the worker poisons it with a reason.
     let err = BackupRequest::parse("hello!!").unwrap_err();
     assert!(err.to_string().contains("not JSON"));
@@ -30,7 +33,10 @@ fn backup_request_survives_double_encoding_with_quotes_in_the_name() {
     assert_eq!(req.container, "raw");
     assert_eq!(req.blob, "dir/a \"quoted\".csv");
     assert_eq!(req.etag, Etag::new("0x8DC1"));
-    assert_eq!(req.snapshot.as_deref(), Some("2026-11-22T03:08:15.1234567Z"));
+    assert_eq!(
+        req.snapshot.as_deref(),
+        Some("2026-11-22T03:08:15.1234567Z")
+    );
     assert_eq!(QueueMetadata::from_metadata(&p.metadata).dequeue_count, 3);
 }
 
@@ -51,8 +57,15 @@ fn timer_payloads_parse_leniently() {
     assert_eq!(first.last, None, "0001-01-01 without offset means never");
     assert!(first.next.is_some());
     let null = TimerInfo::from_value(fixture("timer_status_null.json").data.get("timer"));
-    assert_eq!((null.last, null.next, null.is_past_due), (None, None, false));
+    assert_eq!(
+        (null.last, null.next, null.is_past_due),
+        (None, None, false)
+    );
     let due = TimerInfo::from_value(fixture("timer_past_due.json").data.get("timer"));
     assert!(due.is_past_due);
-    assert_eq!(due.last.unwrap().hour(), 2, "Last without offset is taken as UTC");
+    assert_eq!(
+        due.last.unwrap().hour(),
+        2,
+        "Last without offset is taken as UTC"
+    );
 }
