@@ -357,6 +357,29 @@ impl Named for NameState {
     }
 }
 
+/// Which account's rows a history is built from (`--from backup|snapshots`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryFrom {
+    #[default]
+    Backup,
+    SourceSnapshots,
+}
+
+/// One group from [`super::join::NameGroups`] (all rows of one name, any order) to the planner's
+/// input: the name's state at `at`. `None` for an empty group.
+pub fn name_state(from: HistoryFrom, group: &[BlobEntry], at: OffsetDateTime) -> Option<NameState> {
+    let name = group.first()?.name.clone();
+    let history = match from {
+        HistoryFrom::Backup => history_from_backup(&name, group),
+        HistoryFrom::SourceSnapshots => history_from_source_snapshots(&name, group),
+    };
+    Some(NameState {
+        state: state_at(&history, at),
+        name,
+    })
+}
+
 /// Where the restore writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1133,6 +1156,11 @@ mod tests {
         g.end();
         assert_eq!(g.pop().unwrap()[0].name, "a.txt.bak");
         assert!(g.is_finished());
+        assert_eq!(
+            name_state(HistoryFrom::Backup, &a_txt, ts(35)).map(|s| s.state),
+            Some(AtT::Absent)
+        );
+        assert_eq!(name_state(HistoryFrom::Backup, &[], ts(35)), None);
         // A name seen again after another one: the listing is not in the declared order.
         let mut g = NameGroups::new(NameOrder::Utf16Units, "backup");
         assert!(g
