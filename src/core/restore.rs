@@ -492,9 +492,16 @@ pub fn plan_name(
     }
     Some(match state {
         AtT::Present { version } => {
-            let restored_from = t.meta(RESTORED_FROM_ETAG).map(Etag::new);
-            if t.etag == version.source_etag || restored_from.as_ref() == Some(&version.source_etag)
-            {
+            // The marker survives metadata-preserving rewrites of the blob, so it only counts
+            // when length and (where both are known) MD5 agree with the version too.
+            let restored_here = t.meta(RESTORED_FROM_ETAG).map(Etag::new).as_ref()
+                == Some(&version.source_etag)
+                && t.content_length == version.content_length
+                && match (&t.content_md5, &version.content_md5) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                };
+            if t.etag == version.source_etag || restored_here {
                 PlanItem::Unchanged { name }
             } else {
                 PlanItem::Restore {
@@ -1138,8 +1145,26 @@ mod tests {
             RESTORED_FROM_ETAG,
             "va",
         )];
-        let plan = plan_restore(opts(RestoreTarget::Elsewhere, 5), states, target).unwrap();
+        let plan = plan_restore(opts(RestoreTarget::Elsewhere, 5), states.clone(), target).unwrap();
         assert_eq!(short(&plan), ["a:unchanged", "b:restore"]);
+        // The marker kept by a metadata-preserving rewrite with other content does not count.
+        let mut rewritten = with_meta(entry("a", "newer", 95), RESTORED_FROM_ETAG, "va");
+        rewritten.content_length = 11;
+        let plan = plan_restore(
+            opts(RestoreTarget::Elsewhere, 5),
+            states.clone(),
+            [rewritten.clone()],
+        )
+        .unwrap();
+        assert_eq!(short(&plan), ["a:overwrite", "b:restore"]);
+        rewritten.content_length = 10;
+        rewritten.content_md5 = Some(vec![1; 16]);
+        let mut states = states;
+        if let AtT::Present { version } = &mut states[0].state {
+            version.content_md5 = Some(vec![2; 16]);
+        }
+        let plan = plan_restore(opts(RestoreTarget::Elsewhere, 5), states, [rewritten]).unwrap();
+        assert_eq!(short(&plan), ["a:overwrite", "b:restore"]);
     }
 
     #[test]
