@@ -1,6 +1,7 @@
 //! Pure planning: functions from listings to plans. No I/O, no async, no SDK types, so that every
 //! decision is unit- and property-tested without a storage account.
 
+pub mod changes;
 pub mod join;
 pub mod reconcile;
 pub mod restore;
