@@ -50,9 +50,147 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Restore a container (or a prefix) to a point in time, from the backup account's history or
+    /// the source's own snapshots. Prints the plan first; writes only with explicit intent.
+    Restore {
+        #[arg(long)]
+        container: String,
+        /// Only names starting with this string.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// The point in time (RFC 3339, e.g. 2026-11-22T03:00:00Z).
+        #[arg(long)]
+        at: String,
+        #[arg(long, value_enum, default_value_t)]
+        from: RestoreFrom,
+        /// Restore into another account: a connection string, or the name of a connection
+        /// configured like SourceStorage (e.g. `DrStorage` with `DrStorage__blobServiceUri`).
+        #[arg(long)]
+        to_account: Option<String>,
+        /// Restore into this container (default: the same name) instead of in place.
+        #[arg(long)]
+        to_container: Option<String>,
+        /// Print the plan and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Allow overwrites and deletes (always needed in place).
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Prove the backup: coverage of every source blob's current version (and, with --deep,
+    /// content hashes), or with --restore-drill a sample restored into a scratch container.
+    Verify {
+        /// The container to verify (a drill without it samples every backed-up container).
+        #[arg(long)]
+        container: Option<String>,
+        /// Compare SHA-256 of source and backup contents (streaming).
+        #[arg(long)]
+        deep: bool,
+        /// Check only a random sample of this many blobs (per container) with --deep / the drill.
+        #[arg(long)]
+        sample: Option<usize>,
+        /// Restore a sample into a scratch container of the backup account, compare, clean up.
+        #[arg(long)]
+        restore_drill: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Seed a demo data lake (container `demo-lake`) and run producer and worker on it: the
     /// README's main job, against the local Azurite that `scripts/demo` starts.
     Demo,
+}
+
+/// `--from`: where the history is read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum RestoreFrom {
+    /// The backup account (base blobs, snapshots and tombstones).
+    #[default]
+    Backup,
+    /// The source account's own snapshots (fast, same account; only while they exist).
+    Snapshots,
+}
+
+/// The plan and outcome of a restore, for a terminal.
+pub fn restore_text(r: &crate::ops::restore::RestoreReport) -> String {
+    use crate::core::restore::PlanItem;
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let req = &r.request;
+    let _ = writeln!(
+        out,
+        "restore {} of container {}{} at {} from {:?} into {} / {}{}",
+        r.id,
+        req.container,
+        req.prefix
+            .as_deref()
+            .map(|p| format!(" (prefix {p:?})"))
+            .unwrap_or_default(),
+        crate::model::metadata::format_time(req.at),
+        req.from,
+        req.target_account,
+        req.target_container,
+        if req.in_place { " (in place)" } else { "" }
+    );
+    let _ = writeln!(out, "{:<12} NAME", "ACTION");
+    for item in &r.items {
+        let (kind, detail) = match item {
+            PlanItem::Restore {
+                version,
+                target_etag,
+                ..
+            } => (
+                if target_etag.is_some() {
+                    "overwrite"
+                } else {
+                    "restore"
+                },
+                format!(
+                    "version {} of {} ({} bytes)",
+                    version.source_etag,
+                    crate::model::metadata::format_time(version.source_last_modified),
+                    version.content_length
+                ),
+            ),
+            PlanItem::Delete { .. } => ("delete", "did not exist at T".to_owned()),
+            PlanItem::LeftAlone { .. } => (
+                "left alone",
+                "did not exist at T; not ours to delete here".to_owned(),
+            ),
+            PlanItem::Unavailable { why, .. } => ("unavailable", why.clone()),
+            PlanItem::Unchanged { .. } => ("unchanged", String::new()),
+        };
+        let _ = writeln!(out, "{kind:<12} {}  {detail}", item.name());
+    }
+    if r.items_truncated {
+        let _ = writeln!(out, "... (more items; counts below are complete)");
+    }
+    let p = &r.plan;
+    let _ = writeln!(
+        out,
+        "plan: restore {} (overwrite {}), delete {}, unchanged {}, left alone {}, unavailable {}, {} bytes",
+        p.restore, p.overwrite, p.delete, p.unchanged, p.left_alone, p.unavailable, p.restore_bytes
+    );
+    if let Some(why) = &r.refused {
+        let _ = writeln!(out, "REFUSED: {why}");
+    } else if !r.executed {
+        let _ = writeln!(out, "dry run: nothing written");
+    }
+    if let Some(e) = &r.execution {
+        let _ = writeln!(
+            out,
+            "done: restored {} (overwritten {}), deleted {}, undo snapshots {}, undo copies {}, changed since plan {}, failed {}, not attempted {} in {} ms",
+            e.restored, e.overwritten, e.deleted, e.undo_snapshots, e.undo_copies, e.changed_since_plan, e.failed, e.not_attempted, r.elapsed_ms
+        );
+        for n in &e.changed {
+            let _ = writeln!(out, "  changed since plan, left as it is: {n}");
+        }
+        for f in &e.failures {
+            let _ = writeln!(out, "  failed: {}: {}", f.blob, f.error);
+        }
+    }
+    out.trim_end().to_owned()
 }
 
 /// A progress bar on a terminal; hidden when stderr is not one (CI, pipes, `--output json`).

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use lakeguard::app::App;
-use lakeguard::cli::{Bar, Cli, Command, Output};
+use lakeguard::cli::{Bar, Cli, Command, Output, RestoreFrom};
 use lakeguard::ops::{self, OpError};
 use lakeguard::settings::Settings;
 
@@ -122,6 +122,57 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Restore {
+            container,
+            prefix,
+            at,
+            from,
+            to_account,
+            to_container,
+            dry_run,
+            force,
+            output,
+        } => {
+            let at = lakeguard::model::metadata::parse_time(&at).ok_or_else(|| {
+                OpError::InvalidInput(format!(
+                    "--at `{at}` is not an RFC 3339 time (e.g. 2026-11-22T03:00:00Z)"
+                ))
+            })?;
+            let mut req = ops::restore::RestoreRequest::new(container.clone(), at);
+            req.prefix = prefix.filter(|p| !p.is_empty());
+            req.from = match from {
+                RestoreFrom::Backup => lakeguard::core::restore::HistoryFrom::Backup,
+                RestoreFrom::Snapshots => lakeguard::core::restore::HistoryFrom::SourceSnapshots,
+            };
+            req.dry_run = dry_run;
+            req.force = force;
+            if to_account.is_some() || to_container.is_some() {
+                let store = match &to_account {
+                    Some(a) => {
+                        let conn = lakeguard::settings::named_connection(a)
+                            .map_err(|e| OpError::InvalidInput(e.to_string()))?;
+                        app.clients.blob_store(&conn)?
+                    }
+                    None => app.source.clone(),
+                };
+                req.to = Some(ops::restore::TargetSpec {
+                    store,
+                    container: to_container.unwrap_or(container),
+                });
+            }
+            let bar = Bar::new("restore", output);
+            let report = ops::restore::run(&app, &req, bar.clone()).await?;
+            bar.finish();
+            print(output, &report, || lakeguard::cli::restore_text(&report));
+            Ok(if report.refused.is_some() {
+                ExitCode::from(3)
+            } else if !report.executed || report.is_complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Verify { .. } => anyhow::bail!("verify: not implemented yet"),
         Command::Demo => {
             println!("{}", ops::demo::run(&app).await?);
             Ok(ExitCode::SUCCESS)

@@ -92,6 +92,20 @@ impl fmt::Debug for Settings {
     }
 }
 
+/// A connection given on the command line or in a request: a connection string (it contains
+/// `=`), or the name of a connection configured in the environment with the Functions
+/// convention (e.g. `BackupStorage`, or `DrStorage` with `DrStorage__blobServiceUri`).
+pub fn named_connection(value: &str) -> Result<Connection, SettingsError> {
+    let value = value.trim();
+    if value.contains('=') {
+        return Ok(Connection::parse_connection_string("--to-account", value)?);
+    }
+    Ok(Connection::from_settings(
+        value,
+        &std::env::vars().collect(),
+    )?)
+}
+
 impl Settings {
     /// Reads the process environment once.
     pub fn from_env() -> Result<Self, SettingsError> {

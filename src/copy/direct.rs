@@ -54,46 +54,145 @@ impl DirectCopy {
         self
     }
 
-    async fn copy_in_blocks(
-        &self,
-        job: &CopyJob,
-        source: &CopySource,
-        condition: TargetCondition,
-    ) -> Result<crate::model::Etag, StorageError> {
-        let n = job.content_length.div_ceil(self.block_size);
-        // Fixed-width ids: the service requires all ids of a blob to have the same length.
-        let ids: Vec<Vec<u8>> = (0..n)
-            .map(|i| format!("lakeguard-{i:08}").into_bytes())
-            .collect();
-        stream::iter(ids.iter().enumerate().map(Ok::<_, StorageError>))
-            .try_for_each_concurrent(self.concurrency, |(i, id)| {
-                let offset = i as u64 * self.block_size;
-                let len = self.block_size.min(job.content_length - offset);
-                async move {
-                    self.backup
-                        .stage_block_from_url(
-                            &job.target_container,
-                            &job.target_blob,
-                            id,
-                            source,
-                            offset,
-                            len,
-                        )
-                        .await
-                }
-            })
-            .await?;
-        self.backup
-            .commit_blocks(
-                &job.target_container,
-                &job.target_blob,
-                ids,
-                job.content_type.as_deref(),
-                &job.metadata,
-                condition,
+    fn blocks(&self) -> BlockOptions {
+        BlockOptions {
+            threshold: self.block_threshold,
+            block_size: self.block_size,
+            concurrency: self.concurrency,
+        }
+    }
+}
+
+/// How large copies are split (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockOptions {
+    /// Up to this size one synchronous Copy Blob From URL; above it, blocks.
+    pub threshold: u64,
+    pub block_size: u64,
+    /// Blocks staged at once.
+    pub concurrency: usize,
+}
+
+impl Default for BlockOptions {
+    fn default() -> Self {
+        BlockOptions {
+            threshold: DEFAULT_BLOCK_THRESHOLD,
+            block_size: DEFAULT_BLOCK_SIZE,
+            concurrency: 8,
+        }
+    }
+}
+
+impl BlockOptions {
+    pub fn from_settings(settings: &crate::settings::Settings) -> Self {
+        BlockOptions {
+            threshold: settings.copy_block_threshold.max(1 << 20),
+            block_size: settings.copy_block_size.max(1 << 20),
+            concurrency: settings.concurrency.clamp(1, 16),
+        }
+    }
+}
+
+/// The source of a server-side copy: one blob or snapshot of `store`, read with a short-lived
+/// read-only SAS from [`sas::read_sas`] (the one place that knows how copy sources are
+/// authorised) and only if it still has `if_match`.
+pub struct CopyFrom<'a> {
+    pub store: &'a BlobStore,
+    pub keys: &'a DelegationKeyCache,
+    pub container: &'a str,
+    pub blob: &'a str,
+    pub snapshot: Option<&'a str>,
+    pub if_match: Option<crate::model::Etag>,
+    pub content_length: u64,
+    /// Set explicitly on the block path (Put Block List); the single copy takes the source's.
+    pub content_type: Option<&'a str>,
+}
+
+/// The target of a server-side copy, written only under `condition`, with exactly `metadata`.
+pub struct CopyTo<'a> {
+    pub store: &'a BlobStore,
+    pub container: &'a str,
+    pub blob: &'a str,
+    pub condition: TargetCondition,
+    pub metadata: &'a BTreeMap<String, String>,
+}
+
+/// Server-side copy of one exact version between any two blob stores (same or different
+/// accounts): the worker's engine and restore both use it. No content passes through this
+/// process. Returns the target's new ETag.
+pub async fn server_side_copy(
+    from: &CopyFrom<'_>,
+    to: &CopyTo<'_>,
+    blocks: &BlockOptions,
+) -> Result<crate::model::Etag, StorageError> {
+    // Long enough for the largest copy at a slow rate; read-only, one blob or snapshot only.
+    let valid = Duration::minutes(60) + Duration::seconds((from.content_length / (1 << 20)) as i64);
+    let sas = sas::read_sas(
+        from.store,
+        from.keys,
+        from.container,
+        from.blob,
+        from.snapshot,
+        valid,
+    )
+    .await?;
+    let source = CopySource {
+        url: sas::with_sas(
+            from.store
+                .url(from.container, Some(from.blob), from.snapshot),
+            &sas,
+        ),
+        if_match: from.if_match.clone(),
+        authorization: None,
+    };
+    if from.content_length <= blocks.threshold {
+        to.store
+            .copy_from_url(
+                to.container,
+                to.blob,
+                &source,
+                to.condition.clone(),
+                to.metadata,
             )
             .await
+    } else {
+        copy_in_blocks(from, to, &source, blocks).await
     }
+}
+
+async fn copy_in_blocks(
+    from: &CopyFrom<'_>,
+    to: &CopyTo<'_>,
+    source: &CopySource,
+    blocks: &BlockOptions,
+) -> Result<crate::model::Etag, StorageError> {
+    let block_size = blocks.block_size.max(1);
+    let n = from.content_length.div_ceil(block_size);
+    // Fixed-width ids: the service requires all ids of a blob to have the same length.
+    let ids: Vec<Vec<u8>> = (0..n)
+        .map(|i| format!("lakeguard-{i:08}").into_bytes())
+        .collect();
+    stream::iter(ids.iter().enumerate().map(Ok::<_, StorageError>))
+        .try_for_each_concurrent(blocks.concurrency.max(1), |(i, id)| {
+            let offset = i as u64 * block_size;
+            let len = block_size.min(from.content_length - offset);
+            async move {
+                to.store
+                    .stage_block_from_url(to.container, to.blob, id, source, offset, len)
+                    .await
+            }
+        })
+        .await?;
+    to.store
+        .commit_blocks(
+            to.container,
+            to.blob,
+            ids,
+            from.content_type,
+            to.metadata,
+            to.condition.clone(),
+        )
+        .await
 }
 
 #[async_trait]
@@ -103,49 +202,31 @@ impl CopyEngine for DirectCopy {
     }
 
     async fn copy(&self, job: &CopyJob) -> Result<CopyOutcome, CopyError> {
-        // Long enough for the largest copy at a slow rate; read-only, one snapshot only.
-        let valid =
-            Duration::minutes(60) + Duration::seconds((job.content_length / (1 << 20)) as i64);
-        let sas = sas::read_sas(
-            &self.source,
-            &self.keys,
-            &job.source_container,
-            &job.source_blob,
-            Some(&job.source_snapshot),
-            valid,
-        )
-        .await
-        .map_err(classify)?;
-        let source = CopySource {
-            url: sas::with_sas(
-                self.source.url(
-                    &job.source_container,
-                    Some(&job.source_blob),
-                    Some(&job.source_snapshot),
-                ),
-                &sas,
-            ),
-            if_match: job.snapshot_etag.clone(),
-            authorization: None,
-        };
         let condition = match &job.expected_target {
             Some(e) => TargetCondition::Matches(e.clone()),
             None => TargetCondition::Absent,
         };
-        let etag = if job.content_length <= self.block_threshold {
-            let meta: BTreeMap<String, String> = job.metadata.clone();
-            self.backup
-                .copy_from_url(
-                    &job.target_container,
-                    &job.target_blob,
-                    &source,
-                    condition,
-                    &meta,
-                )
-                .await
-        } else {
-            self.copy_in_blocks(job, &source, condition).await
-        }
+        let etag = server_side_copy(
+            &CopyFrom {
+                store: &self.source,
+                keys: &self.keys,
+                container: &job.source_container,
+                blob: &job.source_blob,
+                snapshot: Some(&job.source_snapshot),
+                if_match: job.snapshot_etag.clone(),
+                content_length: job.content_length,
+                content_type: job.content_type.as_deref(),
+            },
+            &CopyTo {
+                store: &self.backup,
+                container: &job.target_container,
+                blob: &job.target_blob,
+                condition,
+                metadata: &job.metadata,
+            },
+            &self.blocks(),
+        )
+        .await
         .map_err(classify)?;
         Ok(CopyOutcome::Copied {
             target_etag: Some(etag),

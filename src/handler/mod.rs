@@ -7,6 +7,7 @@
 
 pub mod backup_worker;
 pub mod protocol;
+pub mod restore;
 pub mod snapshot_producer;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -29,6 +30,8 @@ pub fn router(app: App) -> Router {
             get(snapshot_producer::handle).post(snapshot_producer::handle),
         )
         .route("/BackupWorker", post(backup_worker::handle))
+        .route("/api/restore", post(restore::post).get(restore::usage))
+        .route("/api/restore/{id}", get(restore::status))
         .fallback(not_found)
         .with_state(app)
 }

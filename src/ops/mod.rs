@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod demo;
+pub mod restore;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -37,7 +38,7 @@ pub enum OpError {
 /// Keeps at most this many per-blob failures in a report; the counts stay exact.
 pub const MAX_REPORTED_FAILURES: usize = 50;
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct BlobFailure {
     pub blob: String,
     pub error: String,
