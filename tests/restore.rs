@@ -32,6 +32,22 @@ async fn cycle(app: &App, container: &str) {
     assert_eq!(d.poisoned, 0, "{d:?}");
 }
 
+/// Producer then worker as `lakeguard snapshot` and `lakeguard backup --drain`.
+async fn cycle_cli(env: &[(String, String)], container: &str) {
+    for args in [
+        vec!["snapshot", "--container", container],
+        vec!["backup", "--drain"],
+    ] {
+        let out = run_cli(&args, env).await;
+        assert!(
+            out.status.success(),
+            "{args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// What reconcile does for a source blob that disappeared: keep the backup's current version as
 /// a backup snapshot, then mark the base blob with `lakeguard_deleted_at`.
 async fn tombstone(app: &App, container: &str, name: &str) {
@@ -496,60 +512,55 @@ async fn restore_http_function_plans_and_runs_with_confirm() {
     stack.assert_no_secrets_in(&handler.logs());
 }
 
-/// Managed identity: the copy source (the backup account) is authorised by a user-delegation
-/// SAS. The history is built with Shared Key connections to the same Azurite, because Azurite
-/// 3.37 cannot verify a user-delegation SAS on a *snapshot* URL (the worker's source; see
-/// tests/harness_stack.rs); the restore reads current versions (backup base blobs, `sr=b`).
+/// Managed identity end to end: producer, worker and restore all with bearer tokens; every copy
+/// source (source snapshots for the worker, backup snapshots and base blobs for the restore) is
+/// authorised by a user-delegation SAS.
 #[tokio::test]
 async fn restore_with_managed_identity() {
     let stack = Stack::start(Mode::OAuthHttps).await;
-    let az = &stack.azurite;
-    let key_env = stack.env_with(&[
-        ("SourceStorage", &az.connection_string(support::DEV_ACCOUNT)),
-        (
-            "BackupStorage",
-            &az.connection_string(support::BACKUP_ACCOUNT),
-        ),
-        (
-            "AzureWebJobsStorage",
-            &az.connection_string(support::DEV_ACCOUNT),
-        ),
-    ]);
-    let key_app = support::app(&key_env);
+    // In-process clients would not see IDENTITY_ENDPOINT (azure_identity reads the process
+    // environment): producer and worker run as the CLI, like the restore.
+    let env = stack.env();
     let src = stack.source();
     let c = unique_name("milake");
     src.create_container(&c).await.ok("create");
     let mut truth = Truth::new();
     put(&src, &c, "x/one.txt", b"one", &mut truth).await;
     put(&src, &c, "two.txt", b"two", &mut truth).await;
-    cycle(&key_app, &c).await;
-    let t = mark().await;
+    cycle_cli(&env, &c).await;
+    let t1 = mark().await;
+    let truth1 = truth.clone();
+    put(&src, &c, "two.txt", b"two, second version", &mut truth).await;
+    put(&src, &c, "three.txt", b"three", &mut truth).await;
+    cycle_cli(&env, &c).await;
+    let t2 = mark().await;
 
-    let env = stack.env();
-    let target = unique_name("mi");
-    let out = run_cli(
-        &[
-            "restore",
-            "--container",
-            &c,
-            "--at",
-            &metadata::format_time(t),
-            "--to-account",
-            "BackupStorage",
-            "--to-container",
-            &target,
-            "--output",
-            "json",
-        ],
-        &env,
-    )
-    .await;
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(contents(&stack.backup(), &target).await, truth);
-    stack.assert_no_secrets_in(&String::from_utf8_lossy(&out.stderr));
+    for (t, expected) in [(t1, &truth1), (t2, &truth)] {
+        let target = unique_name("mi");
+        let out = run_cli(
+            &[
+                "restore",
+                "--container",
+                &c,
+                "--at",
+                &metadata::format_time(t),
+                "--to-account",
+                "BackupStorage",
+                "--to-container",
+                &target,
+                "--output",
+                "json",
+            ],
+            &env,
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(contents(&stack.backup(), &target).await, *expected);
+        stack.assert_no_secrets_in(&String::from_utf8_lossy(&out.stderr));
+    }
 }
