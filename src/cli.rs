@@ -193,6 +193,85 @@ pub fn restore_text(r: &crate::ops::restore::RestoreReport) -> String {
     out.trim_end().to_owned()
 }
 
+/// The verify report for a terminal.
+pub fn verify_text(r: &crate::ops::verify::VerifyReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let verdict = if r.is_ok() { "OK" } else { "FAILED" };
+    let _ = writeln!(
+        out,
+        "verify {}: {verdict}: {} source blobs, {} backed up, {} pending, {} missing; RPO lag {} s",
+        r.container, r.source_blobs, r.covered, r.pending, r.missing, r.rpo_lag_secs
+    );
+    for n in &r.missing_blobs {
+        let _ = writeln!(out, "  missing: {n}");
+    }
+    for p in &r.pending_blobs {
+        let _ = writeln!(
+            out,
+            "  pending: {} (requested {}, lag {} s)",
+            p.name,
+            crate::model::metadata::format_time(p.requested_at),
+            p.lag_secs
+        );
+    }
+    if let Some(d) = &r.deep {
+        let _ = writeln!(
+            out,
+            "deep: {} compared, {} identical, {} DIFFERENT, {} changed while read",
+            d.checked, d.matched, d.mismatched, d.skipped_changed
+        );
+        for m in &d.mismatches {
+            let _ = writeln!(
+                out,
+                "  different: {}: source {}, backup {}",
+                m.name, m.source, m.backup
+            );
+        }
+    }
+    for f in &r.failures {
+        let _ = writeln!(out, "  could not check: {}: {}", f.blob, f.error);
+    }
+    out.trim_end().to_owned()
+}
+
+/// The restore drill's report for a terminal.
+pub fn drill_text(r: &crate::ops::verify::DrillReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "restore drill: {}",
+        if r.is_ok() { "OK" } else { "FAILED" }
+    );
+    for c in &r.containers {
+        let _ = writeln!(
+            out,
+            "  {}: sampled {}, restored {}, identical {} ({} checked against the live source), DIFFERENT {}, failed {}; scratch {} {}",
+            c.container,
+            c.sampled,
+            c.restored,
+            c.matched,
+            c.matched_source,
+            c.mismatched,
+            c.failed,
+            c.scratch_container,
+            if c.cleaned_up { "deleted" } else { "NOT deleted" }
+        );
+        for m in &c.mismatches {
+            let _ = writeln!(
+                out,
+                "    different: {}: expected {}, {}",
+                m.name, m.source, m.backup
+            );
+        }
+        for f in &c.failures {
+            let _ = writeln!(out, "    failed: {}: {}", f.blob, f.error);
+        }
+    }
+    out.trim_end().to_owned()
+}
+
 /// A progress bar on a terminal; hidden when stderr is not one (CI, pipes, `--output json`).
 pub struct Bar(ProgressBar);
 

@@ -172,7 +172,43 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Verify { .. } => anyhow::bail!("verify: not implemented yet"),
+        Command::Verify {
+            container,
+            deep,
+            sample,
+            restore_drill,
+            output,
+        } => {
+            if restore_drill {
+                let bar = Bar::new("drill", output);
+                let report = ops::verify::drill(
+                    &app,
+                    container.as_deref(),
+                    sample.unwrap_or(5),
+                    bar.clone(),
+                )
+                .await?;
+                bar.finish();
+                print(output, &report, || lakeguard::cli::drill_text(&report));
+                return Ok(if report.is_ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+            let container = container.ok_or_else(|| {
+                OpError::InvalidInput("verify needs --container (or --restore-drill)".into())
+            })?;
+            let bar = Bar::new("verify", output);
+            let report = ops::verify::run(&app, &container, deep, sample, bar.clone()).await?;
+            bar.finish();
+            print(output, &report, || lakeguard::cli::verify_text(&report));
+            Ok(if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Demo => {
             println!("{}", ops::demo::run(&app).await?);
             Ok(ExitCode::SUCCESS)

@@ -5,6 +5,7 @@ pub mod backup;
 pub mod demo;
 pub mod restore;
 pub mod snapshot;
+pub mod verify;
 
 use std::sync::Arc;
 

@@ -1,0 +1,619 @@
+//! `lakeguard verify`: proof that the backup is complete and intact, and that it restores.
+//!
+//! Coverage. The source container is listed with snapshots and metadata (grouped by exact name)
+//! and merge-joined with the backup container's flat listing. A source blob is
+//! - `covered` when the backup's base blob holds its current version (`lakeguard_source_etag`
+//!   equals the live ETag, `lakeguard_backed_up_at` present, no tombstone);
+//! - `pending` when not yet, but a snapshot of that version carries a fresh
+//!   `lakeguard_requested_at` (a request is queued; the same decision reconcile makes);
+//! - `missing` otherwise (nothing will back it up until the next producer or reconcile run).
+//!
+//! The RPO lag is the age (now minus the source's Last-Modified) of the oldest current version
+//! that is not covered, pending or missing: how much would be lost if the source vanished now.
+//!
+//! Integrity (`--deep`). For covered blobs (all, or a random sample of `--sample N`) the backup's
+//! content and the source version's content are streamed through SHA-256, chunk by chunk
+//! (memory bounded by one chunk per transfer). The source side is the immutable source snapshot
+//! the backup names (`lakeguard_source_snapshot`) when it still exists, else the live blob, whose
+//! ETag is checked again after reading so that a blob rewritten meanwhile is skipped, not
+//! reported as corrupt. The backup side is checked the same way.
+//!
+//! Restore drill (`--restore-drill`). A random sample of each container's blobs is restored as of
+//! now, with the real restore code, into a scratch container of the backup account
+//! (`lakeguard-drill-<random>`), compared with the source (or, when the source moved on, with
+//! the backup version itself), and the scratch container is deleted whatever happened.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use super::restore::{self as restore_op, RestoreRequest, TargetSpec, RESERVED_CONTAINER};
+use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
+use crate::app::App;
+use crate::core::join::{
+    join_step, JoinError, JoinStep, NameGroups, NameOrder, Named, SortedInput,
+};
+use crate::core::reconcile::{decide_snapshot, SnapshotDecision};
+use crate::core::restore::{PlanItem, Version};
+use crate::model::{metadata, BlobEntry, Etag};
+use crate::storage::blob::ListOptions;
+use crate::storage::{BlobStore, StorageError};
+
+/// Names kept in reports per category; counts stay exact.
+const MAX_LISTED: usize = 100;
+
+/// Prefix of the scratch containers of restore drills (never verified or drilled themselves).
+pub const DRILL_PREFIX: &str = "lakeguard-drill-";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PendingBlob {
+    pub name: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: OffsetDateTime,
+    pub lag_secs: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Mismatch {
+    pub name: String,
+    pub source: String,
+    pub backup: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeepReport {
+    /// Blobs whose contents were compared.
+    pub checked: u64,
+    pub matched: u64,
+    pub mismatched: u64,
+    pub mismatches: Vec<Mismatch>,
+    /// Blobs that changed while being read (source or backup): not a verdict either way.
+    pub skipped_changed: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub container: String,
+    /// Source blobs with data (directory placeholders excluded).
+    pub source_blobs: u64,
+    pub covered: u64,
+    pub pending: u64,
+    pub missing: u64,
+    pub missing_blobs: Vec<String>,
+    pub pending_blobs: Vec<PendingBlob>,
+    /// Age in seconds of the oldest current version not in the backup (0 when all are).
+    pub rpo_lag_secs: i64,
+    pub deep: Option<DeepReport>,
+    pub failed: u64,
+    pub failures: Vec<BlobFailure>,
+    pub elapsed_ms: u128,
+}
+
+impl VerifyReport {
+    /// Nothing missing, nothing corrupt, nothing that could not be checked.
+    pub fn is_ok(&self) -> bool {
+        self.missing == 0
+            && self.failed == 0
+            && self.deep.as_ref().is_none_or(|d| d.mismatched == 0)
+    }
+
+    fn fail(&mut self, blob: &str, error: String) {
+        warn!(blob, %error, "verify: could not check");
+        self.failed += 1;
+        if self.failures.len() < MAX_REPORTED_FAILURES {
+            self.failures.push(BlobFailure {
+                blob: blob.to_owned(),
+                error,
+            });
+        }
+    }
+}
+
+/// All rows of one source name: the planner's left input.
+struct SourceName {
+    name: String,
+    base: Option<BlobEntry>,
+    snapshots: Vec<BlobEntry>,
+}
+
+impl Named for SourceName {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn source_name(group: Vec<BlobEntry>) -> Option<SourceName> {
+    let name = group.first()?.name.clone();
+    let (mut base, mut snapshots) = (None, Vec::new());
+    for e in group {
+        if e.snapshot.is_some() {
+            snapshots.push(e);
+        } else {
+            base = Some(e);
+        }
+    }
+    Some(SourceName {
+        name,
+        base,
+        snapshots,
+    })
+}
+
+fn join_error(e: JoinError) -> OpError {
+    OpError::Storage(StorageError::Permanent {
+        what: "verify".into(),
+        detail: e.to_string(),
+    })
+}
+
+pub(crate) fn random_u64() -> u64 {
+    restore_op::random_u64() ^ {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u8(1);
+        h.finish()
+    }
+}
+
+/// A covered blob to compare with `--deep`.
+struct DeepJob {
+    name: String,
+    backup_etag: Etag,
+    /// The source snapshot holding the version, when it still exists.
+    source_snapshot: Option<String>,
+    source_etag: Etag,
+}
+
+/// Streams a blob or snapshot through SHA-256. Returns (length, hex digest).
+pub async fn sha256_of(
+    store: &BlobStore,
+    container: &str,
+    blob: &str,
+    snapshot: Option<&str>,
+) -> Result<(u64, String), StorageError> {
+    let mut h = Sha256::new();
+    let n = store
+        .download_with(container, blob, snapshot, |chunk| h.update(chunk))
+        .await?;
+    Ok((n, hex(&h.finalize())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a mutable base blob that must still have `etag` after it was read.
+async fn sha256_if_unchanged(
+    store: &BlobStore,
+    container: &str,
+    blob: &str,
+    etag: &Etag,
+) -> Result<Option<(u64, String)>, StorageError> {
+    let before = store.properties(container, blob, None).await?;
+    if &before.etag != etag {
+        return Ok(None);
+    }
+    let digest = sha256_of(store, container, blob, None).await?;
+    let after = store.properties(container, blob, None).await?;
+    Ok((&after.etag == etag).then_some(digest))
+}
+
+enum DeepOutcome {
+    Matched,
+    Mismatched(Mismatch),
+    Changed,
+    Failed(String),
+}
+
+async fn deep_one(app: &App, container: &str, job: &DeepJob) -> DeepOutcome {
+    let source = match &job.source_snapshot {
+        Some(s) => sha256_of(&app.source, container, &job.name, Some(s))
+            .await
+            .map(Some),
+        None => sha256_if_unchanged(&app.source, container, &job.name, &job.source_etag).await,
+    };
+    let backup = sha256_if_unchanged(&app.backup, container, &job.name, &job.backup_etag).await;
+    match (source, backup) {
+        (Ok(Some(s)), Ok(Some(b))) if s == b => DeepOutcome::Matched,
+        (Ok(Some(s)), Ok(Some(b))) => DeepOutcome::Mismatched(Mismatch {
+            name: job.name.clone(),
+            source: format!("{} bytes sha256 {}", s.0, s.1),
+            backup: format!("{} bytes sha256 {}", b.0, b.1),
+        }),
+        (Err(e), _) | (_, Err(e)) if e.is_not_found() => DeepOutcome::Changed,
+        (Err(e), _) | (_, Err(e)) => DeepOutcome::Failed(e.to_string()),
+        _ => DeepOutcome::Changed,
+    }
+}
+
+/// `lakeguard verify --container C [--deep] [--sample N]`.
+pub async fn run(
+    app: &App,
+    container: &str,
+    deep: bool,
+    sample: Option<usize>,
+    progress: Arc<dyn Progress>,
+) -> Result<VerifyReport, OpError> {
+    let started = Instant::now();
+    crate::settings::validate_container_name(container).map_err(OpError::InvalidInput)?;
+    if !app.source.container_exists(container).await? {
+        return Err(OpError::ContainerNotFound(container.to_owned()));
+    }
+    let now = OffsetDateTime::now_utc();
+    let order = NameOrder::default();
+    let mut report = VerifyReport {
+        container: container.to_owned(),
+        deep: deep.then(DeepReport::default),
+        ..Default::default()
+    };
+    let source_opts = ListOptions {
+        prefix: None,
+        snapshots: true,
+        metadata: true,
+        max_results: None,
+    };
+    let backup_opts = ListOptions {
+        prefix: None,
+        snapshots: false,
+        metadata: true,
+        max_results: None,
+    };
+    let mut groups = NameGroups::new(order, "source");
+    let mut left: SortedInput<SourceName> = SortedInput::new("source");
+    let mut right: SortedInput<BlobEntry> = SortedInput::new("backup");
+    let (mut source_marker, mut backup_marker) = (None::<String>, None::<String>);
+    let mut jobs: Vec<DeepJob> = Vec::new();
+    let mut covered_seen = 0u64;
+    progress.message("listing");
+    loop {
+        let step = join_step(order, &mut left, &mut right);
+        match step {
+            JoinStep::NeedLeft => {
+                let page = app
+                    .source
+                    .list_page(container, &source_opts, source_marker.take())
+                    .await?;
+                groups.push(page.entries).map_err(join_error)?;
+                let last = page.next_marker.is_none();
+                if last {
+                    groups.end();
+                } else {
+                    source_marker = page.next_marker;
+                }
+                let mut rows = Vec::new();
+                while let Some(g) = groups.pop() {
+                    rows.extend(source_name(g));
+                }
+                left.push(order, rows).map_err(join_error)?;
+                if last {
+                    left.end();
+                }
+            }
+            JoinStep::NeedRight => {
+                let page = match app
+                    .backup
+                    .list_page(container, &backup_opts, backup_marker.take())
+                    .await
+                {
+                    Ok(p) => p,
+                    // No backup container at all: everything is missing.
+                    Err(e) if e.is_not_found() => Default::default(),
+                    Err(e) => return Err(e.into()),
+                };
+                let last = page.next_marker.is_none();
+                right.push(order, page.entries).map_err(join_error)?;
+                if last {
+                    right.end();
+                } else {
+                    backup_marker = page.next_marker;
+                }
+            }
+            JoinStep::Done => break,
+            JoinStep::Pair(None, _) => {}
+            JoinStep::Pair(Some(src), backup) => {
+                let Some(base) = src.base.as_ref() else {
+                    continue; // deleted in the source: its snapshots are history, not data
+                };
+                if base.is_directory_placeholder() {
+                    continue;
+                }
+                report.source_blobs += 1;
+                progress.inc(1);
+                let holds = backup.as_ref().filter(|b| {
+                    b.meta(metadata::SOURCE_ETAG).map(Etag::new).as_ref() == Some(&base.etag)
+                        && b.meta(metadata::BACKED_UP_AT).is_some()
+                        && b.meta(metadata::DELETED_AT).is_none()
+                });
+                if let Some(b) = holds {
+                    report.covered += 1;
+                    if deep {
+                        let snap = b.meta(metadata::SOURCE_SNAPSHOT).filter(|s| {
+                            src.snapshots
+                                .iter()
+                                .any(|x| x.snapshot.as_deref() == Some(*s))
+                        });
+                        let job = DeepJob {
+                            name: src.name.clone(),
+                            backup_etag: b.etag.clone(),
+                            source_snapshot: snap.map(str::to_owned),
+                            source_etag: base.etag.clone(),
+                        };
+                        covered_seen += 1;
+                        match sample {
+                            Some(n) if jobs.len() >= n => {
+                                let j = random_u64() % covered_seen;
+                                if (j as usize) < n {
+                                    jobs[j as usize] = job;
+                                }
+                            }
+                            _ => jobs.push(job),
+                        }
+                        if sample.is_none() && jobs.len() >= 64 {
+                            let batch = std::mem::take(&mut jobs);
+                            run_deep(app, container, batch, &mut report).await;
+                        }
+                    }
+                    continue;
+                }
+                let lag = (now - base.last_modified).whole_seconds().max(0);
+                report.rpo_lag_secs = report.rpo_lag_secs.max(lag);
+                match decide_snapshot(base, &src.snapshots, now, app.settings.pending_ttl) {
+                    SnapshotDecision::Pending { requested_at, .. } => {
+                        report.pending += 1;
+                        if report.pending_blobs.len() < MAX_LISTED {
+                            report.pending_blobs.push(PendingBlob {
+                                name: src.name.clone(),
+                                requested_at,
+                                lag_secs: lag,
+                            });
+                        }
+                    }
+                    SnapshotDecision::SnapshotAndEnqueue { .. } => {
+                        report.missing += 1;
+                        if report.missing_blobs.len() < MAX_LISTED {
+                            report.missing_blobs.push(src.name.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if deep && !jobs.is_empty() {
+        run_deep(app, container, jobs, &mut report).await;
+    }
+    report.elapsed_ms = started.elapsed().as_millis();
+    info!(
+        container,
+        source_blobs = report.source_blobs,
+        covered = report.covered,
+        pending = report.pending,
+        missing = report.missing,
+        rpo_lag_secs = report.rpo_lag_secs,
+        ok = report.is_ok(),
+        "verify finished"
+    );
+    Ok(report)
+}
+
+async fn run_deep(app: &App, container: &str, jobs: Vec<DeepJob>, report: &mut VerifyReport) {
+    let results: Vec<(String, DeepOutcome)> = stream::iter(jobs)
+        .map(|job| async move {
+            let out = deep_one(app, container, &job).await;
+            (job.name, out)
+        })
+        .buffer_unordered(app.settings.concurrency.max(1))
+        .collect()
+        .await;
+    for (name, out) in results {
+        let mut failed = None;
+        if let Some(d) = report.deep.as_mut() {
+            match out {
+                DeepOutcome::Matched => {
+                    d.checked += 1;
+                    d.matched += 1;
+                }
+                DeepOutcome::Mismatched(m) => {
+                    warn!(blob = %name, "backup content differs from the source version");
+                    d.checked += 1;
+                    d.mismatched += 1;
+                    if d.mismatches.len() < MAX_LISTED {
+                        d.mismatches.push(m);
+                    }
+                }
+                DeepOutcome::Changed => d.skipped_changed += 1,
+                DeepOutcome::Failed(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            report.fail(&name, e);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DrillContainer {
+    pub container: String,
+    pub scratch_container: String,
+    pub restore_id: String,
+    pub sampled: u64,
+    pub restored: u64,
+    pub matched: u64,
+    /// Of `matched`: compared with the live source (it still holds the version).
+    pub matched_source: u64,
+    pub mismatched: u64,
+    pub mismatches: Vec<Mismatch>,
+    pub failed: u64,
+    pub failures: Vec<BlobFailure>,
+    pub cleaned_up: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DrillReport {
+    pub containers: Vec<DrillContainer>,
+    pub elapsed_ms: u128,
+}
+
+impl DrillReport {
+    /// Something was restored, everything restored matched, nothing failed, nothing left behind.
+    pub fn is_ok(&self) -> bool {
+        self.containers.iter().map(|c| c.restored).sum::<u64>() > 0
+            && self.containers.iter().all(|c| {
+                c.mismatched == 0 && c.failed == 0 && c.cleaned_up && c.restored == c.sampled
+            })
+    }
+}
+
+/// `lakeguard verify --restore-drill [--container C] [--sample N]`.
+pub async fn drill(
+    app: &App,
+    container: Option<&str>,
+    sample: usize,
+    progress: Arc<dyn Progress>,
+) -> Result<DrillReport, OpError> {
+    let started = Instant::now();
+    let containers = match container {
+        Some(c) => {
+            crate::settings::validate_container_name(c).map_err(OpError::InvalidInput)?;
+            vec![c.to_owned()]
+        }
+        None => {
+            let mut all = Vec::new();
+            let mut marker = None;
+            loop {
+                let (names, next) = app.backup.list_containers_page(marker).await?;
+                all.extend(
+                    names
+                        .into_iter()
+                        .filter(|n| n != RESERVED_CONTAINER && !n.starts_with(DRILL_PREFIX)),
+                );
+                marker = next;
+                if marker.is_none() {
+                    break;
+                }
+            }
+            all
+        }
+    };
+    let mut report = DrillReport::default();
+    for c in containers {
+        progress.message(&c);
+        report
+            .containers
+            .push(drill_container(app, &c, sample.max(1)).await?);
+    }
+    report.elapsed_ms = started.elapsed().as_millis();
+    Ok(report)
+}
+
+async fn drill_container(
+    app: &App,
+    container: &str,
+    sample: usize,
+) -> Result<DrillContainer, OpError> {
+    let scratch = format!("{DRILL_PREFIX}{:012x}", random_u64() & 0xffff_ffff_ffff);
+    let mut req = RestoreRequest::new(container, OffsetDateTime::now_utc());
+    req.to = Some(TargetSpec {
+        store: app.backup.clone(),
+        container: scratch.clone(),
+    });
+    req.sample = Some(sample);
+    let mut out = DrillContainer {
+        container: container.to_owned(),
+        scratch_container: scratch.clone(),
+        ..Default::default()
+    };
+    let result = drill_in(app, &req, &mut out).await;
+    // Clean up whatever happened (the scratch container may not exist: that is fine).
+    match app.backup.delete_container(&scratch).await {
+        Ok(()) => out.cleaned_up = true,
+        Err(e) => {
+            warn!(container = %scratch, error = %e, "could not delete the drill's scratch container")
+        }
+    }
+    result?;
+    Ok(out)
+}
+
+async fn drill_in(
+    app: &App,
+    req: &RestoreRequest,
+    out: &mut DrillContainer,
+) -> Result<(), OpError> {
+    let mut plan = restore_op::plan(app, req).await?;
+    out.restore_id = plan.id.clone();
+    let sampled: Vec<(String, Version)> = plan
+        .actionable()?
+        .into_iter()
+        .filter_map(|i| match i {
+            PlanItem::Restore { name, version, .. } => Some((name, version)),
+            _ => None,
+        })
+        .collect();
+    out.sampled = sampled.len() as u64;
+    let exec = restore_op::execute(app, req, &mut plan, super::no_progress()).await?;
+    out.restored = exec.restored;
+    out.failed = exec.failed + exec.changed_since_plan;
+    out.failures = exec.failures;
+    let scratch = &req.to.as_ref().expect("drill has a target").container;
+    for (name, version) in sampled {
+        let restored = match sha256_of(&app.backup, scratch, &name, None).await {
+            Ok(d) => d,
+            Err(e) => {
+                out.failed += 1;
+                if out.failures.len() < MAX_REPORTED_FAILURES {
+                    out.failures.push(BlobFailure {
+                        blob: name.clone(),
+                        error: format!("reading the restored blob: {e}"),
+                    });
+                }
+                continue;
+            }
+        };
+        // The truth: the source itself while it still holds the version, else the backup's copy.
+        let from_source =
+            sha256_if_unchanged(&app.source, &req.container, &name, &version.source_etag)
+                .await
+                .ok()
+                .flatten();
+        let expected = match &from_source {
+            Some(d) => Ok(d.clone()),
+            None => match &version.content {
+                Some(c) => sha256_of(&app.backup, &req.container, &c.name, c.snapshot.as_deref())
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err("no content reference".to_owned()),
+            },
+        };
+        match expected {
+            Ok(e) if e == restored => {
+                out.matched += 1;
+                out.matched_source += u64::from(from_source.is_some());
+            }
+            Ok(e) => {
+                out.mismatched += 1;
+                if out.mismatches.len() < MAX_LISTED {
+                    out.mismatches.push(Mismatch {
+                        name,
+                        source: format!("{} bytes sha256 {}", e.0, e.1),
+                        backup: format!("restored {} bytes sha256 {}", restored.0, restored.1),
+                    });
+                }
+            }
+            Err(e) => {
+                out.failed += 1;
+                if out.failures.len() < MAX_REPORTED_FAILURES {
+                    out.failures.push(BlobFailure {
+                        blob: name,
+                        error: format!("reading the expected content: {e}"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
