@@ -497,6 +497,9 @@ async fn restore_http_function_plans_and_runs_with_confirm() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(last["state"], "succeeded", "{last:#}");
+    assert_eq!(last["total"], truth1.len() as u64, "{last:#}");
+    assert_eq!(last["done"], last["total"]);
+    assert_eq!(last["report"]["execution"]["restored"], truth1.len() as u64);
     assert_eq!(contents(&stack.backup(), &target).await, *truth1);
 
     // Unknown ids are 404.
@@ -563,4 +566,48 @@ async fn restore_with_managed_identity() {
         assert_eq!(contents(&stack.backup(), &target).await, *expected);
         stack.assert_no_secrets_in(&String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// A version above the single-copy threshold goes through Put Block From URL + Put Block List,
+/// with its content type and user metadata.
+#[tokio::test]
+async fn large_versions_restore_through_blocks() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let env = stack.env_with(&[
+        ("LAKEGUARD_COPY_BLOCK_THRESHOLD_BYTES", "1048576"),
+        ("LAKEGUARD_COPY_BLOCK_SIZE_BYTES", "1048576"),
+    ]);
+    let app = support::app(&env);
+    let src = stack.source();
+    let c = unique_name("big");
+    src.create_container(&c).await.ok("create");
+    let big: Vec<u8> = (0..(2 * 1024 * 1024 + 12345u32))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut truth = Truth::new();
+    put(&src, &c, "big.parquet", &big, &mut truth).await;
+    cycle(&app, &c).await;
+    let t = mark().await;
+    put(&src, &c, "big.parquet", b"small now", &mut Truth::new()).await;
+    cycle(&app, &c).await;
+
+    let target = unique_name("bigdr");
+    let report = restore::run(&app, &elsewhere(&app, &c, t, &target), no_progress())
+        .await
+        .unwrap();
+    assert!(report.is_complete(), "{report:#?}");
+    assert_eq!(contents(&stack.backup(), &target).await, truth);
+    let head = stack
+        .backup()
+        .blob_properties(&target, "big.parquet", None)
+        .await
+        .ok("head");
+    assert_eq!(
+        head.header("content-type").as_deref(),
+        Some("application/octet-stream")
+    );
+    assert_eq!(head.header("x-ms-meta-owner").as_deref(), Some("team-a"));
+    assert!(head
+        .header("x-ms-meta-lakeguard_restored_from_etag")
+        .is_some());
 }

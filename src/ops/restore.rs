@@ -861,9 +861,32 @@ pub struct RestoreStatus {
     pub updated_at: OffsetDateTime,
     pub request: RequestInfo,
     pub plan: PlanSummary,
+    /// Actionable items carried out so far (updated every few seconds while running) and in all.
+    pub done: u64,
+    pub total: u64,
     pub report: Option<RestoreReport>,
     pub error: Option<String>,
 }
+
+/// Counts items for the status document of a background restore.
+#[derive(Default)]
+struct Counter {
+    total: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl Progress for Counter {
+    fn add_total(&self, n: u64) {
+        self.total
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn inc(&self, n: u64) {
+        self.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How often a background restore refreshes its status document.
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn status_blob(id: &str) -> String {
     format!("{id}/status.json")
@@ -926,6 +949,8 @@ pub async fn start_background(
         updated_at: now,
         request: plan.info.clone(),
         plan: plan.summary.clone(),
+        done: 0,
+        total: 0,
         report: None,
         error: None,
     };
@@ -934,7 +959,29 @@ pub async fn start_background(
     tokio::spawn(async move {
         let started = Instant::now();
         let mut status = status;
-        match execute(&app, &req, &mut plan, super::no_progress()).await {
+        let counter = Arc::new(Counter::default());
+        let result = {
+            let run = execute(&app, &req, &mut plan, counter.clone());
+            tokio::pin!(run);
+            let mut tick = tokio::time::interval(STATUS_EVERY);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    r = &mut run => break r,
+                    _ = tick.tick() => {
+                        status.done = counter.done.load(std::sync::atomic::Ordering::Relaxed);
+                        status.total = counter.total.load(std::sync::atomic::Ordering::Relaxed);
+                        status.updated_at = OffsetDateTime::now_utc();
+                        if let Err(e) = write_status(&app, &status).await {
+                            warn!(id = %status.id, error = %e, "could not update the restore status");
+                        }
+                    }
+                }
+            }
+        };
+        status.done = counter.done.load(std::sync::atomic::Ordering::Relaxed);
+        status.total = counter.total.load(std::sync::atomic::Ordering::Relaxed);
+        match result {
             Ok(exec) => {
                 let report = RestoreReport {
                     id: plan.id.clone(),
