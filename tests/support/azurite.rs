@@ -470,7 +470,8 @@ fn spawn(
     ]);
     if std::env::var_os("LAKEGUARD_TEST_AZURITE_DEBUG").is_some() {
         // Azurite's debug log explains its bare 500s and 403s (e.g. why a copy source failed).
-        cmd.arg("--debug").arg(dir.join(format!("{name}-{attempt}.debug.log")));
+        cmd.arg("--debug")
+            .arg(dir.join(format!("{name}-{attempt}.debug.log")));
     }
     if mode == Mode::OAuthHttps {
         let pki = pki.expect("OAuthHttps needs a PKI");
