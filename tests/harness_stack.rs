@@ -19,7 +19,13 @@ async fn producer_to_worker(mode: Mode) {
         .await
         .ok("put");
 
-    let handler = stack.handler().await;
+    // In Shared Key mode all blob traffic goes through a counting proxy: proves the proxy is
+    // transparent to the real SDK (signatures, copies) and that it sees every call.
+    let proxy = (mode == Mode::SharedKeyHttp).then(|| stack.blob_proxy());
+    let handler = match &proxy {
+        Some(p) => support::Handler::spawn(&stack.env_via_proxy(p)).await,
+        None => stack.handler().await,
+    };
     let resp = host::forwarded_http(
         handler.port(),
         "POST",
@@ -73,6 +79,39 @@ async fn producer_to_worker(mode: Mode) {
         assert_eq!(backup.body, b"payload");
     }
 
+    if let Some(p) = &proxy {
+        let requests = p.requests();
+        assert!(
+            requests.iter().any(|r| r.is_list_blobs()),
+            "{:#?}",
+            p.summary()
+        );
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.method == "PUT" && r.comp().as_deref() == Some("snapshot")),
+            "{:#?}",
+            p.summary()
+        );
+        assert!(requests.iter().all(|r| r.status < 500), "{requests:#?}");
+        // Azurite saw every proxied request; the only others are this test's own three oracle
+        // calls (create container, put blob, get backup blob).
+        let mut direct: Vec<String> = stack
+            .azurite
+            .blob_requests()
+            .await
+            .into_iter()
+            .map(|e| e.target)
+            .collect();
+        for r in &requests {
+            let i = direct
+                .iter()
+                .position(|t| *t == r.target)
+                .unwrap_or_else(|| panic!("{} not in Azurite's log", r.target));
+            direct.remove(i);
+        }
+        assert_eq!(direct.len(), 3, "{direct:#?}");
+    }
     if let Some(id) = &stack.identity {
         id.assert_no_violations();
         assert!(id.requests_for(STORAGE_RESOURCE) >= 1);

@@ -317,6 +317,17 @@ impl Azurite {
         )
     }
 
+    /// A connection string whose blob endpoint is `blob_endpoint` (e.g. a `CountingProxy`'s) and
+    /// whose queue endpoint is Azurite's.
+    pub fn connection_string_via(&self, account: &str, blob_endpoint: &str) -> String {
+        format!(
+            "DefaultEndpointsProtocol={};AccountName={account};AccountKey={};BlobEndpoint={blob_endpoint};QueueEndpoint={};",
+            self.scheme(),
+            self.account_key(account),
+            self.queue_endpoint(account),
+        )
+    }
+
     /// The test CA's PEM file (`OAuthHttps` only).
     pub fn ca_cert_path(&self) -> Option<&Path> {
         self.pki.as_ref().map(|p| p.ca_cert.as_path())
