@@ -9,6 +9,7 @@
 //! Not every test file uses every item, hence the blanket `allow`s.
 #![allow(dead_code, unused_imports)]
 
+pub mod app;
 pub mod azurite;
 pub mod certs;
 pub mod counting_proxy;
@@ -22,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
+pub use app::app;
 pub use azurite::{
     free_port, AccessLogEntry, Azurite, Mode, BACKUP_ACCOUNT, BACKUP_KEY, DEV_ACCOUNT, DEV_KEY,
 };

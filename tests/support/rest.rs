@@ -147,6 +147,10 @@ impl StorageRest {
             }
             Auth::Anonymous => {}
         }
+        if body.is_empty() && (method == Method::PUT || method == Method::POST) {
+            // hyper sends no Content-Length for an empty body; the service requires one on writes.
+            map.insert("content-length", HeaderValue::from_static("0"));
+        }
         let resp = self
             .client
             .request(method.clone(), url.clone())
@@ -311,6 +315,11 @@ impl StorageRest {
     }
 
     // ----- queue service -----
+
+    pub async fn delete_queue(&self, queue: &str) -> RestResponse {
+        self.send(Method::DELETE, &format!("/{queue}"), &[], &[], vec![])
+            .await
+    }
 
     pub async fn create_queue(&self, queue: &str) -> RestResponse {
         self.send(Method::PUT, &format!("/{queue}"), &[], &[], vec![])
