@@ -250,6 +250,24 @@ async fn identity_endpoint_enforces_the_app_service_contract() {
     let body: serde_json::Value = ok.json().await.unwrap();
     assert_eq!(body["client_id"], "11111111-2222-3333-4444-555555555555");
     assert_eq!(id.requests_for("https://management.azure.com/"), 1);
+    let arm_token = body["access_token"].as_str().unwrap();
+    let claims = id
+        .verify_bearer(
+            Some(&format!("Bearer {arm_token}")),
+            "https://management.azure.com/",
+        )
+        .expect("valid management token");
+    assert_eq!(claims["appid"], "11111111-2222-3333-4444-555555555555");
+    assert!(id
+        .verify_bearer(Some(&format!("Bearer {arm_token}")), STORAGE_RESOURCE)
+        .is_err());
+    assert!(id
+        .verify_bearer(
+            Some(&format!("Bearer {}", identity::storage_token())),
+            STORAGE_RESOURCE
+        )
+        .is_err());
+    assert!(id.verify_bearer(None, STORAGE_RESOURCE).is_err());
     let seen = id.client_ids_seen();
     assert_eq!(
         seen.get(&Some("11111111-2222-3333-4444-555555555555".to_string())),
