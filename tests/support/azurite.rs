@@ -492,10 +492,7 @@ fn spawn(
         cmd.args(["--oauth", "basic", "--cert"])
             .arg(&pki.leaf_cert)
             .arg("--key")
-            .arg(&pki.leaf_key)
-            // Azurite reads a cross-account copy source itself, over HTTPS: node must trust the
-            // test CA like our clients do (LAKEGUARD_CA_CERT).
-            .env("NODE_EXTRA_CA_CERTS", &pki.ca_cert);
+            .arg(&pki.leaf_key);
     }
     let child = cmd
         .spawn()
