@@ -23,3 +23,33 @@ pub const RESTORED_FROM_ETAG: &str = "lakeguard_restored_from_etag";
 pub fn is_lakeguard_key(key: &str) -> bool {
     key.starts_with("lakeguard_")
 }
+
+/// Parses a time written by lakeguard (RFC 3339) or a snapshot id (RFC 3339 with 7 fractional
+/// digits, e.g. `2026-11-22T03:08:15.1234567Z`). `None` for anything else: callers must treat an
+/// unreadable time as unknown, never as "now" or "the epoch".
+pub fn parse_time(value: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// Formats a time the way lakeguard writes it into metadata (RFC 3339, UTC).
+pub fn format_time(t: time::OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("an OffsetDateTime in UTC always formats as RFC 3339")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_snapshot_ids_and_metadata_times() {
+        let t = parse_time("2026-11-22T03:08:15.1234567Z").unwrap();
+        assert_eq!(t.nanosecond(), 123_456_700);
+        let u = parse_time("2026-11-22T04:08:15+01:00").unwrap();
+        assert_eq!(u.unix_timestamp(), t.unix_timestamp());
+        assert_eq!(parse_time(&format_time(t)), Some(t));
+        assert_eq!(parse_time("Sun, 22 Nov 2026 03:08:15 GMT"), None);
+        assert_eq!(parse_time(""), None);
+    }
+}
