@@ -96,12 +96,44 @@ fn identity() -> &'static Identity {
             });
         });
         let addr = rx.recv().unwrap();
+        let buf = LOG.get_or_init(Buf::default).clone();
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(buf)
+                .finish(),
+        )
+        .unwrap();
         // SAFETY-relevant: done once, while every other test thread waits on this OnceLock.
         std::env::set_var("IDENTITY_ENDPOINT", format!("http://{addr}/msi/token"));
         std::env::set_var("IDENTITY_HEADER", "test-secret");
         id
     })
 }
+
+/// Everything the tests of this binary log (DEBUG and up, our crate and the Azure crates).
+#[derive(Clone, Default)]
+struct Buf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
+    type Writer = Buf;
+    fn make_writer(&'a self) -> Buf {
+        self.clone()
+    }
+}
+
+static LOG: OnceLock<Buf> = OnceLock::new();
 
 static CLIENT_SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -164,7 +196,12 @@ impl Fixture {
     }
 
     fn engine_with(&self, c: DataFactoryConfig) -> DataFactoryEngine {
-        DataFactoryEngine::new(c, reqwest::Client::new(), self.cred.clone())
+        DataFactoryEngine::new(
+            c,
+            reqwest::Client::new(),
+            self.cred.clone(),
+            self.storage.clone(),
+        )
     }
 
     fn identity_requests(&self, resource_prefix: &str) -> usize {
@@ -189,10 +226,12 @@ fn job(blob: &str, etag: &str, content_len: u64) -> CopyJob {
         source_blob: blob.into(),
         source_snapshot: SNAP.into(),
         source_etag: Etag::new(etag),
+        snapshot_etag: Some(Etag::new(etag)),
         target_container: "raw".into(),
         target_blob: blob.into(),
         content_type: Some("text/csv".into()),
         content_length: content_len,
+        expected_target: None,
         metadata,
         attempt: 1,
     }
@@ -317,8 +356,8 @@ fn every_parameter_is_wired() {
             );
         }
     }
-    // Retries on every activity that touches storage.
-    for a in pipeline["properties"]["activities"].as_array().unwrap() {
+    // Retries on every activity that touches storage, nested ones included.
+    for a in all_activities(pipeline) {
         if matches!(
             a["type"].as_str(),
             Some("WebActivity" | "GetMetadata" | "Copy")
@@ -330,6 +369,21 @@ fn every_parameter_is_wired() {
             );
         }
     }
+}
+
+/// Every activity of a pipeline, including those inside If Condition branches.
+fn all_activities(pipeline: &Value) -> Vec<Value> {
+    fn walk(acts: &Value, out: &mut Vec<Value>) {
+        for a in acts.as_array().into_iter().flatten() {
+            out.push(a.clone());
+            for branch in ["ifTrueActivities", "ifFalseActivities", "activities"] {
+                walk(&a["typeProperties"][branch], out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&pipeline["properties"]["activities"], &mut out);
+    out
 }
 
 #[test]
@@ -381,7 +435,7 @@ fn managed_identity_only_no_secrets() {
     // Every Web activity authenticates with the factory's managed identity.
     let mut web = 0;
     for p in def.pipelines.values() {
-        for a in p["properties"]["activities"].as_array().unwrap() {
+        for a in all_activities(p) {
             if a["type"] == "WebActivity" {
                 web += 1;
                 assert_eq!(
@@ -397,7 +451,7 @@ fn managed_identity_only_no_secrets() {
             }
         }
     }
-    assert!(web > 0);
+    assert_eq!(web, 2, "one Web activity per target condition");
     // The source authorisation is a SecureString parameter (masked by Data Factory).
     let params = declared_parameters(def.pipeline("lakeguard-backup-copy").unwrap());
     assert_eq!(params["sourceAuthorization"].0, "SecureString");
@@ -452,15 +506,13 @@ async fn copies_exactly_the_snapshot_into_the_backup_blob() {
         f.storage.backup_content("raw", blob).as_deref(),
         Some(&content[..])
     );
-    let CopyOutcome::Copied { target_etag } = out;
-    let stored = f.storage.backup.lock().unwrap()[&("raw".to_owned(), blob.to_owned())]
-        .0
-        .clone();
-    assert_eq!(
-        target_etag,
-        Some(Etag::new(&stored)),
-        "target ETag from the copy activity's output"
-    );
+    assert!(matches!(out, CopyOutcome::Copied { .. }));
+    // New backup: written only if absent.
+    assert_eq!(c.header("if-none-match"), Some("*"));
+    assert_eq!(c.header("if-match"), None);
+    // The engine replaced the run marker with the job's metadata.
+    let stored = f.storage.backup_blob("raw", blob).unwrap();
+    assert_eq!(stored.metadata, job.metadata);
 
     // Exactly one run, checked to completion.
     assert_eq!(f.adf.create_run_count(), 1);
@@ -492,7 +544,7 @@ async fn copies_exactly_the_snapshot_into_the_backup_blob() {
 async fn a_rewritten_snapshot_etag_fails_the_run_and_writes_nothing() {
     let f = fixture().await;
     let mut job = seed(&f, "a.csv", "\"0x8DC1\"", b"x");
-    job.source_etag = Etag::new("\"0x8DC2\""); // not the snapshot's version
+    job.snapshot_etag = Some(Etag::new("\"0x8DC2\"")); // not the snapshot's ETag
     let err = f.engine().copy(&job).await.unwrap_err();
     match err {
         CopyError::Retryable(m) => assert!(m.contains("412") && m.contains("Failed"), "{m}"),
@@ -525,7 +577,7 @@ async fn a_backup_that_does_not_match_fails_the_run() {
     let CopyError::Retryable(m) = err else {
         panic!("expected Retryable")
     };
-    assert!(m.contains("does not hold snapshot"), "{m}");
+    assert!(m.contains("does not hold version"), "{m}");
 }
 
 #[tokio::test]
@@ -727,6 +779,8 @@ fn params_for(job: &CopyJob, storage_token: &str) -> Value {
     json!({
         "sourceBlobEndpoint": SRC, "sourceContainer": job.source_container, "sourceBlob": job.source_blob,
         "sourceSnapshot": job.source_snapshot, "sourceEtag": job.source_etag.quoted(),
+        "sourceSnapshotEtag": job.snapshot_etag.as_ref().unwrap().quoted(),
+        "targetIfMatch": job.expected_target.as_ref().map(Etag::quoted).unwrap_or_default(),
         "sourceContentLength": job.content_length, "sourceAuthorization": format!("Bearer {storage_token}"),
         "backupBlobEndpoint": BAK, "targetContainer": job.target_container, "targetBlob": job.target_blob,
     })
@@ -834,7 +888,12 @@ impl TokenCredential for WrongAudience {
 async fn authorisation_and_configuration_errors_are_permanent() {
     let f = fixture().await;
     let job = seed(&f, "m.csv", "\"0x1\"", b"abc");
-    let e = DataFactoryEngine::new(f.config(), reqwest::Client::new(), Arc::new(WrongAudience));
+    let e = DataFactoryEngine::new(
+        f.config(),
+        reqwest::Client::new(),
+        Arc::new(WrongAudience),
+        f.storage.clone(),
+    );
     match e.copy(&job).await.unwrap_err() {
         CopyError::Permanent(m) => assert!(
             m.contains("401") && m.contains("role assignment") && m.contains(FACTORY),
@@ -855,42 +914,21 @@ async fn authorisation_and_configuration_errors_are_permanent() {
 
 #[tokio::test]
 async fn no_token_reaches_the_logs() {
-    use tracing_subscriber::fmt::MakeWriter;
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl<'a> MakeWriter<'a> for Buf {
-        type Writer = Buf;
-        fn make_writer(&'a self) -> Buf {
-            self.clone()
-        }
-    }
-    let buf = Buf::default();
-    let sub = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(buf.clone())
-        .finish();
-    let _g = tracing::subscriber::set_default(sub);
+    // Every test of this binary logs into LOG (a process-wide subscriber installed before any
+    // test runs: scoped subscribers lose events to tracing's per-callsite interest cache).
+    identity();
     let f = fixture().await;
     let job = seed(&f, "n.csv", "\"0x1\"", b"abc");
     f.adf.fail_next(1, 429, Some("0"));
     f.engine().copy(&job).await.unwrap();
     let mut failing = job.clone();
-    failing.source_etag = Etag::new("0xWRONG");
+    failing.snapshot_etag = Some(Etag::new("0xWRONG"));
     let _ = f.engine().copy(&failing).await;
-    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-    // (The span's fields may be missing here: tracing caches callsite interest across the test
-    // threads, which have no subscriber. The events are enough to prove logging happened.)
+    let log = String::from_utf8(LOG.get().unwrap().0.lock().unwrap().clone()).unwrap();
     assert!(
-        log.contains("started Data Factory run") && log.contains("run_id"),
+        log.contains("started Data Factory run")
+            && log.contains("run_id")
+            && log.contains("datafactory_copy"),
         "nothing was logged:\n{log}"
     );
     for t in identity().issued.lock().unwrap().iter() {
@@ -1040,7 +1078,7 @@ async fn stand_in_rejects_what_data_factory_rejects() {
     let run = &f.adf.runs()[0];
     assert_eq!(run.status, "Failed");
     assert!(
-        run.message.contains("CopySnapshotToBackup") && run.message.contains("404"),
+        run.message.contains("CopySnapshotToNewBackup") && run.message.contains("404"),
         "{}",
         run.message
     );
@@ -1073,5 +1111,90 @@ fn expressions_evaluate_like_data_factory() {
     assert!(
         eval_string("@guid()", &ctx).is_err(),
         "unknown functions must not pass silently"
+    );
+}
+
+#[tokio::test]
+async fn every_write_of_the_backup_is_conditional() {
+    let f = fixture().await;
+    // The worker saw no backup, but one appeared meanwhile: nothing is overwritten.
+    let job = seed(&f, "o.csv", "\"0x1\"", b"new version");
+    let mut other = BTreeMap::new();
+    other.insert("writer".to_owned(), "someone else".to_owned());
+    let theirs = f
+        .storage
+        .put_backup("raw", "o.csv", b"their version", other.clone());
+    let err = f.engine().copy(&job).await.unwrap_err();
+    assert!(
+        matches!(err, CopyError::Retryable(ref m) if m.contains("409")),
+        "{err:?}"
+    );
+    let b = f.storage.backup_blob("raw", "o.csv").unwrap();
+    assert_eq!(
+        (b.etag.as_str(), b.content.as_slice()),
+        (theirs.as_str(), &b"their version"[..])
+    );
+
+    // The worker preserved the backup it saw (ETag `theirs`): the copy replaces exactly that one.
+    let mut job2 = job.clone();
+    job2.attempt = 2;
+    job2.expected_target = Some(Etag::new(&theirs));
+    f.engine()
+        .copy(&job2)
+        .await
+        .expect("copy over the expected backup");
+    let c = f.storage.copies.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(c.header("if-match"), Some(theirs.as_str()));
+    assert_eq!(c.header("if-none-match"), None);
+    assert_eq!(
+        f.storage.backup_content("raw", "o.csv").as_deref(),
+        Some(&b"new version"[..])
+    );
+
+    // A stale expectation: 412, nothing written.
+    let job3 = seed(&f, "p.csv", "\"0x1\"", b"v2");
+    let cur = f.storage.put_backup("raw", "p.csv", b"v1", BTreeMap::new());
+    let mut job3 = CopyJob {
+        expected_target: Some(Etag::new("\"0xSTALE\"")),
+        ..job3
+    };
+    job3.attempt = 1;
+    let err = f.engine().copy(&job3).await.unwrap_err();
+    assert!(
+        matches!(err, CopyError::Retryable(ref m) if m.contains("412")),
+        "{err:?}"
+    );
+    assert_eq!(f.storage.backup_blob("raw", "p.csv").unwrap().etag, cur);
+}
+
+#[tokio::test]
+async fn a_backup_rewritten_after_the_run_is_not_stamped() {
+    let f = fixture().await;
+    let job = seed(&f, "q.csv", "\"0x1\"", b"abc");
+    f.adf.script_next_run(RunScript {
+        in_progress_for: Duration::from_millis(400),
+        ..Default::default()
+    });
+    let engine = f.engine();
+    let j = job.clone();
+    let copy = tokio::spawn(async move { engine.copy(&j).await });
+    for _ in 0..200 {
+        if !f.storage.copies.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Another writer replaces the backup after the copy activity, before the run ends.
+    f.storage
+        .put_backup("raw", "q.csv", b"other", BTreeMap::new());
+    let err = copy.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, CopyError::Retryable(ref m) if m.contains("rewritten")),
+        "{err:?}"
+    );
+    let b = f.storage.backup_blob("raw", "q.csv").unwrap();
+    assert!(
+        b.metadata.is_empty(),
+        "someone else's blob got this version's metadata"
     );
 }

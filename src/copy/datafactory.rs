@@ -16,9 +16,15 @@
 //! * **Throttling is honoured.** 408, 429 and 5xx are retried a bounded number of times, waiting
 //!   `Retry-After` (seconds or HTTP date) when the service sends it; a wait longer than the budget
 //!   gives up with a retryable error instead of blocking the invocation.
+//! * **The backup gets its metadata from the engine**, after the run succeeded: Put Blob From URL
+//!   in a Web activity cannot set metadata whose names are only known at run time, so the pipeline
+//!   writes a marker (`lakeguard_copy_run` = runId) and the engine then replaces the metadata
+//!   with the job's, `If-Match` on the ETag of the blob that carries *its* run's marker. A backup
+//!   overwritten meanwhile is never stamped with this version's metadata.
 //! * **Tokens come from one credential** (azure_identity caches per scope), never one per message,
 //!   and never reach a log: tracing fields are runId, container, blob and ETag only.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +39,11 @@ use tracing::{debug, info, warn, Instrument};
 use url::Url;
 
 use super::{CopyEngine, CopyError, CopyJob, CopyOutcome};
-use crate::model::Etag;
+use crate::model::{metadata, Etag};
+use crate::settings::Settings;
+use crate::storage::blob::BlobStore;
+use crate::storage::connection::Credential;
+use crate::storage::{Clients, StorageError};
 
 /// Data Factory REST API version of every call (Pipelines - Create Run, Pipeline Runs - Get,
 /// Pipeline Runs - Query By Factory, Activity Runs - Query By Pipeline Run).
@@ -45,11 +55,116 @@ pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
 pub const STORAGE_SCOPE: &str = "https://storage.azure.com/.default";
 /// Name of the shipped pipeline (`datafactory/pipeline/lakeguard-backup-copy.json`).
 pub const DEFAULT_PIPELINE: &str = "lakeguard-backup-copy";
-/// The pipeline's copy activity; its output carries the backup blob's response headers.
-pub const COPY_ACTIVITY: &str = "CopySnapshotToBackup";
+/// Metadata marker the pipeline's copy activity writes on the backup blob: the runId.
+pub const RUN_MARKER: &str = "lakeguard_copy_run";
 /// Put Blob From URL accepts sources up to 5000 MiB; bigger blobs need the `direct` engine
 /// (Put Block From URL in blocks), which this pipeline does not do.
 pub const MAX_COPY_BYTES: u64 = 5000 * 1024 * 1024;
+
+/// The backup account as the engine needs it after a run: read the blob the run wrote and stamp
+/// its metadata. Implemented for [`BlobStore`]; tests supply their own.
+#[async_trait]
+pub trait BackupBlobs: Send + Sync + std::fmt::Debug {
+    /// ETag and metadata (keys lower-cased) of a backup blob; `Ok(None)` only for a real 404.
+    async fn head(
+        &self,
+        container: &str,
+        blob: &str,
+    ) -> Result<Option<(Etag, BTreeMap<String, String>)>, CopyError>;
+    /// Replaces the metadata, only while the blob still has `if_match`.
+    async fn set_metadata(
+        &self,
+        container: &str,
+        blob: &str,
+        metadata: &BTreeMap<String, String>,
+        if_match: &Etag,
+    ) -> Result<(), CopyError>;
+}
+
+fn storage_error(e: StorageError) -> CopyError {
+    match e {
+        // 412: the backup changed after the run wrote it; the worker re-evaluates on retry.
+        StorageError::PreconditionFailed { .. }
+        | StorageError::Conflict { .. }
+        | StorageError::Retryable { .. }
+        | StorageError::NotFound { .. } => CopyError::Retryable(e.to_string()),
+        StorageError::Permanent { .. } => CopyError::Permanent(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl BackupBlobs for BlobStore {
+    async fn head(
+        &self,
+        container: &str,
+        blob: &str,
+    ) -> Result<Option<(Etag, BTreeMap<String, String>)>, CopyError> {
+        match self.properties(container, blob, None).await {
+            Ok(p) => Ok(Some((p.etag, p.metadata))),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(storage_error(e)),
+        }
+    }
+
+    async fn set_metadata(
+        &self,
+        container: &str,
+        blob: &str,
+        metadata: &BTreeMap<String, String>,
+        if_match: &Etag,
+    ) -> Result<(), CopyError> {
+        BlobStore::set_metadata(self, container, blob, metadata, if_match)
+            .await
+            .map_err(storage_error)
+    }
+}
+
+/// Builds the engine from the settings (`LAKEGUARD_COPY_ENGINE=datafactory`). The ARM and
+/// copy-source tokens come from the managed identity of the source connection (system-assigned
+/// unless `SourceStorage__clientId`): that identity needs a role on the factory and Storage Blob
+/// Data Reader on the source account.
+pub fn from_settings(
+    settings: &Settings,
+    clients: &Clients,
+) -> Result<Arc<dyn CopyEngine>, StorageError> {
+    let permanent = |detail: String| StorageError::Permanent {
+        what: "LAKEGUARD_COPY_ENGINE=datafactory".into(),
+        detail,
+    };
+    let df = settings.datafactory.as_ref().ok_or_else(|| {
+        permanent(
+            "LAKEGUARD_DATAFACTORY_SUBSCRIPTION_ID, _RESOURCE_GROUP and _NAME are required".into(),
+        )
+    })?;
+    let source = settings
+        .source
+        .blob_endpoint()
+        .map_err(|e| permanent(e.to_string()))?;
+    let backup_endpoint = settings
+        .backup
+        .blob_endpoint()
+        .map_err(|e| permanent(e.to_string()))?;
+    let client_id = match &settings.source.credential {
+        Credential::ManagedIdentity { client_id } => client_id.clone(),
+        _ => None,
+    };
+    let mut config = DataFactoryConfig::new(
+        df.subscription_id.clone(),
+        df.resource_group.clone(),
+        df.factory_name.clone(),
+        source.clone(),
+        backup_endpoint.clone(),
+    );
+    config.arm_endpoint = df.arm_endpoint.clone();
+    config.pipeline_name = df.pipeline_name.clone();
+    config.max_retries = settings.max_retries;
+    Ok(Arc::new(DataFactoryEngine::new(
+        config,
+        clients.http().clone(),
+        clients.credential(client_id.as_deref())?,
+        Arc::new(clients.blob_store(&settings.backup)?),
+    )))
+}
 
 /// Where the factory is and how patiently to talk to it. The lead maps `Settings` into this:
 /// `LAKEGUARD_ARM_ENDPOINT`, `LAKEGUARD_DATAFACTORY_SUBSCRIPTION_ID`, `_RESOURCE_GROUP`, `_NAME`,
@@ -217,20 +332,24 @@ pub struct DataFactoryEngine {
     config: DataFactoryConfig,
     http: reqwest::Client,
     credential: Arc<dyn TokenCredential>,
+    backup: Arc<dyn BackupBlobs>,
 }
 
 impl DataFactoryEngine {
     /// `credential` is the process-wide managed identity credential (production:
     /// `ManagedIdentityCredential`); it caches tokens per scope, so calling it per copy is cheap.
+    /// `backup` is the backup account (metadata of the copied blob).
     pub fn new(
         config: DataFactoryConfig,
         http: reqwest::Client,
         credential: Arc<dyn TokenCredential>,
+        backup: Arc<dyn BackupBlobs>,
     ) -> Self {
         DataFactoryEngine {
             config,
             http,
             credential,
+            backup,
         }
     }
 
@@ -247,11 +366,16 @@ impl DataFactoryEngine {
             "sourceBlob": job.source_blob,
             "sourceSnapshot": job.source_snapshot,
             "sourceEtag": job.source_etag.quoted(),
+            // The snapshot's own ETag when the worker read it; a snapshot taken by lakeguard
+            // carries its base's ETag otherwise.
+            "sourceSnapshotEtag": job.snapshot_etag.as_ref().unwrap_or(&job.source_etag).quoted(),
             "sourceContentLength": job.content_length,
             "sourceAuthorization": source_authorization,
             "backupBlobEndpoint": endpoint_str(&self.config.backup_blob_endpoint),
             "targetContainer": job.target_container,
             "targetBlob": job.target_blob,
+            // Empty = the backup blob must not exist (If-None-Match: *).
+            "targetIfMatch": job.expected_target.as_ref().map(Etag::quoted).unwrap_or_default(),
         })
     }
 
@@ -581,43 +705,32 @@ impl DataFactoryEngine {
         Ok(best.filter(|r| r.status == RunStatus::Succeeded || r.status.is_active()))
     }
 
-    /// The backup blob's ETag as the copy activity saw it in Put Blob From URL's answer (Activity
-    /// Runs - Query By Pipeline Run; Web activity output `ADFWebActivityResponseHeaders`). Only a
-    /// convenience for the worker's conditional Set Blob Metadata: any failure gives `None`.
-    async fn target_etag(&self, run_id: &str) -> Option<Etag> {
-        let url = self
-            .config
-            .factory_url(&["pipelineruns", run_id, "queryActivityruns"]);
-        let now = OffsetDateTime::now_utc();
-        let fmt = &time::format_description::well_known::Rfc3339;
-        let body = json!({
-            "lastUpdatedAfter": (now - self.config.run_lookback).format(fmt).ok()?,
-            "lastUpdatedBefore": (now + time::Duration::hours(1)).format(fmt).ok()?,
-            "filters": [{"operand": "ActivityName", "operator": "Equals", "values": [COPY_ACTIVITY]}],
-        });
-        match self
-            .call("query activity runs", Method::POST, &url, Some(&body))
-            .await
-        {
-            Ok(v) => v
-                .get("value")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter(|a| a.get("status").and_then(Value::as_str) == Some("Succeeded"))
-                .filter_map(|a| a.pointer("/output/ADFWebActivityResponseHeaders"))
-                .filter_map(Value::as_object)
-                .find_map(|h| {
-                    h.iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case("etag"))
-                        .and_then(|(_, v)| v.as_str())
-                        .map(Etag::new)
-                }),
-            Err(e) => {
-                warn!(run_id, "could not read the copy activity's output: {e}");
-                None
-            }
+    /// After a succeeded run: give the backup blob the job's metadata, but only if it is the blob
+    /// that run wrote (its marker) and only while it still is (If-Match).
+    async fn stamp_metadata(&self, job: &CopyJob, run_id: &str) -> Result<CopyOutcome, CopyError> {
+        let (c, b) = (&job.target_container, &job.target_blob);
+        let Some((etag, meta)) = self.backup.head(c, b).await? else {
+            return Err(CopyError::Retryable(format!(
+                "Data Factory run {run_id} succeeded but the backup blob does not exist"
+            )));
+        };
+        let marker = meta.get(RUN_MARKER).map(String::as_str);
+        if marker == Some(run_id) {
+            self.backup.set_metadata(c, b, &job.metadata, &etag).await?;
+            return Ok(CopyOutcome::Copied { target_etag: None });
         }
+        // Same test as the worker's idempotency check.
+        let stamped =
+            meta.get(metadata::SOURCE_ETAG).map(Etag::new) == Some(job.source_etag.clone());
+        if stamped {
+            // An earlier delivery finished the job, metadata included.
+            return Ok(CopyOutcome::Copied {
+                target_etag: Some(etag),
+            });
+        }
+        Err(CopyError::Retryable(format!(
+            "the backup blob was rewritten after Data Factory run {run_id} (marker {marker:?}); the request will be re-evaluated"
+        )))
     }
 
     async fn copy_inner(&self, job: &CopyJob) -> Result<CopyOutcome, CopyError> {
@@ -647,8 +760,7 @@ impl DataFactoryEngine {
         match run.status {
             RunStatus::Succeeded => {
                 info!(run_id = %run.run_id, "Data Factory run succeeded");
-                let target_etag = self.target_etag(&run.run_id).await;
-                Ok(CopyOutcome::Copied { target_etag })
+                self.stamp_metadata(job, &run.run_id).await
             }
             status => {
                 warn!(run_id = %run.run_id, ?status, "Data Factory run did not succeed");

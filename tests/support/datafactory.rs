@@ -526,6 +526,22 @@ fn call(name: &str, args: Vec<Value>, ctx: &ExprContext) -> Result<Value, String
             };
             Ok(Value::Bool(eq))
         }
+        "empty" => Ok(Value::Bool(match args.first() {
+            Some(Value::Null) | None => true,
+            Some(Value::String(s)) => s.is_empty(),
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(o)) => o.is_empty(),
+            Some(_) => false,
+        })),
+        "if" => {
+            let c = args
+                .first()
+                .and_then(Value::as_bool)
+                .ok_or("if: condition must be boolean")?;
+            args.get(if c { 1 } else { 2 })
+                .cloned()
+                .ok_or_else(|| "if: 3 arguments".into())
+        }
         "and" => Ok(Value::Bool(args.iter().all(|a| a.as_bool() == Some(true)))),
         "or" => Ok(Value::Bool(args.iter().any(|a| a.as_bool() == Some(true)))),
         "not" => Ok(Value::Bool(
@@ -613,8 +629,15 @@ pub fn split_blob_url(url: &str, endpoint: &str) -> Option<(String, String, Opti
 pub type SnapshotKey = (String, String, String);
 /// (container, blob)
 pub type BlobKey = (String, String);
-/// (etag, content, headers of the copy that wrote it)
-pub type BackupBlob = (String, Vec<u8>, BTreeMap<String, String>);
+/// One blob of the in-memory backup account.
+#[derive(Clone, Debug)]
+pub struct BackupBlob {
+    pub etag: String,
+    pub content: Vec<u8>,
+    /// Request headers of the copy that wrote it.
+    pub headers: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+}
 
 /// In-memory storage with source snapshots and a backup account; checks `x-ms-source-if-match`
 /// like the service (412) and answers 404 for a missing snapshot.
@@ -671,20 +694,44 @@ impl MemoryStorage {
         );
     }
 
-    pub fn backup_content(&self, container: &str, blob: &str) -> Option<Vec<u8>> {
+    pub fn backup_blob(&self, container: &str, blob: &str) -> Option<BackupBlob> {
         self.backup
             .lock()
             .unwrap()
             .get(&(container.into(), blob.into()))
-            .map(|b| b.1.clone())
+            .cloned()
     }
 
-    pub fn backup_headers(&self, container: &str, blob: &str) -> Option<BTreeMap<String, String>> {
-        self.backup
-            .lock()
-            .unwrap()
-            .get(&(container.into(), blob.into()))
-            .map(|b| b.2.clone())
+    pub fn backup_content(&self, container: &str, blob: &str) -> Option<Vec<u8>> {
+        self.backup_blob(container, blob).map(|b| b.content)
+    }
+
+    /// Writes a backup blob directly (another writer), returning its ETag.
+    pub fn put_backup(
+        &self,
+        container: &str,
+        blob: &str,
+        content: &[u8],
+        metadata: BTreeMap<String, String>,
+    ) -> String {
+        let etag = self.next_etag();
+        self.backup.lock().unwrap().insert(
+            (container.into(), blob.into()),
+            BackupBlob {
+                etag: etag.clone(),
+                content: content.to_vec(),
+                headers: BTreeMap::new(),
+                metadata,
+            },
+        );
+        etag
+    }
+
+    fn next_etag(&self) -> String {
+        format!(
+            "\"0x8DC{:012X}\"",
+            self.etag_seq.fetch_add(1, Ordering::SeqCst)
+        )
     }
 }
 
@@ -749,14 +796,37 @@ impl StandInStorage for MemoryStorage {
         } else {
             content
         };
-        let etag = format!(
-            "\"0x8DC{:012X}\"",
-            self.etag_seq.fetch_add(1, Ordering::SeqCst)
+        let mut backup = self.backup.lock().unwrap();
+        let key = (tc, tb);
+        let current = backup.get(&key).map(|b| b.etag.clone());
+        if let Some(m) = copy.header("if-match") {
+            if m != "*"
+                && current.as_deref().map(|e| e.trim_matches('"')) != Some(m.trim_matches('"'))
+            {
+                return Err("412 ConditionNotMet: If-Match".into());
+            }
+        }
+        if copy.header("if-none-match") == Some("*") && current.is_some() {
+            return Err("409 BlobAlreadyExists: If-None-Match: *".into());
+        }
+        let metadata = copy
+            .headers
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("x-ms-meta-")
+                    .map(|n| (n.to_owned(), v.clone()))
+            })
+            .collect();
+        let etag = self.next_etag();
+        backup.insert(
+            key,
+            BackupBlob {
+                etag: etag.clone(),
+                content,
+                headers: copy.headers.clone(),
+                metadata,
+            },
         );
-        self.backup
-            .lock()
-            .unwrap()
-            .insert((tc, tb), (etag.clone(), content, copy.headers.clone()));
         Ok(etag)
     }
 
@@ -772,7 +842,53 @@ impl StandInStorage for MemoryStorage {
             .lock()
             .unwrap()
             .get(&(blob.container.clone(), blob.blob.clone()))
-            .map(|b| b.1.len() as u64))
+            .map(|b| b.content.len() as u64))
+    }
+}
+
+impl std::fmt::Debug for MemoryStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryStorage")
+    }
+}
+
+/// The engine's view of the backup account, served from the same memory.
+#[async_trait]
+impl lakeguard::copy::datafactory::BackupBlobs for MemoryStorage {
+    async fn head(
+        &self,
+        container: &str,
+        blob: &str,
+    ) -> Result<
+        Option<(lakeguard::model::Etag, BTreeMap<String, String>)>,
+        lakeguard::copy::CopyError,
+    > {
+        Ok(self
+            .backup_blob(container, blob)
+            .map(|b| (lakeguard::model::Etag::new(&b.etag), b.metadata)))
+    }
+
+    async fn set_metadata(
+        &self,
+        container: &str,
+        blob: &str,
+        metadata: &BTreeMap<String, String>,
+        if_match: &lakeguard::model::Etag,
+    ) -> Result<(), lakeguard::copy::CopyError> {
+        let mut backup = self.backup.lock().unwrap();
+        let Some(b) = backup.get_mut(&(container.into(), blob.into())) else {
+            return Err(lakeguard::copy::CopyError::Retryable(
+                "404 BlobNotFound".into(),
+            ));
+        };
+        if lakeguard::model::Etag::new(&b.etag) != *if_match {
+            return Err(lakeguard::copy::CopyError::Retryable(
+                "412 ConditionNotMet".into(),
+            ));
+        }
+        b.metadata = metadata.clone();
+        b.etag = self.next_etag();
+        Ok(())
     }
 }
 
