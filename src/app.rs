@@ -29,12 +29,15 @@ impl App {
         let queue = clients.backup_queue(&settings.jobs, &settings.backup_queue)?;
         let source_keys = DelegationKeyCache::default();
         let engine: Arc<dyn CopyEngine> = match settings.copy_engine {
-            CopyEngineKind::Direct => Arc::new(crate::copy::direct::DirectCopy::new(
-                source.clone(),
-                backup.clone(),
-                source_keys.clone(),
-                settings.concurrency,
-            )),
+            CopyEngineKind::Direct => Arc::new(
+                crate::copy::direct::DirectCopy::new(
+                    source.clone(),
+                    backup.clone(),
+                    source_keys.clone(),
+                    settings.concurrency,
+                )
+                .with_blocks(settings.copy_block_threshold, settings.copy_block_size),
+            ),
             CopyEngineKind::DataFactory => crate::copy::datafactory_engine(&settings, &clients)?,
         };
         Ok(App {

@@ -62,6 +62,10 @@ pub struct Settings {
     /// Mirrors host.json `extensions.queues.maxDequeueCount`: on the last attempt the worker
     /// poisons a failing message itself, with the error, instead of letting the host drop the why.
     pub max_dequeue_count: u32,
+    /// Copies above this size use Put Block From URL in parallel blocks (the service's limit for
+    /// one Copy Blob From URL is 256 MiB).
+    pub copy_block_threshold: u64,
+    pub copy_block_size: u64,
     /// Work budget of one reconcile invocation before it hands the rest over as a continuation.
     pub reconcile_budget: Duration,
     pub datafactory: Option<DataFactorySettings>,
@@ -151,6 +155,20 @@ impl Settings {
                 .unwrap_or_default()
         };
         let max_dequeue_count = number(vars, "LAKEGUARD_MAX_DEQUEUE_COUNT", 5, 1, 100)? as u32;
+        let copy_block_threshold = number(
+            vars,
+            "LAKEGUARD_COPY_BLOCK_THRESHOLD_BYTES",
+            256 << 20,
+            1 << 20,
+            256 << 20,
+        )?;
+        let copy_block_size = number(
+            vars,
+            "LAKEGUARD_COPY_BLOCK_SIZE_BYTES",
+            100 << 20,
+            1 << 20,
+            4000 << 20,
+        )?;
         let reconcile_budget = Duration::from_secs(number(
             vars,
             "LAKEGUARD_RECONCILE_BUDGET_SECS",
@@ -225,6 +243,8 @@ impl Settings {
             containers_include: list("LAKEGUARD_CONTAINERS_INCLUDE"),
             containers_exclude: list("LAKEGUARD_CONTAINERS_EXCLUDE"),
             max_dequeue_count,
+            copy_block_threshold,
+            copy_block_size,
             reconcile_budget,
             datafactory,
             log_filter: get("LAKEGUARD_LOG").unwrap_or_else(|| "info".into()),

@@ -988,6 +988,43 @@ mod props {
         }
 
         #[test]
+        fn pending_iff_a_fresh_marker_names_the_current_version(
+            snaps in prop::collection::vec(
+                (prop::sample::select(vec!["f", "f.bak", "f/g"]), 0u8..3, any::<bool>(), prop::option::of(0i64..400)),
+                0..8,
+            ),
+        ) {
+            let now = ts(1000);
+            let ttl = Duration::from_secs(200);
+            let source = entry("f", "s0", 0);
+            let rows: Vec<BlobEntry> = snaps
+                .iter()
+                .enumerate()
+                .map(|(i, (name, version, by_lakeguard, age))| {
+                    let mut e = if *by_lakeguard {
+                        with_meta(entry(name, "own", 0), SOURCE_ETAG, &format!("s{version}"))
+                    } else {
+                        entry(name, &format!("s{version}"), 0)
+                    };
+                    if let Some(age) = age {
+                        e = with_time(e, REQUESTED_AT, 1000 - age);
+                    }
+                    snapshot(e, i as i64)
+                })
+                .collect();
+            let fresh = snaps.iter().any(|(name, version, _, age)| {
+                *name == "f" && *version == 0 && age.is_some_and(|a| a < 200)
+            });
+            match decide_snapshot(&source, &rows, now, ttl) {
+                SnapshotDecision::Pending { .. } => prop_assert!(fresh),
+                SnapshotDecision::SnapshotAndEnqueue { if_match, .. } => {
+                    prop_assert!(!fresh);
+                    prop_assert_eq!(if_match, Etag::new("s0"));
+                }
+            }
+        }
+
+        #[test]
         fn wrong_order_is_detected_never_silently_joined(
             (s, b) in world(),
             listed in order(),

@@ -357,6 +357,29 @@ impl Named for NameState {
     }
 }
 
+/// Which account's rows a history is built from (`--from backup|snapshots`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryFrom {
+    #[default]
+    Backup,
+    SourceSnapshots,
+}
+
+/// One group from [`super::join::NameGroups`] (all rows of one name, any order) to the planner's
+/// input: the name's state at `at`. `None` for an empty group.
+pub fn name_state(from: HistoryFrom, group: &[BlobEntry], at: OffsetDateTime) -> Option<NameState> {
+    let name = group.first()?.name.clone();
+    let history = match from {
+        HistoryFrom::Backup => history_from_backup(&name, group),
+        HistoryFrom::SourceSnapshots => history_from_source_snapshots(&name, group),
+    };
+    Some(NameState {
+        state: state_at(&history, at),
+        name,
+    })
+}
+
 /// Where the restore writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -469,9 +492,16 @@ pub fn plan_name(
     }
     Some(match state {
         AtT::Present { version } => {
-            let restored_from = t.meta(RESTORED_FROM_ETAG).map(Etag::new);
-            if t.etag == version.source_etag || restored_from.as_ref() == Some(&version.source_etag)
-            {
+            // The marker survives metadata-preserving rewrites of the blob, so it only counts
+            // when length and (where both are known) MD5 agree with the version too.
+            let restored_here = t.meta(RESTORED_FROM_ETAG).map(Etag::new).as_ref()
+                == Some(&version.source_etag)
+                && t.content_length == version.content_length
+                && match (&t.content_md5, &version.content_md5) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                };
+            if t.etag == version.source_etag || restored_here {
                 PlanItem::Unchanged { name }
             } else {
                 PlanItem::Restore {
@@ -1115,8 +1145,26 @@ mod tests {
             RESTORED_FROM_ETAG,
             "va",
         )];
-        let plan = plan_restore(opts(RestoreTarget::Elsewhere, 5), states, target).unwrap();
+        let plan = plan_restore(opts(RestoreTarget::Elsewhere, 5), states.clone(), target).unwrap();
         assert_eq!(short(&plan), ["a:unchanged", "b:restore"]);
+        // The marker kept by a metadata-preserving rewrite with other content does not count.
+        let mut rewritten = with_meta(entry("a", "newer", 95), RESTORED_FROM_ETAG, "va");
+        rewritten.content_length = 11;
+        let plan = plan_restore(
+            opts(RestoreTarget::Elsewhere, 5),
+            states.clone(),
+            [rewritten.clone()],
+        )
+        .unwrap();
+        assert_eq!(short(&plan), ["a:overwrite", "b:restore"]);
+        rewritten.content_length = 10;
+        rewritten.content_md5 = Some(vec![1; 16]);
+        let mut states = states;
+        if let AtT::Present { version } = &mut states[0].state {
+            version.content_md5 = Some(vec![2; 16]);
+        }
+        let plan = plan_restore(opts(RestoreTarget::Elsewhere, 5), states, [rewritten]).unwrap();
+        assert_eq!(short(&plan), ["a:overwrite", "b:restore"]);
     }
 
     #[test]
@@ -1133,6 +1181,11 @@ mod tests {
         g.end();
         assert_eq!(g.pop().unwrap()[0].name, "a.txt.bak");
         assert!(g.is_finished());
+        assert_eq!(
+            name_state(HistoryFrom::Backup, &a_txt, ts(35)).map(|s| s.state),
+            Some(AtT::Absent)
+        );
+        assert_eq!(name_state(HistoryFrom::Backup, &[], ts(35)), None);
         // A name seen again after another one: the listing is not in the declared order.
         let mut g = NameGroups::new(NameOrder::Utf16Units, "backup");
         assert!(g

@@ -1,0 +1,428 @@
+//! SnapshotProducer end to end: `lakeguard serve` driven over HTTP exactly as the Functions host
+//! forwards it, against a real Azurite, in both authentication modes; results read back with the
+//! harness's independent REST oracle.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use support::host::forwarded_http;
+use support::{unique_name, Mode, Stack};
+
+/// Names that break naive code: spaces, `%`, `#`, `?`, `+`, quotes, unicode, nesting, prefixes of
+/// each other, and the 1024-character maximum.
+fn odd_names() -> Vec<String> {
+    let mut names: Vec<String> = [
+        "plain.csv",
+        "dir/sub dir/with space.csv",
+        "dir/100% sure.txt",
+        "dir/#hash.txt",
+        "dir/what?.txt",
+        "dir/a+b=c.txt",
+        "dir/\"quoted\" 'name'.txt",
+        "ünïcødé/données €/😀.json",
+        "a.txt",
+        "a.txt.bak",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let long = format!("deep/{}", "x".repeat(1024 - "deep/".len()));
+    assert_eq!(long.chars().count(), 1024);
+    names.push(long);
+    names
+}
+
+async fn seed(stack: &Stack, container: &str, names: &[String]) {
+    let src = stack.source();
+    src.create_container(container).await.ok("create container");
+    for (i, n) in names.iter().enumerate() {
+        src.put_blob(
+            container,
+            n,
+            format!("content {i} of {n}").as_bytes(),
+            &[("owner", "pipeline-7")],
+        )
+        .await
+        .ok("put blob");
+    }
+    // An HNS directory placeholder: not data.
+    src.put_blob(container, "dir", b"", &[("hdi_isfolder", "true")])
+        .await
+        .ok("put placeholder");
+}
+
+async fn call(port: u16, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let r = forwarded_http(
+        port,
+        method,
+        path,
+        &[
+            ("x-functions-key", "test-key"),
+            ("content-type", "application/json"),
+        ],
+        body.map(|b| serde_json::to_vec(&b).unwrap()),
+    )
+    .await;
+    (r.status.as_u16(), r.json())
+}
+
+fn decode_message(raw: &str) -> Value {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw.trim())
+        .expect("queue message must be base64");
+    serde_json::from_slice(&bytes).expect("queue message must be JSON")
+}
+
+async fn producer_end_to_end(mode: Mode) {
+    let stack = Stack::start(mode).await;
+    let container = unique_name("raw");
+    let names = odd_names();
+    seed(&stack, &container, &names).await;
+    let handler = stack.handler().await;
+    let port = handler.port();
+
+    let (status, body) = call(
+        port,
+        "POST",
+        "/api/snapshot?code=abc",
+        Some(json!({"container": container})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let r = &body["report"];
+    assert_eq!(r["scanned"], names.len() as u64 + 1);
+    assert_eq!(r["snapshotted"], names.len() as u64);
+    assert_eq!(r["enqueued"], names.len() as u64);
+    assert_eq!(r["skipped"], 1, "the directory placeholder is skipped");
+    assert_eq!(r["failed"], 0);
+
+    // Exactly one snapshot per data blob, none for the placeholder.
+    let listing = stack.source().list_blobs(&container, None).await;
+    let mut snapshots: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut bases: BTreeMap<String, String> = BTreeMap::new();
+    for b in &listing {
+        match &b.snapshot {
+            Some(s) => snapshots.entry(b.name.clone()).or_default().push((
+                s.clone(),
+                b.metadata
+                    .get("lakeguard_source_etag")
+                    .cloned()
+                    .unwrap_or_default(),
+            )),
+            None => {
+                bases.insert(b.name.clone(), b.etag.trim_matches('"').to_string());
+            }
+        }
+    }
+    assert!(!snapshots.contains_key("dir"));
+    for n in &names {
+        let snaps = &snapshots[n];
+        assert_eq!(snaps.len(), 1, "{n}");
+        assert_eq!(
+            snaps[0].1.trim_matches('"'),
+            bases[n],
+            "snapshot metadata names the version"
+        );
+    }
+
+    // One base64 JSON message per snapshot, built by serde, naming exactly that snapshot.
+    let messages = stack.queues().peek_messages(&stack.queue).await;
+    assert_eq!(messages.len(), names.len());
+    let mut seen = BTreeSet::new();
+    for m in &messages {
+        let v = decode_message(&m.text);
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["container"], container.as_str());
+        let blob = v["blob"].as_str().unwrap().to_string();
+        assert_eq!(v["etag"].as_str().unwrap().trim_matches('"'), bases[&blob]);
+        assert_eq!(v["snapshot"].as_str().unwrap(), snapshots[&blob][0].0);
+        seen.insert(blob);
+    }
+    assert_eq!(seen, names.iter().cloned().collect());
+
+    // Nothing changed: nothing to do.
+    let (status, body) = call(
+        port,
+        "GET",
+        &format!("/api/snapshot?container={container}&code=abc"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["report"]["enqueued"], 0);
+    assert_eq!(body["report"]["unchanged"], names.len() as u64);
+
+    // One blob changes, under a prefix: exactly that one is found.
+    stack
+        .source()
+        .put_blob(&container, "dir/#hash.txt", b"new content", &[])
+        .await
+        .ok("rewrite");
+    let (status, body) = call(
+        port,
+        "POST",
+        "/api/snapshot",
+        Some(json!({"container": container, "prefix": "dir/"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["report"]["enqueued"], 1);
+    assert_eq!(
+        stack.queues().peek_messages(&stack.queue).await.len(),
+        names.len() + 1
+    );
+
+    if mode == Mode::OAuthHttps {
+        let id = stack.identity.as_ref().unwrap();
+        assert!(
+            id.requests_for("https://storage.azure.com") >= 1,
+            "bearer tokens came from the managed identity endpoint"
+        );
+        assert!(id.violations().is_empty(), "{:?}", id.violations());
+    }
+    stack.assert_no_secrets_in(&handler.logs());
+}
+
+#[tokio::test]
+async fn producer_end_to_end_shared_key() {
+    producer_end_to_end(Mode::SharedKeyHttp).await;
+}
+
+#[tokio::test]
+async fn producer_end_to_end_managed_identity() {
+    producer_end_to_end(Mode::OAuthHttps).await;
+}
+
+#[tokio::test]
+async fn producer_rejects_bad_input_clearly() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let handler = stack.handler().await;
+    let port = handler.port();
+    let (status, body) = call(port, "GET", "/api/snapshot", None).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("container"),
+        "{body}"
+    );
+    let (status, body) = call(port, "GET", "/api/snapshot?container=Bad_Name!", None).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid container name"),
+        "{body}"
+    );
+    let (status, body) = call(
+        port,
+        "GET",
+        "/api/snapshot?container=no-such-container",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    let r = forwarded_http(
+        port,
+        "POST",
+        "/api/snapshot",
+        &[],
+        Some(b"container=raw".to_vec()),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 400, "{}", r.body);
+    // The handler is still healthy.
+    assert_eq!(
+        forwarded_http(port, "GET", "/", &[], None)
+            .await
+            .status
+            .as_u16(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn producer_on_an_empty_container() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("empty");
+    stack
+        .source()
+        .create_container(&container)
+        .await
+        .ok("create");
+    let handler = stack.handler().await;
+    let (status, body) = call(
+        handler.port(),
+        "GET",
+        &format!("/api/snapshot?container={container}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["report"]["scanned"], 0);
+    assert_eq!(body["report"]["enqueued"], 0);
+}
+
+/// A blob rewritten between the listing and the snapshot: the conditional snapshot fails with 412
+/// and the producer snapshots the new version instead; the message names what the snapshot holds.
+#[tokio::test]
+async fn blob_rewritten_between_listing_and_snapshot() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("race");
+    stack
+        .source()
+        .create_container(&container)
+        .await
+        .ok("create");
+    stack
+        .source()
+        .put_blob(&container, "x.csv", b"version 1", &[])
+        .await
+        .ok("put");
+    let app = support::app(&stack.env());
+    let listed = app
+        .source
+        .list_page(
+            &container,
+            &lakeguard::storage::blob::ListOptions {
+                metadata: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .entries
+        .remove(0);
+    stack
+        .source()
+        .put_blob(&container, "x.csv", b"version 2", &[])
+        .await
+        .ok("rewrite");
+    let (snapshot, taken) =
+        lakeguard::ops::snapshot::snapshot_current(&app.source, &container, listed.clone())
+            .await
+            .unwrap()
+            .expect("the blob still exists");
+    assert_ne!(taken.etag, listed.etag, "the new version was taken");
+    let content = app
+        .source
+        .download(&container, "x.csv", Some(&snapshot))
+        .await
+        .unwrap();
+    assert_eq!(content, b"version 2");
+    let props = app
+        .source
+        .properties(&container, "x.csv", Some(&snapshot))
+        .await
+        .unwrap();
+    assert_eq!(
+        props.metadata["lakeguard_source_etag"].trim_matches('"'),
+        taken.etag.as_str()
+    );
+}
+
+/// The queue service is unreachable: the run fails before snapshotting anything (503, clear
+/// message), so nothing is half done.
+#[tokio::test]
+async fn unreachable_queue_fails_before_any_snapshot() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("enq");
+    seed(&stack, &container, &["a.csv".to_string()]).await;
+    let dead = format!(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={};BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;QueueEndpoint=http://127.0.0.1:{}/devstoreaccount1",
+        support::DEV_KEY,
+        support::free_port()
+    );
+    let broken = support::Handler::spawn(&stack.env_with(&[("AzureWebJobsStorage", &dead)])).await;
+    let (status, body) = call(
+        broken.port(),
+        "GET",
+        &format!("/api/snapshot?container={container}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("queue"), "{body}");
+    assert!(stack
+        .source()
+        .list_blobs(&container, None)
+        .await
+        .iter()
+        .all(|b| b.snapshot.is_none()));
+    stack.assert_no_secrets_in(&broken.logs());
+}
+
+/// The enqueue fails after the snapshot was taken (the queue vanished): the run reports a partial
+/// failure, removes the snapshots it could not announce, and the next run finds the same blobs
+/// again. Nothing is lost.
+#[tokio::test]
+async fn failed_enqueue_is_found_again_by_the_next_run() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("enq");
+    seed(
+        &stack,
+        &container,
+        &["a.csv".to_string(), "b/c.csv".to_string()],
+    )
+    .await;
+    let empty = unique_name("empty");
+    stack.source().create_container(&empty).await.ok("create");
+    let handler = stack.handler().await;
+    // First run creates the queue (once per process)...
+    let (status, _) = call(
+        handler.port(),
+        "GET",
+        &format!("/api/snapshot?container={empty}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // ...which then disappears.
+    stack
+        .queues()
+        .delete_queue(&stack.queue)
+        .await
+        .ok("delete queue");
+    let (status, body) = call(
+        handler.port(),
+        "GET",
+        &format!("/api/snapshot?container={container}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 500,
+        "a partial failure fails the pipeline activity visibly: {body}"
+    );
+    assert_eq!(body["status"], "partial_failure");
+    assert_eq!(body["report"]["failed"], 2);
+    assert_eq!(body["report"]["enqueued"], 0);
+    assert!(
+        stack
+            .source()
+            .list_blobs(&container, None)
+            .await
+            .iter()
+            .all(|b| b.snapshot.is_none()),
+        "unannounced snapshots were removed"
+    );
+
+    stack
+        .queues()
+        .create_queue(&stack.queue)
+        .await
+        .ok("create queue");
+    let (status, body) = call(
+        handler.port(),
+        "GET",
+        &format!("/api/snapshot?container={container}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["report"]["enqueued"], 2);
+    assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 2);
+}
