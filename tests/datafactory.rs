@@ -629,6 +629,30 @@ async fn throttling_is_retried_honouring_retry_after() {
 }
 
 #[tokio::test]
+async fn timeouts_are_retried() {
+    let f = fixture().await;
+    let job = seed(&f, "t.csv", "\"0x1\"", b"abc");
+    f.adf.delay_next_gets(2, Duration::from_millis(800));
+    let mut c = f.config();
+    c.request_timeout = Duration::from_millis(200);
+    f.engine_with(c.clone())
+        .copy(&job)
+        .await
+        .expect("polls again after timeouts");
+    assert_eq!(f.adf.create_run_count(), 1);
+
+    // Only timeouts, more than the retries: Retryable, not Permanent.
+    let job2 = seed(&f, "t2.csv", "\"0x1\"", b"abc");
+    f.adf.delay_next_gets(10, Duration::from_millis(800));
+    c.max_retries = 1;
+    let err = f.engine_with(c).copy(&job2).await.unwrap_err();
+    assert!(
+        matches!(err, CopyError::Retryable(ref m) if m.contains("timeout")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
 async fn endless_throttling_gives_up_retryable_without_a_run() {
     let f = fixture().await;
     let job = seed(&f, "f.csv", "\"0x1\"", b"abc");

@@ -505,18 +505,20 @@ impl DataFactoryEngine {
         url: &Url,
         body: Option<&Value>,
     ) -> Result<Value, CopyError> {
-        self.call_raw(what, method, url, body)
+        self.call_raw(what, method, url, body, None)
             .await
             .map_err(|(_, e)| e)
     }
 
-    /// Like [`Self::call`], also giving the status of a permanent failure.
+    /// Like [`Self::call`], also giving the status of a permanent failure; no retry wait ends
+    /// after `deadline`.
     async fn call_raw(
         &self,
         what: &str,
         method: Method,
         url: &Url,
         body: Option<&Value>,
+        deadline: Option<Instant>,
     ) -> Result<Value, (Option<StatusCode>, CopyError)> {
         let mut attempt = 0;
         loop {
@@ -534,7 +536,7 @@ impl DataFactoryEngine {
                     ..
                 }) => {
                     if attempt >= self.config.max_retries
-                        || !self.backoff(attempt, retry_after, None).await
+                        || !self.backoff(attempt, retry_after, deadline).await
                     {
                         return Err((
                             None,
@@ -615,10 +617,10 @@ impl DataFactoryEngine {
         }
     }
 
-    async fn get_run(&self, run_id: &str) -> Result<RunInfo, CopyError> {
+    async fn get_run(&self, run_id: &str, deadline: Instant) -> Result<RunInfo, CopyError> {
         let url = self.config.factory_url(&["pipelineruns", run_id]);
         let v = match self
-            .call_raw("get pipeline run", Method::GET, &url, None)
+            .call_raw("get pipeline run", Method::GET, &url, None, Some(deadline))
             .await
         {
             Ok(v) => v,
@@ -643,7 +645,7 @@ impl DataFactoryEngine {
     /// Polls until the run is terminal or `deadline` passes.
     async fn wait_for_run(&self, run_id: &str, deadline: Instant) -> Result<RunInfo, CopyError> {
         loop {
-            let run = self.get_run(run_id).await?;
+            let run = self.get_run(run_id, deadline).await?;
             if !run.status.is_active() {
                 return Ok(run);
             }

@@ -961,6 +961,8 @@ struct Inner {
     faults: Vec<Fault>,
     scripts: Vec<RunScript>,
     page_size: usize,
+    /// The next Get Pipeline Run calls answer only after this long (client timeouts).
+    get_delays: Vec<Duration>,
 }
 
 pub struct StandInState {
@@ -1083,6 +1085,14 @@ impl DataFactoryStandIn {
                 status,
                 retry_after: retry_after.map(str::to_owned),
             });
+        }
+    }
+
+    /// The next `n` Get Pipeline Run calls are answered only after `delay`.
+    pub fn delay_next_gets(&self, n: usize, delay: Duration) {
+        let mut inner = self.state.inner.lock().unwrap();
+        for _ in 0..n {
+            inner.get_delays.push(delay);
         }
     }
 
@@ -1349,6 +1359,17 @@ async fn get_run(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let delay = {
+        let mut inner = st.inner.lock().unwrap();
+        if inner.get_delays.is_empty() {
+            None
+        } else {
+            Some(inner.get_delays.remove(0))
+        }
+    };
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
     let resp = st
         .gate(&sub, &rg, &factory, query.as_deref(), &headers)
         .unwrap_or_else(|| {
