@@ -456,7 +456,10 @@ fn spawn(
         cmd.args(["--oauth", "basic", "--cert"])
             .arg(&pki.leaf_cert)
             .arg("--key")
-            .arg(&pki.leaf_key);
+            .arg(&pki.leaf_key)
+            // Azurite reads a cross-account copy source itself, over HTTPS: node must trust the
+            // test CA like our clients do (LAKEGUARD_CA_CERT).
+            .env("NODE_EXTRA_CA_CERTS", &pki.ca_cert);
     }
     let child = cmd
         .spawn()
