@@ -78,10 +78,10 @@ fn identity() -> &'static Identity {
                             let resource = q.get("resource").cloned().unwrap_or_default();
                             let client = q.get("client_id").cloned().unwrap_or_default();
                             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                            let token = unsigned_jwt(&json!({
-                                "aud": resource, "iss": "https://sts.windows.net/tenant/",
-                                "iat": now, "nbf": now, "exp": now + 3600, "appid": client,
-                            }));
+                            // Claims as the harness mints them (Azurite needs oid/tid for
+                            // user delegation keys).
+                            let subject = if client.is_empty() { "system-assigned" } else { client.as_str() };
+                            let token = support::identity::mint_token(&resource, subject, Duration::from_secs(3600));
                             id.requests.lock().unwrap().push((client.clone(), resource.clone()));
                             id.issued.lock().unwrap().push(token.clone());
                             let body = json!({
@@ -1232,9 +1232,12 @@ async fn a_backup_rewritten_after_the_run_is_not_stamped() {
 /// Performs the pipeline's resolved requests on Azurite. Azurite 3.37 lacks Put Blob From URL
 /// (501), so the same request is made as Copy Blob From URL (sync), with the same source URL,
 /// `x-ms-source-if-match`, target condition and metadata headers. Azurite ignores
-/// `x-ms-copy-source-authorization` and needs a SAS on a cross-account source: the test adds one
-/// (the production/emulator split of copy-source authorisation, kept in this one place).
+/// `x-ms-copy-source-authorization` and needs a SAS on a cross-account source, an account SAS
+/// (it fails snapshot copies under a blob or user-delegation SAS): the test adds one, signed with
+/// the emulator's well-known key, in place of the bearer token the service would check.
 struct AzuriteStorage {
+    /// Built from the source's connection string: only signs the account SAS, locally.
+    sas_signer: lakeguard::storage::blob::BlobStore,
     source: lakeguard::storage::blob::BlobStore,
     backup: lakeguard::storage::blob::BlobStore,
     keys: lakeguard::storage::sas::DelegationKeyCache,
@@ -1264,7 +1267,7 @@ impl StandInStorage for AzuriteStorage {
         let (tc, tb, _) = split_blob_url(&copy.url, &self.backup_endpoint)
             .ok_or("target outside the backup account")?;
         let sas = lakeguard::storage::sas::read_sas(
-            &self.source,
+            &self.sas_signer,
             &self.keys,
             &sc,
             &sb,
@@ -1319,31 +1322,73 @@ impl StandInStorage for AzuriteStorage {
 
 #[tokio::test]
 async fn end_to_end_on_azurite_through_the_settings() {
+    end_to_end(support::Mode::SharedKeyHttp).await;
+}
+
+/// Managed identity everywhere: storage over HTTPS with bearer tokens from the local identity
+/// endpoint, the source SAS of the test storage a user-delegation SAS.
+#[tokio::test]
+async fn end_to_end_on_azurite_with_managed_identity() {
+    end_to_end(support::Mode::OAuthHttps).await;
+}
+
+async fn end_to_end(mode: support::Mode) {
     identity();
-    let az = support::Azurite::start(support::Mode::SharedKeyHttp).await;
+    let az = support::Azurite::start(mode).await;
     let src_ep = az.blob_endpoint(support::DEV_ACCOUNT);
     let bak_ep = az.blob_endpoint(support::BACKUP_ACCOUNT);
 
     // A stand-in whose storage is Azurite; stores built from the same settings as the engine.
     let mut vars: std::collections::HashMap<String, String> = std::collections::HashMap::new();
-    vars.insert(
-        "SourceStorage".into(),
-        az.connection_string(support::DEV_ACCOUNT),
-    );
-    vars.insert(
-        "BackupStorage".into(),
-        az.connection_string(support::BACKUP_ACCOUNT),
-    );
-    vars.insert(
-        "AzureWebJobsStorage".into(),
-        az.connection_string(support::DEV_ACCOUNT),
-    );
+    match mode {
+        support::Mode::SharedKeyHttp => {
+            vars.insert(
+                "SourceStorage".into(),
+                az.connection_string(support::DEV_ACCOUNT),
+            );
+            vars.insert(
+                "BackupStorage".into(),
+                az.connection_string(support::BACKUP_ACCOUNT),
+            );
+            vars.insert(
+                "AzureWebJobsStorage".into(),
+                az.connection_string(support::DEV_ACCOUNT),
+            );
+        }
+        support::Mode::OAuthHttps => {
+            for (name, account) in [
+                ("SourceStorage", support::DEV_ACCOUNT),
+                ("BackupStorage", support::BACKUP_ACCOUNT),
+            ] {
+                vars.insert(format!("{name}__blobServiceUri"), az.blob_endpoint(account));
+                vars.insert(format!("{name}__accountName"), account.into());
+            }
+            vars.insert(
+                "AzureWebJobsStorage__queueServiceUri".into(),
+                az.queue_endpoint(support::DEV_ACCOUNT),
+            );
+            vars.insert(
+                "AzureWebJobsStorage__accountName".into(),
+                support::DEV_ACCOUNT.into(),
+            );
+            vars.insert(
+                "LAKEGUARD_CA_CERT".into(),
+                az.ca_cert_path().unwrap().to_string_lossy().into_owned(),
+            );
+        }
+    }
     vars.insert("LAKEGUARD_MAX_RETRIES".into(), "1".into());
     let plain = lakeguard::settings::Settings::from_map(&vars).unwrap();
     let clients = lakeguard::storage::Clients::new(&plain).unwrap();
     let source = clients.blob_store(&plain.source).unwrap();
     let backup = clients.blob_store(&plain.backup).unwrap();
+    let signer = lakeguard::storage::connection::Connection::parse_connection_string(
+        "SourceSasSigner",
+        &az.connection_string(support::DEV_ACCOUNT),
+    )
+    .unwrap();
     let storage = Arc::new(AzuriteStorage {
+        sas_signer: clients.blob_store(&signer).unwrap(),
         source: source.clone(),
         backup: backup.clone(),
         keys: Default::default(),
