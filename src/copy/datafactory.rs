@@ -182,7 +182,9 @@ pub struct DataFactoryConfig {
     pub source_blob_endpoint: Url,
     /// Blob endpoint of the backup account (pipeline parameter `backupBlobEndpoint`).
     pub backup_blob_endpoint: Url,
-    /// Pause between two `pipelineruns/{runId}` polls.
+    /// Longest pause between two `pipelineruns/{runId}` polls. The first poll comes after
+    /// 1 s (or this, if shorter) and the pause doubles up to this: a short copy is seen quickly,
+    /// a long one costs few ARM reads (ARM throttles reads per subscription).
     pub poll_interval: Duration,
     /// How long one invocation waits for a run. A run still active after this is left running and
     /// the copy reports Retryable: the redelivered message finds the run and keeps polling it.
@@ -644,18 +646,20 @@ impl DataFactoryEngine {
 
     /// Polls until the run is terminal or `deadline` passes.
     async fn wait_for_run(&self, run_id: &str, deadline: Instant) -> Result<RunInfo, CopyError> {
+        let mut pause = self.config.poll_interval.min(Duration::from_secs(1));
         loop {
             let run = self.get_run(run_id, deadline).await?;
             if !run.status.is_active() {
                 return Ok(run);
             }
-            if Instant::now() + self.config.poll_interval > deadline {
+            if Instant::now() + pause > deadline {
                 return Err(CopyError::Retryable(format!(
                     "Data Factory run {run_id} still {:?} after {:?}; the redelivered request will keep waiting for it",
                     run.status, self.config.run_timeout
                 )));
             }
-            tokio::time::sleep(self.config.poll_interval).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(self.config.poll_interval);
         }
     }
 
