@@ -1,8 +1,10 @@
 //! The `datafactory` copy engine: one Data Factory pipeline run per copy, through the ARM REST API.
 //!
-//! The engine starts the shipped pipeline `lakeguard-backup-copy` (folder `datafactory/`), whose
-//! Web activity does a server-side Put Blob From URL from the source **snapshot** into the backup
-//! blob with `x-ms-source-if-match`, then waits for the run's outcome. What it guarantees:
+//! The engine starts the shipped pipeline `lakeguard-backup-copy` (folder `datafactory/`, see its
+//! README for why a Web activity), whose Web activity does a server-side Put Blob From URL from the
+//! source **snapshot** into the backup blob with `x-ms-source-if-match` and a condition on the
+//! backup blob (`If-Match` the version the worker kept, or `If-None-Match: *`), then waits for the
+//! run's outcome. What it guarantees:
 //!
 //! * **The run's outcome decides.** `Succeeded` is the only success; `Failed`/`Cancelled` become
 //!   [`CopyError::Retryable`] carrying the run's own message, so the worker retries and finally
@@ -46,7 +48,7 @@ use crate::storage::connection::Credential;
 use crate::storage::{Clients, StorageError};
 
 /// Data Factory REST API version of every call (Pipelines - Create Run, Pipeline Runs - Get,
-/// Pipeline Runs - Query By Factory, Activity Runs - Query By Pipeline Run).
+/// Pipeline Runs - Query By Factory).
 pub const API_VERSION: &str = "2018-06-01";
 /// Token scope for Azure Resource Manager.
 pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
