@@ -317,6 +317,17 @@ impl Azurite {
         )
     }
 
+    /// A connection string whose blob endpoint is `blob_endpoint` (e.g. a `CountingProxy`'s) and
+    /// whose queue endpoint is Azurite's.
+    pub fn connection_string_via(&self, account: &str, blob_endpoint: &str) -> String {
+        format!(
+            "DefaultEndpointsProtocol={};AccountName={account};AccountKey={};BlobEndpoint={blob_endpoint};QueueEndpoint={};",
+            self.scheme(),
+            self.account_key(account),
+            self.queue_endpoint(account),
+        )
+    }
+
     /// The test CA's PEM file (`OAuthHttps` only).
     pub fn ca_cert_path(&self) -> Option<&Path> {
         self.pki.as_ref().map(|p| p.ca_cert.as_path())
@@ -386,6 +397,23 @@ impl Azurite {
         out
     }
 
+    /// Azurite's debug logs (blob then queue), written only when the test process runs with
+    /// `LAKEGUARD_TEST_AZURITE_DEBUG=1`; empty otherwise.
+    pub fn debug_log(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            let mut paths: Vec<_> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.to_string_lossy().ends_with(".debug.log"))
+                .collect();
+            paths.sort();
+            for p in paths {
+                out.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+            }
+        }
+        out
+    }
+
     /// Process ids of the two services (for tests of the harness itself).
     pub fn pids(&self) -> [u32; 2] {
         [self.blob.child.id(), self.queue.child.id()]
@@ -451,15 +479,20 @@ fn spawn(
         "--skipApiVersionCheck",
         "--disableTelemetry",
     ]);
+    if std::env::var_os("LAKEGUARD_TEST_AZURITE_DEBUG").is_some() {
+        // Azurite's debug log explains its bare 500s and 403s (e.g. why a copy source failed).
+        cmd.arg("--debug")
+            .arg(dir.join(format!("{name}-{attempt}.debug.log")));
+    }
     if mode == Mode::OAuthHttps {
         let pki = pki.expect("OAuthHttps needs a PKI");
+        // Azurite fetches copy sources itself (a HEAD/GET of the source URL, which is https here):
+        // node must trust the test CA or every server-side copy fails with a bare 500.
+        cmd.env("NODE_EXTRA_CA_CERTS", &pki.ca_cert);
         cmd.args(["--oauth", "basic", "--cert"])
             .arg(&pki.leaf_cert)
             .arg("--key")
-            .arg(&pki.leaf_key)
-            // Azurite reads a cross-account copy source itself, over HTTPS: node must trust the
-            // test CA like our clients do (LAKEGUARD_CA_CERT).
-            .env("NODE_EXTRA_CA_CERTS", &pki.ca_cert);
+            .arg(&pki.leaf_key);
     }
     let child = cmd
         .spawn()

@@ -234,6 +234,26 @@ impl Stack {
         env
     }
 
+    /// `env()` with both accounts' blob traffic routed through `proxy` (which must front this
+    /// stack's blob port), so a test can count every blob request lakeguard makes. Shared Key
+    /// only: the proxy speaks plain HTTP.
+    pub fn env_via_proxy(&self, proxy: &CountingProxy) -> Vec<(String, String)> {
+        assert_eq!(
+            self.mode(),
+            Mode::SharedKeyHttp,
+            "the counting proxy is plain HTTP; in OAuthHttps count with Azurite's access log"
+        );
+        let az = &self.azurite;
+        let source = az.connection_string_via(DEV_ACCOUNT, &proxy.endpoint(DEV_ACCOUNT));
+        let backup = az.connection_string_via(BACKUP_ACCOUNT, &proxy.endpoint(BACKUP_ACCOUNT));
+        self.env_with(&[("SourceStorage", &source), ("BackupStorage", &backup)])
+    }
+
+    /// A counting proxy in front of this stack's blob service.
+    pub fn blob_proxy(&self) -> CountingProxy {
+        CountingProxy::start(self.azurite.blob_port())
+    }
+
     /// `lakeguard serve` with `env()`.
     pub async fn handler(&self) -> Handler {
         Handler::spawn(&self.env()).await
