@@ -92,6 +92,18 @@ impl fmt::Debug for Settings {
     }
 }
 
+/// Container of the backup account reserved for restore bookkeeping (status documents and undo
+/// copies of blobs a restore deleted).
+pub const RESTORES_CONTAINER: &str = "lakeguard-restores";
+/// Name prefix of the backup account's scratch containers of restore drills.
+pub const DRILL_CONTAINER_PREFIX: &str = "lakeguard-drill-";
+
+/// Containers lakeguard itself keeps in the backup account: never backed up, reconciled,
+/// verified or used as a restore target.
+pub fn is_reserved_container(name: &str) -> bool {
+    name == RESTORES_CONTAINER || name.starts_with(DRILL_CONTAINER_PREFIX)
+}
+
 /// A connection given on the command line or in a request: a connection string (it contains
 /// `=`), or the name of a connection configured in the environment with the Functions
 /// convention (e.g. `BackupStorage`, or `DrStorage` with `DrStorage__blobServiceUri`).
@@ -267,10 +279,13 @@ impl Settings {
         })
     }
 
-    /// Whether reconcile covers `container` (include list, when set, then exclude list).
+    /// Whether reconcile covers `container` (include list, when set, then exclude list). The
+    /// backup account's own bookkeeping containers ([`is_reserved_container`]) never are: they
+    /// have no source container, and must not be taken for deleted ones and tombstoned.
     pub fn covers_container(&self, container: &str) -> bool {
-        (self.containers_include.is_empty()
-            || self.containers_include.iter().any(|c| c == container))
+        !is_reserved_container(container)
+            && (self.containers_include.is_empty()
+                || self.containers_include.iter().any(|c| c == container))
             && !self.containers_exclude.iter().any(|c| c == container)
     }
 }

@@ -199,6 +199,35 @@ async fn restore_to_points_in_time_elsewhere_and_in_place() {
         }
     }
 
+    // The CLI into another account given by connection string (never echoed).
+    let (t2, truth2) = &h.points[1];
+    let target = unique_name("cs");
+    let backup_cs = stack.azurite.connection_string(support::BACKUP_ACCOUNT);
+    let out = run_cli(
+        &[
+            "restore",
+            "--container",
+            c,
+            "--at",
+            &metadata::format_time(*t2),
+            "--to-account",
+            &backup_cs,
+            "--to-container",
+            &target,
+        ],
+        &env,
+    )
+    .await;
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("restore ") && printed.contains("plan: restore"), "{printed}");
+    stack.assert_no_secrets_in(&printed);
+    assert_eq!(contents(&stack.backup(), &target).await, *truth2);
+
     // Before the first version: nothing existed as far as the backup knows.
     let early = h.points[0].0 - time::Duration::hours(1);
     let report = restore::run(

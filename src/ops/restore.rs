@@ -59,7 +59,7 @@ use crate::storage::{BlobStore, StorageError};
 /// Container of the backup account reserved for restore bookkeeping: status documents
 /// (`<id>/status.json`) and undo copies of deleted blobs (`<id>/undo/<container>/<name>`).
 /// A source container of this name would collide with it; lakeguard refuses to restore into it.
-pub const RESERVED_CONTAINER: &str = "lakeguard-restores";
+pub const RESERVED_CONTAINER: &str = crate::settings::RESTORES_CONTAINER;
 
 /// Metadata on the undo snapshot taken before an overwrite: the id of the restore that took it.
 pub const RESTORE_UNDO: &str = "lakeguard_restore_undo";
@@ -321,9 +321,15 @@ fn ends<'a>(app: &'a App, req: &'a RestoreRequest) -> Result<Ends<'a>, OpError> 
                     && ua.port_or_known_default() == ub.port_or_known_default()
                     && ua.path() == ub.path()
             };
-            if t.container == RESERVED_CONTAINER {
+            // Drills restore into their own scratch containers (sample-only requests).
+            if crate::settings::is_reserved_container(&t.container)
+                && !(req.sample.is_some()
+                    && t.container
+                        .starts_with(crate::settings::DRILL_CONTAINER_PREFIX))
+            {
                 return Err(OpError::InvalidInput(format!(
-                    "`{RESERVED_CONTAINER}` is reserved for restore bookkeeping"
+                    "`{}` is reserved for lakeguard's own bookkeeping",
+                    t.container
                 )));
             }
             if same(&t.store, &app.source) && t.container == req.container {

@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use super::restore::{self as restore_op, RestoreRequest, TargetSpec, RESERVED_CONTAINER};
+use super::restore::{self as restore_op, RestoreRequest, TargetSpec};
 use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
 use crate::app::App;
 use crate::core::join::{
@@ -49,7 +49,7 @@ use crate::storage::{BlobStore, StorageError};
 const MAX_LISTED: usize = 100;
 
 /// Prefix of the scratch containers of restore drills (never verified or drilled themselves).
-pub const DRILL_PREFIX: &str = "lakeguard-drill-";
+pub const DRILL_PREFIX: &str = crate::settings::DRILL_CONTAINER_PREFIX;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PendingBlob {
@@ -489,7 +489,7 @@ pub async fn drill(
                 all.extend(
                     names
                         .into_iter()
-                        .filter(|n| n != RESERVED_CONTAINER && !n.starts_with(DRILL_PREFIX)),
+                        .filter(|n| !crate::settings::is_reserved_container(n)),
                 );
                 marker = next;
                 if marker.is_none() {
