@@ -224,7 +224,10 @@ async fn restore_to_points_in_time_elsewhere_and_in_place() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{printed}");
-    assert!(printed.contains("restore ") && printed.contains("plan: restore"), "{printed}");
+    assert!(
+        printed.contains("restore ") && printed.contains("plan: restore"),
+        "{printed}"
+    );
     stack.assert_no_secrets_in(&printed);
     assert_eq!(contents(&stack.backup(), &target).await, *truth2);
 
@@ -639,4 +642,94 @@ async fn large_versions_restore_through_blocks() {
     assert!(head
         .header("x-ms-meta-lakeguard_restored_from_etag")
         .is_some());
+}
+
+/// A real interruption: the CLI is killed in the middle of a restore, then run again. The rerun
+/// recognises every blob the first run wrote (`unchanged`) and copies only the rest.
+#[tokio::test]
+async fn killed_restore_resumes_without_doing_anything_twice() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let env = stack.env_with(&[("LAKEGUARD_CONCURRENCY", "1")]);
+    let app = support::app(&stack.env());
+    let src = stack.source();
+    let c = unique_name("kill");
+    src.create_container(&c).await.ok("create");
+    let mut truth = Truth::new();
+    const N: usize = 120;
+    for i in 0..N {
+        let name = format!("part-{i:03}.csv");
+        put(&src, &c, &name, format!("row {i}\n").as_bytes(), &mut truth).await;
+    }
+    cycle(&app, &c).await;
+    let t = mark().await;
+    let target = unique_name("killed");
+    let at = metadata::format_time(t);
+    let args = [
+        "restore",
+        "--container",
+        c.as_str(),
+        "--at",
+        at.as_str(),
+        "--to-account",
+        "BackupStorage",
+        "--to-container",
+        target.as_str(),
+        "--output",
+        "json",
+    ];
+    let mut child = tokio::process::Command::new(support::handler::lakeguard_bin())
+        .args(args)
+        .env_clear()
+        .envs(support::azurite::base_env())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn lakeguard restore");
+    let backup = stack.backup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = app
+            .backup
+            .list_page(&target, &Default::default(), None)
+            .await
+            .map(|p| p.entries.len())
+            .unwrap_or(0);
+        if n >= 5 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore finished before it could be interrupted"
+        );
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().await.expect("kill");
+    // Let a copy that was already on the wire land before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let done_before = backup
+        .list_blobs(&target, None)
+        .await
+        .iter()
+        .filter(|b| b.snapshot.is_none())
+        .count();
+    assert!(
+        done_before < N,
+        "interrupted too late ({done_before} of {N})"
+    );
+
+    let out = run_cli(&args, &env).await;
+    assert!(out.status.success(), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["plan"]["unchanged"], done_before as u64, "{}", r["plan"]);
+    assert_eq!(r["plan"]["overwrite"], 0, "{}", r["plan"]);
+    assert_eq!(
+        r["execution"]["restored"],
+        (N - done_before) as u64,
+        "{}",
+        r["execution"]
+    );
+    assert_eq!(contents(&backup, &target).await, truth);
 }
