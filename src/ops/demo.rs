@@ -161,11 +161,6 @@ pub async fn run(app: &App) -> Result<String, OpError> {
         "== `{changed}` rewritten: producer enqueued {}, worker backed up {} (the previous backup version is kept as a backup snapshot)",
         snap.enqueued, drained.backed_up
     );
-    let _ = writeln!(
-        out,
-        "== SnapshotProducer again (nothing changed): enqueued {}, unchanged {}",
-        again.enqueued, again.unchanged
-    );
     let _ = writeln!(out, "\n{}", side_by_side(app, DEMO_CONTAINER).await?);
     Ok(out)
 }
