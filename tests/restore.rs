@@ -338,6 +338,19 @@ async fn restore_to_points_in_time_elsewhere_and_in_place() {
     assert_eq!(again.plan.restore + again.plan.delete, 0, "{again:#?}");
     assert!(again.is_complete());
     assert_eq!(contents(&stack.source(), c).await, *truth1);
+
+    // Forward again, in place, to T2: `dir/b b.csv` was deleted before T2 and goes again,
+    // `d.txt` (deleted by the previous restore) comes back, `c.json` already holds its T2
+    // version (restored from it: the marker says so) and is not copied again.
+    let (t2, truth2) = &h.points[1];
+    let mut req = RestoreRequest::new(c.as_str(), *t2);
+    req.force = true;
+    let r2 = restore::run(&app, &req, no_progress()).await.unwrap();
+    assert!(r2.is_complete(), "{r2:#?}");
+    assert_eq!(r2.plan.delete, 1, "{r2:#?}");
+    assert_eq!(r2.plan.restore, 2, "a.txt and d.txt: {r2:#?}");
+    assert_eq!(r2.plan.unchanged, 2, "c.json and a.txt.bak: {r2:#?}");
+    assert_eq!(contents(&stack.source(), c).await, *truth2);
 }
 
 #[tokio::test]
@@ -540,6 +553,49 @@ async fn restore_http_function_plans_and_runs_with_confirm() {
     assert_eq!(last["done"], last["total"]);
     assert_eq!(last["report"]["execution"]["restored"], truth1.len() as u64);
     assert_eq!(contents(&stack.backup(), &target).await, *truth1);
+
+    // In place, confirmed and forced: runs; the deleted blob's undo copy is in the backup.
+    let (status, body) =
+        call(json!({"container": c, "at": at, "confirm": true, "force": true})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let r = forwarded_http(
+            port,
+            "GET",
+            &format!("/api/restore/{id}"),
+            &[("x-functions-key", "admin-key")],
+            None,
+        )
+        .await;
+        last = r.json();
+        if last["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last["state"], "succeeded", "{last:#}");
+    assert_eq!(contents(&stack.source(), c).await, *truth1);
+    stack
+        .backup()
+        .get_blob(RESERVED_CONTAINER, &format!("{id}/undo/{c}/d.txt"), None)
+        .await
+        .ok("undo copy");
+
+    // Bad requests: 400 with a reason, nothing planned.
+    for bad in [
+        json!({"container": c}),
+        json!({"container": c, "at": "yesterday"}),
+        json!({"container": c, "at": at, "from": "tape"}),
+        json!({"container": c, "at": at, "to_account": "AccountKey=abc;AccountName=x"}),
+        json!({"container": c, "at": at, "to_container": RESERVED_CONTAINER}),
+        json!({"container": c, "at": at, "unknown": 1}),
+    ] {
+        let (status, body) = call(bad.clone()).await;
+        assert_eq!(status, 400, "{bad} -> {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
 
     // Unknown ids are 404.
     let r = forwarded_http(
