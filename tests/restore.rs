@@ -661,6 +661,22 @@ async fn restore_with_managed_identity() {
         assert_eq!(contents(&stack.backup(), &target).await, *expected);
         stack.assert_no_secrets_in(&String::from_utf8_lossy(&out.stderr));
     }
+
+    // Verify and the drill with bearer tokens too.
+    for args in [
+        vec!["verify", "--container", c.as_str(), "--deep"],
+        vec!["verify", "--restore-drill", "--container", c.as_str()],
+    ] {
+        let out = run_cli(&args, &env).await;
+        assert!(
+            out.status.success(),
+            "{args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+        stack.assert_no_secrets_in(&String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// A version above the single-copy threshold goes through Put Block From URL + Put Block List,

@@ -1020,3 +1020,83 @@ pub async fn start_background(
     });
     Ok(initial)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Etag;
+
+    fn plan_with(in_place: bool, summary: PlanSummary) -> Plan {
+        let id = new_id();
+        Plan {
+            info: RequestInfo {
+                container: "c".into(),
+                prefix: None,
+                at: OffsetDateTime::UNIX_EPOCH,
+                from: HistoryFrom::Backup,
+                in_place,
+                target_account: "acct".into(),
+                target_container: "d".into(),
+                dry_run: false,
+                force: false,
+            },
+            summary,
+            items: vec![],
+            items_truncated: false,
+            spool: Spool::new(&id).unwrap(),
+            id,
+        }
+    }
+
+    #[test]
+    fn intent_rules() {
+        let empty = PlanSummary::default();
+        let overwrite = PlanSummary {
+            restore: 2,
+            overwrite: 1,
+            ..Default::default()
+        };
+        let fresh = PlanSummary {
+            restore: 2,
+            unchanged: 3,
+            left_alone: 1,
+            ..Default::default()
+        };
+        // In place always needs force, even when nothing would be destroyed.
+        assert!(refusal(&plan_with(true, empty.clone()), false).is_some());
+        assert!(refusal(&plan_with(true, empty), true).is_none());
+        // Elsewhere: only overwrites need it; left-alone blobs do not.
+        assert!(refusal(&plan_with(false, fresh), false).is_none());
+        assert!(refusal(&plan_with(false, overwrite.clone()), false).is_some());
+        assert!(refusal(&plan_with(false, overwrite), true).is_none());
+    }
+
+    #[test]
+    fn spool_round_trips_and_is_removed() {
+        let mut plan = plan_with(false, PlanSummary::default());
+        let items = vec![
+            PlanItem::Delete {
+                name: "a \"b\"/ü.txt".into(),
+                target_etag: Etag::new("0x1"),
+            },
+            PlanItem::Unchanged { name: "x".into() },
+        ];
+        for i in &items {
+            plan.spool.push(i).unwrap();
+        }
+        let path = plan.spool.path.clone();
+        assert_eq!(plan.actionable().unwrap(), items);
+        assert!(path.exists());
+        drop(plan);
+        assert!(!path.exists(), "the spool is removed with the plan");
+    }
+
+    #[test]
+    fn ids_are_safe_path_segments() {
+        let id = new_id();
+        assert!(is_valid_id(&id), "{id}");
+        for bad in ["", "../x", "a/b", "A", "x".repeat(65).as_str(), "a b"] {
+            assert!(!is_valid_id(bad), "{bad:?}");
+        }
+    }
+}
