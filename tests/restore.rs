@@ -415,6 +415,38 @@ async fn interrupted_restore_finishes_and_changed_targets_are_not_overwritten() 
     }
     // d.txt did not exist at T1: elsewhere it is left alone, never deleted.
     assert_eq!(now["d.txt"], b"d version 1");
+
+    // The history row a plan copies from changes before execution (here: the backup base blob
+    // of `d.txt`'s current version gets new metadata, so a new ETag): the copy's source
+    // condition fails, nothing is written, and a rerun plans from the new row and succeeds.
+    let (t3, truth3) = &h.points[2];
+    let target = unique_name("srcmoved");
+    let req = elsewhere(&app, c, *t3, &target);
+    let mut plan = restore::plan(&app, &req).await.unwrap();
+    let p = app.backup.properties(c, "d.txt", None).await.unwrap();
+    let mut meta = p.metadata.clone();
+    meta.insert("touched".into(), "yes".into());
+    app.backup
+        .set_metadata(c, "d.txt", &meta, &p.etag)
+        .await
+        .unwrap();
+    let exec = restore::execute(&app, &req, &mut plan, no_progress())
+        .await
+        .unwrap();
+    assert_eq!(exec.failed, 1, "{exec:#?}");
+    assert_eq!(exec.failures[0].blob, "d.txt");
+    assert!(
+        exec.failures[0].error.contains("history changed"),
+        "{exec:#?}"
+    );
+    assert_eq!(exec.changed_since_plan, 0, "{exec:#?}");
+    assert!(!contents(&stack.backup(), &target)
+        .await
+        .contains_key("d.txt"));
+    let rerun = restore::run(&app, &req, no_progress()).await.unwrap();
+    assert!(rerun.is_complete(), "{rerun:#?}");
+    assert_eq!(rerun.execution.unwrap().restored, 1);
+    assert_eq!(contents(&stack.backup(), &target).await, *truth3);
 }
 
 #[tokio::test]

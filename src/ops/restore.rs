@@ -676,10 +676,24 @@ struct Exec<'a> {
     blocks: BlockOptions,
 }
 
-/// A 412/409 on a conditional write: which side moved? The service names source conditions
-/// (`SourceConditionNotMet`); anything else is the target's condition.
-fn is_source_condition(e: &StorageError) -> bool {
-    e.code().to_ascii_lowercase().contains("source")
+/// A 412/409 on a conditional copy: the target's or the source's condition? The service names
+/// source conditions (`SourceConditionNotMet`), the emulator does not, so when the code does not
+/// say, the target is looked at again: if it still is as planned, the source moved.
+async fn source_moved(
+    e: &StorageError,
+    target: &BlobStore,
+    c: &str,
+    name: &str,
+    planned: Option<&Etag>,
+) -> bool {
+    if e.code().to_ascii_lowercase().contains("source") {
+        return true;
+    }
+    match target.properties(c, name, None).await {
+        Ok(p) => planned == Some(&p.etag),
+        Err(err) if err.is_not_found() => planned.is_none(),
+        Err(_) => false,
+    }
 }
 
 fn is_condition_failure(e: &StorageError) -> bool {
@@ -784,12 +798,24 @@ impl Exec<'_> {
                 overwrote: target_etag.is_some(),
                 undo,
             },
-            Err(e) if is_condition_failure(&e) && !is_source_condition(&e) => {
-                Outcome::Changed(e.to_string())
+            Err(e) if is_condition_failure(&e) => {
+                let t = self.ends.target;
+                if source_moved(
+                    &e,
+                    t,
+                    self.ends.target_container,
+                    name,
+                    target_etag.as_ref(),
+                )
+                .await
+                {
+                    Outcome::Failed(format!(
+                        "the version's row in the history changed since the plan (run the restore again): {e}"
+                    ))
+                } else {
+                    Outcome::Changed(e.to_string())
+                }
             }
-            Err(e) if is_condition_failure(&e) => Outcome::Failed(format!(
-                "the version's row in the history changed since the plan (run the restore again): {e}"
-            )),
             Err(e) => Outcome::Failed(e.to_string()),
         }
     }
