@@ -623,6 +623,8 @@ async fn restore_http_function_plans_and_runs_with_confirm() {
         json!({"container": c, "at": at, "to_account": "AccountKey=abc;AccountName=x"}),
         json!({"container": c, "at": at, "to_container": RESERVED_CONTAINER}),
         json!({"container": c, "at": at, "unknown": 1}),
+        // The backup's own container is the history being read: never a target.
+        json!({"container": c, "at": at, "to_account": "BackupStorage", "confirm": true, "force": true}),
     ] {
         let (status, body) = call(bad.clone()).await;
         assert_eq!(status, 400, "{bad} -> {body}");
