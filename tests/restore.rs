@@ -199,6 +199,21 @@ async fn restore_to_points_in_time_elsewhere_and_in_place() {
         }
     }
 
+    // A prefix is a plain string prefix: `a.txt` selects `a.txt` and `a.txt.bak`, nothing else.
+    let target = unique_name("prefix");
+    let mut req = elsewhere(&app, c, h.points[1].0, &target);
+    req.prefix = Some("a.txt".into());
+    let report = restore::run(&app, &req, no_progress()).await.unwrap();
+    assert!(report.is_complete(), "{report:#?}");
+    let expected: Truth = h.points[1]
+        .1
+        .iter()
+        .filter(|(n, _)| n.starts_with("a.txt"))
+        .map(|(n, d)| (n.clone(), d.clone()))
+        .collect();
+    assert_eq!(expected.len(), 2);
+    assert_eq!(contents(&stack.backup(), &target).await, expected);
+
     // The CLI into another account given by connection string (never echoed).
     let (t2, truth2) = &h.points[1];
     let target = unique_name("cs");
