@@ -7,6 +7,7 @@
 
 pub mod backup_worker;
 pub mod protocol;
+pub mod reconcile;
 pub mod snapshot_producer;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -29,6 +30,9 @@ pub fn router(app: App) -> Router {
             get(snapshot_producer::handle).post(snapshot_producer::handle),
         )
         .route("/BackupWorker", post(backup_worker::handle))
+        .route("/Reconcile", post(reconcile::timer))
+        .route("/ReconcileWorker", post(reconcile::worker))
+        .route("/api/reconcile", get(reconcile::now).post(reconcile::now))
         .fallback(not_found)
         .with_state(app)
 }

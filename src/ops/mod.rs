@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod demo;
+pub mod reconcile;
 pub mod snapshot;
 
 use std::sync::Arc;
