@@ -148,7 +148,7 @@ impl Settings {
             vars,
             "LAKEGUARD_PENDING_TTL_SECS",
             6 * 3600,
-            60,
+            1,
             30 * 86400,
         )?);
         let use_lease = boolean(vars, "LAKEGUARD_USE_LEASE")?;

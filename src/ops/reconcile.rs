@@ -564,6 +564,30 @@ pub fn reconcile_queue(app: &App) -> Result<BackupQueue, StorageError> {
 struct Side {
     next: Cursor,
     page_start: Cursor,
+    /// Rows of earlier pages (all handled).
+    earlier: u64,
+    /// Names of the current page's rows (sorted): rows after the checkpoint are re-read by the
+    /// next hop, so only those up to it count as scanned here (hops never count a row twice).
+    names: Vec<String>,
+}
+
+impl Side {
+    fn new(at: &Cursor) -> Self {
+        Side {
+            next: at.clone(),
+            page_start: at.clone(),
+            earlier: 0,
+            names: Vec::new(),
+        }
+    }
+
+    fn scanned(&self, order: NameOrder, done: Option<&str>) -> u64 {
+        let current = match done {
+            None => 0,
+            Some(d) => self.names.partition_point(|n| order.cmp(n, d).is_le()),
+        };
+        self.earlier + current as u64
+    }
 }
 
 /// One page of a side. A missing container lists as empty: a source container that is gone means
@@ -600,14 +624,8 @@ async fn walk_container(
     let order = ctx.order;
     let page_size = ctx.app.settings.list_page_size;
     let mut join = ReconcileJoin::new(order);
-    let mut source = Side {
-        next: from.source.clone(),
-        page_start: from.source.clone(),
-    };
-    let mut backup = Side {
-        next: from.backup.clone(),
-        page_start: from.backup.clone(),
-    };
+    let mut source = Side::new(&from.source);
+    let mut backup = Side::new(&from.backup);
     if source.next == Cursor::End {
         join.end_source();
     }
@@ -659,7 +677,7 @@ async fn walk_container(
             }
             Step::Done => {
                 execute(ctx, container, std::mem::take(&mut batch), tally, report).await;
-                tally.record_scanned(&join);
+                record_scanned(tally, order, &source, &backup, &done_name);
                 return Walk::Finished;
             }
             Step::NeedSource => true,
@@ -667,7 +685,7 @@ async fn walk_container(
         };
         execute(ctx, container, std::mem::take(&mut batch), tally, report).await;
         if handled_any && ctx.out_of_budget() {
-            tally.record_scanned(&join);
+            record_scanned(tally, order, &source, &backup, &done_name);
             return Walk::OutOfBudget(checkpoint(
                 Some(asking_source),
                 &source,
@@ -683,7 +701,7 @@ async fn walk_container(
         let page = match fetch(store, container, side.next.marker(), page_size).await {
             Ok(p) => p,
             Err(e) => {
-                tally.record_scanned(&join);
+                record_scanned(tally, order, &source, &backup, &done_name);
                 return Walk::Failed {
                     retryable: e.is_retryable(),
                     error: format!(
@@ -698,13 +716,15 @@ async fn walk_container(
         side.next = page.next_marker.map(Cursor::Marker).unwrap_or(Cursor::End);
         let ended = side.next == Cursor::End;
         let rows: Vec<BlobEntry> = page.entries.into_iter().filter(|e| keep(e)).collect();
+        side.earlier += side.names.len() as u64;
+        side.names = rows.iter().map(|e| e.name.clone()).collect();
         let pushed = if asking_source {
             join.push_source(rows)
         } else {
             join.push_backup(rows)
         };
         if let Err(e) = pushed {
-            tally.record_scanned(&join);
+            record_scanned(tally, order, &source, &backup, &done_name);
             return Walk::Failed {
                 error: join_error(e),
                 // The side's page was not consumed: resume from its start.
@@ -720,6 +740,17 @@ async fn walk_container(
             }
         }
     }
+}
+
+fn record_scanned(
+    tally: &mut ReconcileTally,
+    order: NameOrder,
+    source: &Side,
+    backup: &Side,
+    done: &Option<String>,
+) {
+    tally.source_scanned = source.scanned(order, done.as_deref());
+    tally.backup_scanned = backup.scanned(order, done.as_deref());
 }
 
 fn join_error(e: JoinError) -> String {
