@@ -453,6 +453,40 @@ mod tests {
     }
 
     #[test]
+    fn reconcile_knobs() {
+        let s = Settings::from_map(&base()).unwrap();
+        assert_eq!(s.reconcile_queue, "lakeguard-backup-reconcile");
+        assert_eq!(s.list_page_size, None);
+        assert_eq!(s.name_order, crate::core::NameOrder::Utf16Units);
+        let mut m = base();
+        m.insert("LAKEGUARD_LIST_PAGE_SIZE".into(), "2".into());
+        m.insert("LAKEGUARD_NAME_ORDER".into(), "Hierarchical".into());
+        m.insert("LAKEGUARD_RECONCILE_BUDGET_SECS".into(), "0".into());
+        let s = Settings::from_map(&m).unwrap();
+        assert_eq!(s.list_page_size, Some(2));
+        assert_eq!(s.name_order, crate::core::NameOrder::Hierarchical);
+        assert_eq!(s.reconcile_budget, Duration::ZERO);
+        for (k, v) in [
+            ("LAKEGUARD_LIST_PAGE_SIZE", "0"),
+            ("LAKEGUARD_LIST_PAGE_SIZE", "5001"),
+            ("LAKEGUARD_NAME_ORDER", "alphabetical"),
+            ("LAKEGUARD_RECONCILE_QUEUE", "Bad_Queue"),
+            ("LAKEGUARD_RECONCILE_QUEUE", "lakeguard-backup"),
+        ] {
+            let mut m = base();
+            m.insert(k.into(), v.into());
+            let err = Settings::from_map(&m).unwrap_err().to_string();
+            assert!(err.contains(k), "{k}={v}: {err}");
+        }
+        // A long backup queue name needs an explicit reconcile queue (the default would be too long).
+        let mut m = base();
+        m.insert("LAKEGUARD_BACKUP_QUEUE".into(), "q".repeat(50));
+        assert!(Settings::from_map(&m).is_err());
+        m.insert("LAKEGUARD_RECONCILE_QUEUE".into(), "lakeguard-reconcile".into());
+        assert!(Settings::from_map(&m).is_ok());
+    }
+
+    #[test]
     fn include_exclude() {
         let mut m = base();
         m.insert("LAKEGUARD_CONTAINERS_INCLUDE".into(), "a1,b2".into());

@@ -725,3 +725,72 @@ async fn cli_budget_and_continuation_drain() {
         names.len()
     );
 }
+
+/// Managed identity (HTTPS, bearer tokens from the local IDENTITY_ENDPOINT), and a source
+/// container deleted as a whole: its backup container is still walked (it is listed in the backup
+/// account) and every lakeguard backup in it is tombstoned; a backup blob lakeguard did not write
+/// is left alone. The cost is counted from Azurite's access log (no proxy over HTTPS).
+#[tokio::test]
+async fn managed_identity_deleted_source_container_is_tombstoned() {
+    let stack = Stack::start(Mode::OAuthHttps).await;
+    let gone = unique_name("gone");
+    let live = unique_name("live");
+    let bk = stack.backup();
+    // Backups as the worker writes them (made directly: this test is about reconcile).
+    bk.create_container(&gone).await.ok("create");
+    for name in ["g1.csv", "g2/x.csv"] {
+        bk.put_blob(
+            &gone,
+            name,
+            b"old content",
+            &[
+                ("lakeguard_source_etag", "\"0x8DEADBEEF\""),
+                ("lakeguard_source_last_modified", "2026-11-01T00:00:00Z"),
+            ],
+        )
+        .await
+        .ok("put backup");
+    }
+    bk.put_blob(&gone, "foreign.txt", b"not ours", &[])
+        .await
+        .ok("put foreign");
+    seed(&stack, &live, &files(&["l1.csv"])).await;
+    let env = env(&stack, &[]);
+
+    let (ok, r) = reconcile_cli(&env, &[]).await;
+    assert!(ok, "{r:#}");
+    assert_eq!(n(&r, "containers"), 2, "{r:#}");
+    assert_eq!(n(&r, "tombstones_written"), 2, "{r:#}");
+    assert_eq!(n(&r, "skipped"), 1, "the foreign blob: {r:#}");
+    assert_eq!(n(&r, "requests_enqueued"), 1, "{r:#}");
+    let (bases, snaps) = backup_state(&stack, &gone).await;
+    for name in ["g1.csv", "g2/x.csv"] {
+        assert!(
+            bases[name].metadata.contains_key("lakeguard_deleted_at"),
+            "{name}"
+        );
+        assert_eq!(snaps[name].len(), 1, "{name}: the last version is kept");
+    }
+    assert!(!bases["foreign.txt"]
+        .metadata
+        .contains_key("lakeguard_deleted_at"));
+
+    // Nothing left to do; and a no-op run only lists (access log: same account-level view).
+    let before = stack.azurite.blob_requests().await.len();
+    let (ok, r) = reconcile_cli(&env, &[]).await;
+    assert!(ok, "{r:#}");
+    assert_eq!(n(&r, "tombstones_written"), 0, "{r:#}");
+    assert_eq!(n(&r, "already_tombstoned"), 2, "{r:#}");
+    assert_eq!(n(&r, "already_pending"), 1, "{r:#}");
+    let after = stack.azurite.blob_requests().await;
+    let extra: Vec<_> = after[before..]
+        .iter()
+        .filter(|e| !(e.method == "GET" && e.comp().as_deref() == Some("list")))
+        .map(|e| e.target.clone())
+        .collect();
+    // The only per-blob request left is the snapshot listing of the pending blob.
+    assert!(extra.is_empty(), "requests other than listings: {extra:#?}");
+    let id = stack.identity.as_ref().unwrap();
+    id.assert_no_violations();
+    assert!(id.requests_for(support::identity::STORAGE_RESOURCE) >= 1);
+}
