@@ -250,6 +250,24 @@ async fn identity_endpoint_enforces_the_app_service_contract() {
     let body: serde_json::Value = ok.json().await.unwrap();
     assert_eq!(body["client_id"], "11111111-2222-3333-4444-555555555555");
     assert_eq!(id.requests_for("https://management.azure.com/"), 1);
+    let arm_token = body["access_token"].as_str().unwrap();
+    let claims = id
+        .verify_bearer(
+            Some(&format!("Bearer {arm_token}")),
+            "https://management.azure.com/",
+        )
+        .expect("valid management token");
+    assert_eq!(claims["appid"], "11111111-2222-3333-4444-555555555555");
+    assert!(id
+        .verify_bearer(Some(&format!("Bearer {arm_token}")), STORAGE_RESOURCE)
+        .is_err());
+    assert!(id
+        .verify_bearer(
+            Some(&format!("Bearer {}", identity::storage_token())),
+            STORAGE_RESOURCE
+        )
+        .is_err());
+    assert!(id.verify_bearer(None, STORAGE_RESOURCE).is_err());
     let seen = id.client_ids_seen();
     assert_eq!(
         seen.get(&Some("11111111-2222-3333-4444-555555555555".to_string())),
@@ -538,4 +556,48 @@ async fn handler_runner_gives_a_clean_env_waits_for_ready_and_kills() {
     assert!(port_open(port2));
     drop(second);
     assert!(!port_open(port2));
+}
+
+#[tokio::test]
+async fn queue_trigger_runs_deliveries_in_parallel() {
+    use base64::Engine;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use support::host::{QueueAccess, QueueTrigger};
+
+    #[derive(Clone, Default)]
+    struct Load {
+        now: Arc<AtomicUsize>,
+        peak: Arc<AtomicUsize>,
+    }
+    async fn slow(
+        axum::extract::State(load): axum::extract::State<Load>,
+    ) -> axum::Json<serde_json::Value> {
+        let n = load.now.fetch_add(1, Ordering::SeqCst) + 1;
+        load.peak.fetch_max(n, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        load.now.fetch_sub(1, Ordering::SeqCst);
+        axum::Json(serde_json::json!({"Outputs": {}, "Logs": []}))
+    }
+
+    let az = Azurite::start(Mode::SharedKeyHttp).await;
+    let load = Load::default();
+    let app = axum::Router::new()
+        .route("/BackupWorker", axum::routing::post(slow))
+        .with_state(load.clone());
+    let server = support::BackgroundServer::start(app);
+    let q = az.queue_rest(DEV_ACCOUNT);
+    let queue = support::unique_name("parallel");
+    for i in 0..12 {
+        q.put_raw(
+            &queue,
+            &base64::engine::general_purpose::STANDARD.encode(format!("m{i}")),
+        )
+        .await;
+    }
+    let trigger = QueueTrigger::backup_worker(&q, server.addr().port(), &queue);
+    let report = trigger.drain_parallel(4, 100).await;
+    assert_eq!(report.succeeded, 12, "{report:#?}");
+    assert_eq!(q.message_count(&queue).await, 0);
+    let peak = load.peak.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&peak), "peak concurrency {peak}");
 }

@@ -3,6 +3,8 @@
 //! The worker decides *whether* to copy (idempotency, staleness, keeping the previous backup
 //! version); an engine only performs the copy it is given and reports how it went.
 
+pub mod datafactory;
+
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;

@@ -11,7 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{metadata, BlobEntry, Etag};
+use super::reconcile::snapshot_version_etag as snapshot_version;
+use crate::model::{BlobEntry, Etag};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -35,14 +36,6 @@ impl Decision {
     pub fn needs_snapshot(&self) -> bool {
         matches!(self.verdict, Verdict::New | Verdict::Changed { .. })
     }
-}
-
-/// The version a snapshot holds.
-pub fn snapshot_version(snapshot: &BlobEntry) -> Etag {
-    snapshot
-        .meta(metadata::SOURCE_ETAG)
-        .map(Etag::new)
-        .unwrap_or_else(|| snapshot.etag.clone())
 }
 
 /// Accumulates listing entries of any order and decides per base blob.
@@ -131,6 +124,7 @@ pub fn detect(entries: impl IntoIterator<Item = BlobEntry>) -> Vec<Decision> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::metadata;
     use proptest::prelude::*;
     use time::macros::datetime;
 

@@ -25,7 +25,7 @@ use tracing::{info, warn, Instrument};
 use super::Progress;
 use crate::app::App;
 use crate::copy::{lease, CopyError, CopyJob};
-use crate::core::changes::snapshot_version;
+use crate::core::reconcile::snapshot_version_etag as snapshot_version;
 use crate::model::{metadata, BackupRequest, Etag};
 use crate::storage::blob::{BlobProperties, ListOptions};
 use crate::storage::queue::Received;

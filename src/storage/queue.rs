@@ -132,7 +132,17 @@ impl BackupQueue {
             };
             text = serde_json::to_string(&record).expect("poison record serialises");
         }
-        send(&self.poison, &format!("{}-poison", self.name), &text).await
+        let poison_name = format!("{}-poison", self.name);
+        match send(&self.poison, &poison_name, &text).await {
+            // Like the host, create the poison queue on first use.
+            Err(e) if e.is_not_found() => {
+                self.poison.create(None).await.map_err(|e| {
+                    StorageError::from_azure(format!("create queue {poison_name}"), e)
+                })?;
+                send(&self.poison, &poison_name, &text).await
+            }
+            other => other,
+        }
     }
 
     /// Receives up to `max` messages, hiding them for `visibility_secs`.

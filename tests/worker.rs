@@ -1,0 +1,492 @@
+//! BackupWorker end to end: producer -> real queue -> the host's queue trigger (emulated by the
+//! harness, exact payloads) -> `lakeguard serve` -> backup account, read back with the REST oracle.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use support::host::forwarded_http;
+use support::{unique_name, Mode, Stack, StorageRest};
+
+async fn produce(port: u16, container: &str) -> Value {
+    let r = forwarded_http(
+        port,
+        "GET",
+        &format!("/api/snapshot?container={container}"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.body);
+    r.json()["report"].clone()
+}
+
+async fn content(
+    rest: &StorageRest,
+    container: &str,
+    name: &str,
+    snapshot: Option<&str>,
+) -> Vec<u8> {
+    rest.get_blob(container, name, snapshot)
+        .await
+        .ok("get blob")
+        .body
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s.as_bytes())
+}
+
+/// Every version is backed up from its snapshot, with content type and user metadata kept plus
+/// the lakeguard_* metadata, and an overwritten backup version is kept as a backup snapshot.
+async fn full_flow(mode: Mode) {
+    let stack = Stack::start(mode).await;
+    let c = unique_name("lake");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    let names = [
+        "a.csv",
+        "dir/with space #1?.txt",
+        "ünï/€ 100%.json",
+        "a.csv.bak",
+    ];
+    for n in names {
+        src.put_blob(
+            &c,
+            n,
+            format!("v1 of {n}").as_bytes(),
+            &[("owner", "team-x")],
+        )
+        .await
+        .ok("put");
+    }
+    let handler = stack.handler().await;
+    assert_eq!(produce(handler.port(), &c).await["enqueued"], 4);
+    let queues = stack.queues();
+    let trigger = stack.trigger(&queues, handler.port());
+    let report = trigger.drain(20).await;
+    assert_eq!(
+        (report.succeeded, report.failed, report.poisoned),
+        (4, 0, 0),
+        "{:?}",
+        report.deliveries
+    );
+
+    let backup = stack.backup();
+    let listing = src.list_blobs(&c, None).await;
+    let outcomes = format!("{:?}", report.deliveries);
+    assert_eq!(
+        outcomes
+            .matches("\\\"outcome\\\":\\\"backed_up\\\"")
+            .count(),
+        4,
+        "{outcomes}"
+    );
+    for n in names {
+        let snap = listing
+            .iter()
+            .find(|b| b.name == n && b.snapshot.is_some())
+            .unwrap();
+        assert_eq!(
+            content(&backup, &c, n, None).await,
+            content(&src, &c, n, snap.snapshot.as_deref()).await,
+            "{n}"
+        );
+        let props = backup.blob_properties(&c, n, None).await.ok("head backup");
+        let meta = |k: &str| {
+            props
+                .header(&format!("x-ms-meta-{k}"))
+                .unwrap_or_else(|| panic!("{n}: no {k}"))
+        };
+        assert_eq!(meta("owner"), "team-x", "user metadata kept");
+        assert_eq!(
+            meta("lakeguard_source_etag").trim_matches('"'),
+            snap.metadata["lakeguard_source_etag"].trim_matches('"')
+        );
+        assert_eq!(
+            &meta("lakeguard_source_snapshot"),
+            snap.snapshot.as_ref().unwrap()
+        );
+        assert!(time::OffsetDateTime::parse(
+            &meta("lakeguard_source_last_modified"),
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok());
+        assert!(time::OffsetDateTime::parse(
+            &meta("lakeguard_backed_up_at"),
+            &time::format_description::well_known::Rfc3339
+        )
+        .is_ok());
+        assert_eq!(
+            props.header("content-type").as_deref(),
+            Some("application/octet-stream"),
+            "content type kept"
+        );
+    }
+
+    // A new version: the backup's previous version is kept as a backup snapshot.
+    src.put_blob(&c, "a.csv", b"v2 of a.csv", &[("owner", "team-x")])
+        .await
+        .ok("rewrite");
+    assert_eq!(produce(handler.port(), &c).await["enqueued"], 1);
+    let report = trigger.drain(10).await;
+    assert_eq!(report.succeeded, 1);
+    assert_eq!(content(&backup, &c, "a.csv", None).await, b"v2 of a.csv");
+    let history: Vec<_> = backup
+        .list_blobs(&c, Some("a.csv"))
+        .await
+        .into_iter()
+        .filter(|b| b.name == "a.csv" && b.snapshot.is_some())
+        .collect();
+    assert_eq!(history.len(), 1, "the older backup version is kept");
+    assert_eq!(
+        content(&backup, &c, "a.csv", history[0].snapshot.as_deref()).await,
+        b"v1 of a.csv"
+    );
+
+    if mode == Mode::OAuthHttps {
+        let id = stack.identity.as_ref().unwrap();
+        assert!(id.violations().is_empty(), "{:?}", id.violations());
+    }
+    stack.assert_no_secrets_in(&handler.logs());
+}
+
+#[tokio::test]
+async fn full_flow_shared_key() {
+    full_flow(Mode::SharedKeyHttp).await;
+}
+
+#[tokio::test]
+async fn full_flow_managed_identity() {
+    full_flow(Mode::OAuthHttps).await;
+}
+
+/// A redelivered message does no work twice; a reference-style message (no snapshot) works too.
+#[tokio::test]
+async fn redelivery_is_idempotent_and_legacy_messages_work() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("redo");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "x.bin", b"payload", &[]).await.ok("put");
+    let handler = stack.handler().await;
+    produce(handler.port(), &c).await;
+    let queues = stack.queues();
+    let msg = queues.peek_messages(&stack.queue).await.remove(0);
+    // The same message delivered twice (e.g. the host lost the first acknowledgement).
+    queues
+        .send_message(&stack.queue, &msg.text)
+        .await
+        .ok("duplicate");
+    let trigger = stack.trigger(&queues, handler.port());
+    let report = trigger.drain(10).await;
+    assert_eq!(report.succeeded, 2);
+    let outcomes: Vec<String> = report.deliveries.iter().map(|d| format!("{d:?}")).collect();
+    assert!(
+        outcomes.iter().any(|o| o.contains("already_backed_up")),
+        "{outcomes:?}"
+    );
+    let versions = stack.backup().list_blobs(&c, None).await;
+    assert_eq!(
+        versions.len(),
+        1,
+        "no second copy, no extra history: {versions:?}"
+    );
+
+    // The reference implementation's schema: {"container","blob_name","etag"}.
+    src.put_blob(&c, "legacy.csv", b"legacy", &[])
+        .await
+        .ok("put");
+    let etag = src
+        .blob_properties(&c, "legacy.csv", None)
+        .await
+        .ok("head")
+        .header("etag")
+        .unwrap();
+    let legacy = json!({"container": c, "blob_name": "legacy.csv", "etag": etag}).to_string();
+    queues
+        .send_message(&stack.queue, &b64(&legacy))
+        .await
+        .ok("send legacy");
+    let report = trigger.drain(5).await;
+    assert_eq!(report.succeeded, 1, "{:?}", report.deliveries);
+    assert_eq!(
+        content(&stack.backup(), &c, "legacy.csv", None).await,
+        b"legacy"
+    );
+}
+
+/// Malformed messages go to the poison queue at once, with the reason, and are acknowledged.
+#[tokio::test]
+async fn malformed_messages_are_poisoned_at_once_with_the_reason() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let handler = stack.handler().await;
+    let queues = stack.queues();
+    queues.create_queue(&stack.queue).await.ok("create queue");
+    let huge = json!({"v": 1, "container": "raw", "blob": "n".repeat(2000), "etag": "\"0x1\""})
+        .to_string();
+    let bad = [
+        ("not json", "not JSON".to_string()),
+        (
+            r#"{"v":1,"container":"raw","etag":"\"0x1\""}"#,
+            "blob".to_string(),
+        ),
+        (
+            r#"{"v":1,"container":"Not Valid","blob":"a","etag":"x"}"#,
+            "container".to_string(),
+        ),
+        (
+            r#"{"v":7,"container":"raw","blob":"a","etag":"x"}"#,
+            "version 7".to_string(),
+        ),
+        (huge.as_str(), "2000 characters".to_string()),
+    ];
+    for (text, _) in &bad {
+        queues
+            .send_message(&stack.queue, &b64(text))
+            .await
+            .ok("send");
+    }
+    let trigger = stack.trigger(&queues, handler.port());
+    let report = trigger.drain(bad.len()).await;
+    assert_eq!(report.invocations, bad.len(), "one delivery each, not five");
+    assert_eq!(report.succeeded, bad.len(), "acknowledged");
+    let poisoned = queues
+        .peek_messages(&format!("{}-poison", stack.queue))
+        .await;
+    assert_eq!(poisoned.len(), bad.len());
+    let records: Vec<Value> = poisoned
+        .iter()
+        .map(|m| serde_json::from_str(&m.decoded_text().unwrap()).unwrap())
+        .collect();
+    for (text, needle) in &bad {
+        let r = records
+            .iter()
+            .find(|r| r["original"].as_str() == Some(text))
+            .unwrap_or_else(|| panic!("{text} not poisoned"));
+        assert!(
+            r["reason"].as_str().unwrap().contains(needle.as_str()),
+            "{r}"
+        );
+    }
+    assert_eq!(queues.message_count(&stack.queue).await, 0);
+}
+
+/// The live blob is rewritten after the request was queued (and during the copy): the backup holds
+/// exactly the requested version, copied from its snapshot, never the live content.
+#[tokio::test]
+async fn rewrite_after_request_backs_up_exactly_the_requested_version() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("race");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "f.txt", b"version one", &[])
+        .await
+        .ok("put");
+    let handler = stack.handler().await;
+    produce(handler.port(), &c).await;
+    let v1 = src
+        .blob_properties(&c, "f.txt", None)
+        .await
+        .ok("head")
+        .header("etag")
+        .unwrap();
+    src.put_blob(&c, "f.txt", b"version two", &[])
+        .await
+        .ok("rewrite");
+    let queues = stack.queues();
+    let trigger = stack.trigger(&queues, handler.port());
+    assert_eq!(trigger.drain(5).await.succeeded, 1);
+    let backup = stack.backup();
+    assert_eq!(content(&backup, &c, "f.txt", None).await, b"version one");
+    let props = backup.blob_properties(&c, "f.txt", None).await.ok("head");
+    assert_eq!(
+        props
+            .header("x-ms-meta-lakeguard_source_etag")
+            .unwrap()
+            .trim_matches('"'),
+        v1.trim_matches('"')
+    );
+    // The next producer run requests version two; afterwards both versions are in the backup.
+    assert_eq!(produce(handler.port(), &c).await["enqueued"], 1);
+    assert_eq!(trigger.drain(5).await.succeeded, 1);
+    assert_eq!(content(&backup, &c, "f.txt", None).await, b"version two");
+    let snaps: Vec<_> = backup
+        .list_blobs(&c, None)
+        .await
+        .into_iter()
+        .filter(|b| b.snapshot.is_some())
+        .collect();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(
+        content(&backup, &c, "f.txt", snaps[0].snapshot.as_deref()).await,
+        b"version one"
+    );
+}
+
+/// A version whose snapshot and blob are both gone is superseded (acknowledged, explained).
+#[tokio::test]
+async fn vanished_version_is_superseded_not_retried() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("gone");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "g.txt", b"short lived", &[])
+        .await
+        .ok("put");
+    let handler = stack.handler().await;
+    produce(handler.port(), &c).await;
+    // Delete the blob with its snapshots.
+    src.send(
+        reqwest::Method::DELETE,
+        &format!("/{c}/g.txt"),
+        &[],
+        &[("x-ms-delete-snapshots", "include")],
+        vec![],
+    )
+    .await
+    .ok("delete");
+    let queues = stack.queues();
+    let report = stack.trigger(&queues, handler.port()).drain(5).await;
+    assert_eq!((report.succeeded, report.failed), (1, 0));
+    assert!(format!("{:?}", report.deliveries).contains("superseded"));
+}
+
+/// A failure that persists (backup account unreachable) is retried by the host and, on the last
+/// delivery, poisoned by the worker itself with the error: never swallowed.
+#[tokio::test]
+async fn persistent_failure_is_retried_then_poisoned_with_the_error() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("fail");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "h.txt", b"data", &[]).await.ok("put");
+    let good = stack.handler().await;
+    produce(good.port(), &c).await;
+    drop(good);
+    let dead_backup = format!(
+        "DefaultEndpointsProtocol=http;AccountName=backupacct;AccountKey={};BlobEndpoint=http://127.0.0.1:{}/backupacct",
+        support::BACKUP_KEY,
+        support::free_port()
+    );
+    let handler =
+        support::Handler::spawn(&stack.env_with(&[("BackupStorage", &dead_backup)])).await;
+    let queues = stack.queues();
+    let report = stack.trigger(&queues, handler.port()).drain(10).await;
+    assert_eq!(report.invocations, 5, "maxDequeueCount deliveries");
+    assert_eq!(report.failed, 4, "non-2xx so that the host retries");
+    assert_eq!(
+        report.succeeded, 1,
+        "the last delivery is poisoned by the worker and acknowledged"
+    );
+    let poisoned = queues
+        .peek_messages(&format!("{}-poison", stack.queue))
+        .await;
+    assert_eq!(poisoned.len(), 1);
+    let record: Value = serde_json::from_str(&poisoned[0].decoded_text().unwrap()).unwrap();
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed on all 5 deliveries"),
+        "{record}"
+    );
+    assert_eq!(record["dequeue_count"], 5);
+    stack.assert_no_secrets_in(&handler.logs());
+}
+
+/// Above the block threshold the copy runs as parallel Put Block From URL + Put Block List; the
+/// result is byte-identical. 210 MiB, threshold lowered to 64 MiB, 32 MiB blocks.
+#[tokio::test]
+async fn large_blob_is_copied_in_blocks() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("big");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    let size = 210 * 1024 * 1024;
+    let data: Vec<u8> = (0..size)
+        .map(|i: usize| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    // One Put Blob of 210 MiB is more than Azurite accepts: upload in blocks with the SDK.
+    support::app(&stack.env())
+        .source
+        .upload(&c, "big.bin", data.clone(), None, &BTreeMap::new())
+        .await
+        .expect("upload big");
+    let env = stack.env_with(&[
+        (
+            "LAKEGUARD_COPY_BLOCK_THRESHOLD_BYTES",
+            &(64u64 << 20).to_string(),
+        ),
+        (
+            "LAKEGUARD_COPY_BLOCK_SIZE_BYTES",
+            &(32u64 << 20).to_string(),
+        ),
+        ("LAKEGUARD_LOG", "info"),
+    ]);
+    let handler = support::Handler::spawn(&env).await;
+    produce(handler.port(), &c).await;
+    let queues = stack.queues();
+    assert_eq!(
+        stack
+            .trigger(&queues, handler.port())
+            .drain(5)
+            .await
+            .succeeded,
+        1
+    );
+    let copied = content(&stack.backup(), &c, "big.bin", None).await;
+    assert_eq!(copied.len(), data.len());
+    assert!(copied == data, "block copy is byte-identical");
+    let staged = stack
+        .azurite
+        .blob_requests()
+        .await
+        .iter()
+        .filter(|e| {
+            e.account() == support::BACKUP_ACCOUNT
+                && e.comp().as_deref() == Some("block")
+                && e.method == "PUT"
+        })
+        .count();
+    assert_eq!(staged, 7, "ceil(210/32) blocks staged from URL");
+}
+
+/// Lease mode: the live source is leased for the copy and the lease is released afterwards.
+#[tokio::test]
+async fn lease_mode_takes_and_releases_the_source_lease() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("lease");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "l.txt", b"leased", &[]).await.ok("put");
+    let handler =
+        support::Handler::spawn(&stack.env_with(&[("LAKEGUARD_USE_LEASE", "true")])).await;
+    produce(handler.port(), &c).await;
+    let queues = stack.queues();
+    assert_eq!(
+        stack
+            .trigger(&queues, handler.port())
+            .drain(5)
+            .await
+            .succeeded,
+        1
+    );
+    let leases: Vec<_> = stack
+        .azurite
+        .blob_requests()
+        .await
+        .into_iter()
+        .filter(|e| e.comp().as_deref() == Some("lease"))
+        .collect();
+    assert_eq!(leases.len(), 2, "acquire then release: {leases:?}");
+    let props = src.blob_properties(&c, "l.txt", None).await.ok("head");
+    assert_eq!(
+        props.header("x-ms-lease-state").as_deref(),
+        Some("available"),
+        "released"
+    );
+    assert_eq!(content(&stack.backup(), &c, "l.txt", None).await, b"leased");
+}
