@@ -482,7 +482,10 @@ mod tests {
         let mut m = base();
         m.insert("LAKEGUARD_BACKUP_QUEUE".into(), "q".repeat(50));
         assert!(Settings::from_map(&m).is_err());
-        m.insert("LAKEGUARD_RECONCILE_QUEUE".into(), "lakeguard-reconcile".into());
+        m.insert(
+            "LAKEGUARD_RECONCILE_QUEUE".into(),
+            "lakeguard-reconcile".into(),
+        );
         assert!(Settings::from_map(&m).is_ok());
     }
 
