@@ -164,6 +164,9 @@ const NAMES: &[&str] = &[
     "b-1.json",
     "dir/ünï.txt",
     "dir/😀.bin",
+    // U+FF5E sorts after the emoji in UTF-8 byte order but before it in UTF-16 unit order (the
+    // emoji is a surrogate pair): the listing order the join relies on is really checked.
+    "dir/～.txt",
     "z",
 ];
 
@@ -233,6 +236,23 @@ async fn noop_reconcile_costs_only_flat_listings() {
         assert!(include.contains("metadata"), "{}", r.target);
         assert_eq!(r.query("maxresults").as_deref(), Some(PAGE), "{}", r.target);
     }
+
+    // Declaring the wrong order is detected at the first pair out of order, reported, and
+    // nothing after it is acted upon (no tombstone, no request).
+    let mut wrong = via_proxy.clone();
+    wrong.push(("LAKEGUARD_NAME_ORDER".into(), "utf8".into()));
+    let (ok, r) = reconcile_cli(&wrong, &[]).await;
+    assert!(!ok, "{r:#}");
+    assert_eq!(n(&r, "errors"), 1, "{r:#}");
+    assert!(
+        r["error_list"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("LAKEGUARD_NAME_ORDER"),
+        "{r:#}"
+    );
+    assert_eq!(n(&r, "tombstones_written") + n(&r, "requests_enqueued"), 0);
+    assert_eq!(r["complete"], false);
     stack.assert_no_secrets_in(&handler.logs());
 }
 
@@ -273,7 +293,7 @@ async fn one_reconcile_and_drain_restore_full_coverage_and_tombstone_deletions()
     assert_eq!(n(&r, "snapshots_made"), 3, "{r:#}");
     assert_eq!(n(&r, "requests_enqueued"), 3, "{r:#}");
     assert_eq!(n(&r, "tombstones_written"), 2, "{r:#}");
-    assert_eq!(n(&r, "in_sync"), 3, "{r:#}");
+    assert_eq!(n(&r, "in_sync"), 4, "{r:#}");
     assert_eq!(n(&r, "errors"), 0, "{r:#}");
     assert!(n(&r, "rpo_lag_secs") < 600, "{r:#}");
     assert!(r["oldest_unbacked_change"].is_string(), "{r:#}");
