@@ -814,3 +814,78 @@ async fn managed_identity_deleted_source_container_is_tombstoned() {
     id.assert_no_violations();
     assert!(id.requests_for(support::identity::STORAGE_RESOURCE) >= 1);
 }
+
+/// A hop whose listing fails (the backup account is unreachable) fails the invocation: the host
+/// redelivers the message and finally moves it to the poison queue; nothing is acknowledged
+/// blindly. The timer fails visibly too.
+#[tokio::test]
+async fn failing_hops_are_retried_then_poisoned() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("dead");
+    seed(&stack, &c, &files(&["d1"])).await;
+    let dead_backup = format!(
+        "DefaultEndpointsProtocol=http;AccountName={};AccountKey={};BlobEndpoint=http://127.0.0.1:{}/{}",
+        support::BACKUP_ACCOUNT,
+        support::BACKUP_KEY,
+        support::free_port(),
+        support::BACKUP_ACCOUNT
+    );
+    let reconcile_queue = format!("{}-reconcile", stack.queue);
+    let handler = Handler::spawn(&env(&stack, &[("BackupStorage", &dead_backup)])).await;
+
+    let r = host::invoke_raw(
+        handler.port(),
+        "Reconcile",
+        &host::timer_invocation(false, None),
+    )
+    .await;
+    assert!(!r.host_succeeded(), "{}", r.body);
+    assert!(
+        r.logs().iter().any(|l| l.contains("reconcile failed")),
+        "{}",
+        r.body
+    );
+
+    use base64::Engine as _;
+    let start = lakeguard::ops::reconcile::Continuation::start("test-run", &c).to_json();
+    let queues = stack.queues();
+    queues.create_queue(&reconcile_queue).await;
+    queues
+        .send_message(
+            &reconcile_queue,
+            &base64::engine::general_purpose::STANDARD.encode(start.as_bytes()),
+        )
+        .await
+        .ok("put");
+    let worker = QueueTrigger {
+        access: &queues,
+        port: handler.port(),
+        function: "ReconcileWorker".into(),
+        binding: host::trigger_binding("ReconcileWorker"),
+        queue: reconcile_queue.clone(),
+        max_dequeue_count: 3,
+        lease_secs: 600,
+    };
+    let report = worker.drain(10).await;
+    assert_eq!(
+        (report.failed, report.poisoned),
+        (2, 1),
+        "{report:#?}\n{}",
+        handler.logs()
+    );
+    let host::Delivery::Failed { response, .. } = &report.deliveries[0] else {
+        panic!("{report:#?}")
+    };
+    assert!(
+        response
+            .logs()
+            .iter()
+            .any(|l| l.contains("retryable failure") && l.contains("backup")),
+        "{response:?}"
+    );
+    let poisoned = queues
+        .peek_messages(&format!("{reconcile_queue}-poison"))
+        .await;
+    assert_eq!(poisoned[0].decoded_text().unwrap(), start);
+    stack.assert_no_secrets_in(&handler.logs());
+}
