@@ -541,10 +541,18 @@ async fn covered_containers(app: &App) -> Result<Vec<String>, StorageError> {
 async fn send_continuations(app: &App, items: &[Continuation]) -> Result<u64, (u64, StorageError)> {
     let queue = reconcile_queue(app).map_err(|e| (0, e))?;
     queue.ensure_exists().await.map_err(|e| (0, e))?;
-    let mut sent = 0;
-    for c in items {
-        queue.send_text(&c.to_json()).await.map_err(|e| (sent, e))?;
-        sent += 1;
+    // Concurrently: a run over thousands of containers hands over thousands of messages, and
+    // that must fit in what is left of the invocation after the budget.
+    let texts: Vec<String> = items.iter().map(Continuation::to_json).collect();
+    let queue = &queue;
+    let results: Vec<Result<(), StorageError>> = stream::iter(texts)
+        .map(|text| async move { queue.send_text(&text).await })
+        .buffer_unordered(app.settings.concurrency)
+        .collect()
+        .await;
+    let sent = results.iter().filter(|r| r.is_ok()).count() as u64;
+    if let Some(e) = results.into_iter().find_map(Result::err) {
+        return Err((sent, e));
     }
     info!(
         count = sent,
