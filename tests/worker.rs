@@ -490,3 +490,46 @@ async fn lease_mode_takes_and_releases_the_source_lease() {
     );
     assert_eq!(content(&stack.backup(), &c, "l.txt", None).await, b"leased");
 }
+
+/// A redelivery after an attempt that kept the backup's current version but failed to copy does
+/// not keep it a second time: the history holds each received version once.
+#[tokio::test]
+async fn redelivery_after_partial_attempt_keeps_history_once() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("hist");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "k.txt", b"one", &[]).await.ok("put");
+    let handler = stack.handler().await;
+    produce(handler.port(), &c).await;
+    let queues = stack.queues();
+    assert_eq!(
+        stack
+            .trigger(&queues, handler.port())
+            .drain(5)
+            .await
+            .succeeded,
+        1
+    );
+    src.put_blob(&c, "k.txt", b"two", &[]).await.ok("rewrite");
+    produce(handler.port(), &c).await;
+    let msg = queues.receive_messages(&stack.queue, 1, 60).await.remove(0);
+    // What a failed first attempt leaves behind: the backup's current version already kept.
+    let backup = stack.backup();
+    backup
+        .snapshot_blob(&c, "k.txt")
+        .await
+        .ok("history snapshot of attempt 1");
+    let payload = support::host::queue_invocation(&msg.decoded_text().unwrap(), 2);
+    let (status, answer) = support::host::invoke(handler.port(), "BackupWorker", &payload).await;
+    assert_eq!(status.as_u16(), 200, "{answer}");
+    assert_eq!(answer["ReturnValue"]["outcome"], "backed_up", "{answer}");
+    let history: Vec<_> = backup
+        .list_blobs(&c, None)
+        .await
+        .into_iter()
+        .filter(|b| b.snapshot.is_some())
+        .collect();
+    assert_eq!(history.len(), 1, "version one kept once: {history:?}");
+    assert_eq!(content(&backup, &c, "k.txt", None).await, b"two");
+}

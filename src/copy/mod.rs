@@ -60,13 +60,10 @@ pub mod lease;
 
 /// Builds the Data Factory engine from settings.
 pub fn datafactory_engine(
-    _settings: &crate::settings::Settings,
-    _clients: &crate::storage::Clients,
+    settings: &crate::settings::Settings,
+    clients: &crate::storage::Clients,
 ) -> Result<std::sync::Arc<dyn CopyEngine>, crate::storage::StorageError> {
-    Err(crate::storage::StorageError::Permanent {
-        what: "LAKEGUARD_COPY_ENGINE=datafactory".into(),
-        detail: "the Data Factory engine is not wired in yet".into(),
-    })
+    datafactory::from_settings(settings, clients)
 }
 
 #[async_trait]

@@ -247,9 +247,11 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
     let expected_target = match &target {
         None => None,
         Some(t) => {
-            app.backup
-                .create_snapshot(c, b, &t.etag, &t.metadata)
-                .await?;
+            if needs_history_snapshot(app, c, b, t, dequeue_count).await? {
+                app.backup
+                    .create_snapshot(c, b, &t.etag, &t.metadata)
+                    .await?;
+            }
             Some(t.etag.clone())
         }
     };
@@ -302,6 +304,56 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         Err(CopyError::Retryable(e)) => Err(Failure::Retryable(e)),
         Err(CopyError::Permanent(e)) => Err(Failure::Permanent(e)),
     }
+}
+
+/// Whether the backup's current blob must be kept as a snapshot before it is overwritten.
+///
+/// Always on a first delivery. On a redelivery an earlier attempt may already have kept it (and
+/// then failed to copy): one listing of that name's backup snapshots avoids a duplicate. An
+/// unfinished Data Factory copy (run marker, no version metadata) holds no version: nothing to keep.
+async fn needs_history_snapshot(
+    app: &App,
+    c: &str,
+    b: &str,
+    current: &BlobProperties,
+    dequeue_count: u32,
+) -> Result<bool, StorageError> {
+    if !current.metadata.contains_key(metadata::SOURCE_ETAG)
+        && current.metadata.contains_key("lakeguard_copy_run")
+    {
+        return Ok(false);
+    }
+    if dequeue_count <= 1 {
+        return Ok(true);
+    }
+    let opts = ListOptions {
+        prefix: Some(b.to_owned()),
+        snapshots: true,
+        metadata: true,
+        max_results: None,
+    };
+    let mut marker = None;
+    let mut newest: Option<crate::model::BlobEntry> = None;
+    loop {
+        let page = app.backup.list_page(c, &opts, marker.take()).await?;
+        for e in page
+            .entries
+            .into_iter()
+            .filter(|e| e.name == b && e.snapshot.is_some())
+        {
+            if newest.as_ref().is_none_or(|n| e.snapshot > n.snapshot) {
+                newest = Some(e);
+            }
+        }
+        marker = page.next_marker;
+        if marker.is_none() {
+            break;
+        }
+    }
+    let same = |k: &str| {
+        newest.as_ref().and_then(|n| n.meta(k)) == current.metadata.get(k).map(String::as_str)
+    };
+    Ok(!(newest.is_some() && same(metadata::SOURCE_ETAG) && same(metadata::DELETED_AT)))
 }
 
 /// Finds the source snapshot holding exactly the requested version.

@@ -144,12 +144,30 @@ pub async fn run(app: &App) -> Result<String, OpError> {
         "== SnapshotProducer again (nothing changed): enqueued {}, unchanged {}",
         again.enqueued, again.unchanged
     );
+    // A producer pipeline writes a new version: the backup keeps the old one as history.
+    let changed = "raw/2026/11/sales 01.csv";
+    app.source
+        .upload(
+            DEMO_CONTAINER,
+            changed,
+            b"id,amount\n1,10\n2,20\n4,40\n".to_vec(),
+            Some("text/plain"),
+            &BTreeMap::new(),
+        )
+        .await?;
+    let snap = ops::snapshot::run(app, DEMO_CONTAINER, None, ops::no_progress()).await?;
+    let drained = ops::backup::drain(app, &app.queue, ops::no_progress()).await?;
+    let _ = writeln!(
+        out,
+        "== `{changed}` rewritten: producer enqueued {}, worker backed up {} (the previous backup version is kept as a backup snapshot)",
+        snap.enqueued, drained.backed_up
+    );
     // What the event path misses: a file rewritten and a file deleted with no pipeline run after.
     app.source
         .upload(
             DEMO_CONTAINER,
             "raw/2026/11/sales 02.csv",
-            b"id,amount\n3,30\n4,40\n".to_vec(),
+            b"id,amount\n3,30\n5,50\n".to_vec(),
             Some("text/plain"),
             &BTreeMap::new(),
         )
