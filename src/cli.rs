@@ -97,6 +97,26 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Find and heal what the event path missed: missing or stale backups, lost requests,
+    /// deleted sources (tombstones). All covered containers, or one (Reconcile / ReconcileNow).
+    Reconcile {
+        /// Only this container (include/exclude lists are not applied to an explicit choice).
+        #[arg(long)]
+        container: Option<String>,
+        /// Plan and count; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop after this many seconds and hand the rest over as continuation messages
+        /// (default: run to the end in this process).
+        #[arg(long)]
+        budget_secs: Option<u64>,
+        /// Instead of a run: process the continuation queue ($LAKEGUARD_RECONCILE_QUEUE) until it
+        /// is empty, like the ReconcileWorker function.
+        #[arg(long, conflicts_with_all = ["container", "dry_run", "budget_secs"])]
+        continuations: bool,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Seed a demo data lake (container `demo-lake`) and run producer and worker on it: the
     /// README's main job, against the local Azurite that `scripts/demo` starts.
     Demo,

@@ -209,6 +209,47 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Reconcile {
+            container,
+            dry_run,
+            budget_secs,
+            continuations,
+            output,
+        } => {
+            let report = if continuations {
+                ops::reconcile::drain_continuations(&app).await?
+            } else {
+                let bar = Bar::new("reconcile", output);
+                let opts = ops::reconcile::RunOptions {
+                    container,
+                    dry_run,
+                    budget: budget_secs.map(std::time::Duration::from_secs),
+                };
+                let report = ops::reconcile::run(&app, &opts, bar.clone()).await?;
+                bar.finish();
+                report
+            };
+            print(output, &report, || {
+                let errors: String = report
+                    .error_list
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "\n  error: {}/{}: {}",
+                            f.container,
+                            f.blob.as_deref().unwrap_or(""),
+                            f.error
+                        )
+                    })
+                    .collect();
+                format!("{}{errors}", report.summary())
+            });
+            Ok(if report.errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Demo => {
             println!("{}", ops::demo::run(&app).await?);
             Ok(ExitCode::SUCCESS)

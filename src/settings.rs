@@ -67,7 +67,15 @@ pub struct Settings {
     pub copy_block_threshold: u64,
     pub copy_block_size: u64,
     /// Work budget of one reconcile invocation before it hands the rest over as a continuation.
+    /// Zero hands over after every page (tests); each invocation still makes progress.
     pub reconcile_budget: Duration,
+    /// `LAKEGUARD_RECONCILE_QUEUE`: reconcile continuations (ReconcileWorker's trigger queue).
+    pub reconcile_queue: String,
+    /// `LAKEGUARD_LIST_PAGE_SIZE`: `maxresults` of reconcile's flat listings (`None` = the
+    /// service's maximum, 5000). Snapshot listings always use the service default.
+    pub list_page_size: Option<u32>,
+    /// `LAKEGUARD_NAME_ORDER`: the order both accounts list names in (see `core::join::NameOrder`).
+    pub name_order: crate::core::NameOrder,
     pub datafactory: Option<DataFactorySettings>,
     pub log_filter: String,
     pub log_format: LogFormat,
@@ -166,7 +174,7 @@ impl Settings {
             vars,
             "LAKEGUARD_PENDING_TTL_SECS",
             6 * 3600,
-            60,
+            1,
             30 * 86400,
         )?);
         let use_lease = boolean(vars, "LAKEGUARD_USE_LEASE")?;
@@ -199,9 +207,39 @@ impl Settings {
             vars,
             "LAKEGUARD_RECONCILE_BUDGET_SECS",
             420,
-            5,
+            0,
             3600,
         )?);
+        let reconcile_queue =
+            get("LAKEGUARD_RECONCILE_QUEUE").unwrap_or_else(|| format!("{backup_queue}-reconcile"));
+        validate_queue_name(&reconcile_queue).map_err(|problem| SettingsError::Invalid {
+            name: "LAKEGUARD_RECONCILE_QUEUE",
+            problem,
+        })?;
+        if reconcile_queue == backup_queue {
+            return Err(SettingsError::Invalid {
+                name: "LAKEGUARD_RECONCILE_QUEUE",
+                problem: "must differ from LAKEGUARD_BACKUP_QUEUE".into(),
+            });
+        }
+        let list_page_size = match get("LAKEGUARD_LIST_PAGE_SIZE") {
+            None => None,
+            Some(_) => Some(number(vars, "LAKEGUARD_LIST_PAGE_SIZE", 5000, 1, 5000)? as u32),
+        };
+        let name_order = match get("LAKEGUARD_NAME_ORDER")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("utf16") => crate::core::NameOrder::Utf16Units,
+            Some("utf8") => crate::core::NameOrder::Utf8Bytes,
+            Some("hierarchical") => crate::core::NameOrder::Hierarchical,
+            Some(other) => {
+                return Err(SettingsError::Invalid {
+                    name: "LAKEGUARD_NAME_ORDER",
+                    problem: format!("`{other}`: use utf16 (flat accounts, Azurite), hierarchical (ADLS Gen2) or utf8"),
+                })
+            }
+        };
         let arm_endpoint =
             get("LAKEGUARD_ARM_ENDPOINT").unwrap_or_else(|| "https://management.azure.com".into());
         let arm_endpoint = Url::parse(&arm_endpoint).map_err(|e| SettingsError::Invalid {
@@ -272,6 +310,9 @@ impl Settings {
             copy_block_threshold,
             copy_block_size,
             reconcile_budget,
+            reconcile_queue,
+            list_page_size,
+            name_order,
             datafactory,
             log_filter: get("LAKEGUARD_LOG").unwrap_or_else(|| "info".into()),
             log_format,
@@ -438,6 +479,43 @@ mod tests {
         ] {
             assert!(validate_container_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn reconcile_knobs() {
+        let s = Settings::from_map(&base()).unwrap();
+        assert_eq!(s.reconcile_queue, "lakeguard-backup-reconcile");
+        assert_eq!(s.list_page_size, None);
+        assert_eq!(s.name_order, crate::core::NameOrder::Utf16Units);
+        let mut m = base();
+        m.insert("LAKEGUARD_LIST_PAGE_SIZE".into(), "2".into());
+        m.insert("LAKEGUARD_NAME_ORDER".into(), "Hierarchical".into());
+        m.insert("LAKEGUARD_RECONCILE_BUDGET_SECS".into(), "0".into());
+        let s = Settings::from_map(&m).unwrap();
+        assert_eq!(s.list_page_size, Some(2));
+        assert_eq!(s.name_order, crate::core::NameOrder::Hierarchical);
+        assert_eq!(s.reconcile_budget, Duration::ZERO);
+        for (k, v) in [
+            ("LAKEGUARD_LIST_PAGE_SIZE", "0"),
+            ("LAKEGUARD_LIST_PAGE_SIZE", "5001"),
+            ("LAKEGUARD_NAME_ORDER", "alphabetical"),
+            ("LAKEGUARD_RECONCILE_QUEUE", "Bad_Queue"),
+            ("LAKEGUARD_RECONCILE_QUEUE", "lakeguard-backup"),
+        ] {
+            let mut m = base();
+            m.insert(k.into(), v.into());
+            let err = Settings::from_map(&m).unwrap_err().to_string();
+            assert!(err.contains(k), "{k}={v}: {err}");
+        }
+        // A long backup queue name needs an explicit reconcile queue (the default would be too long).
+        let mut m = base();
+        m.insert("LAKEGUARD_BACKUP_QUEUE".into(), "q".repeat(50));
+        assert!(Settings::from_map(&m).is_err());
+        m.insert(
+            "LAKEGUARD_RECONCILE_QUEUE".into(),
+            "lakeguard-reconcile".into(),
+        );
+        assert!(Settings::from_map(&m).is_ok());
     }
 
     #[test]

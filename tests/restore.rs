@@ -48,28 +48,19 @@ async fn cycle_cli(env: &[(String, String)], container: &str) {
     }
 }
 
-/// What reconcile does for a source blob that disappeared: keep the backup's current version as
-/// a backup snapshot, then mark the base blob with `lakeguard_deleted_at`.
-async fn tombstone(app: &App, container: &str, name: &str) {
-    let p = app
-        .backup
-        .properties(container, name, None)
+/// The real Reconcile over one container: it tombstones the backups of deleted sources (after
+/// keeping their current version as a backup snapshot) and must find nothing else to do here.
+async fn reconcile(app: &App, container: &str) -> u64 {
+    let opts = ops::reconcile::RunOptions {
+        container: Some(container.to_owned()),
+        ..Default::default()
+    };
+    let r = ops::reconcile::run(app, &opts, no_progress())
         .await
-        .expect("backup blob");
-    app.backup
-        .create_snapshot(container, name, &p.etag, &p.metadata)
-        .await
-        .expect("keep version");
-    let p = app.backup.properties(container, name, None).await.unwrap();
-    let mut meta = p.metadata.clone();
-    meta.insert(
-        metadata::DELETED_AT.into(),
-        metadata::format_time(OffsetDateTime::now_utc()),
-    );
-    app.backup
-        .set_metadata(container, name, &meta, &p.etag)
-        .await
-        .expect("tombstone");
+        .expect("reconcile");
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert_eq!(r.requests_enqueued, 0, "{r:?}");
+    r.tombstones_written
 }
 
 /// A restore point strictly between the writes before and after it, whatever the service's
@@ -134,7 +125,7 @@ async fn build_history(stack: &Stack, app: &App) -> History {
     del(&src, &c, "dir/b b.csv", &mut truth).await;
     put(&src, &c, "d.txt", b"d version 1", &mut truth).await;
     cycle(app, &c).await;
-    tombstone(app, &c, "dir/b b.csv").await;
+    assert_eq!(reconcile(app, &c).await, 1, "the deletion is tombstoned");
     points.push((mark().await, truth.clone()));
 
     put(&src, &c, "a.txt", b"a3", &mut truth).await;
@@ -679,7 +670,12 @@ async fn restore_with_managed_identity() {
     let truth1 = truth.clone();
     put(&src, &c, "two.txt", b"two, second version", &mut truth).await;
     put(&src, &c, "three.txt", b"three", &mut truth).await;
+    del(&src, &c, "x/one.txt", &mut truth).await;
     cycle_cli(&env, &c).await;
+    let out = run_cli(&["reconcile", "--container", &c, "--output", "json"], &env).await;
+    assert!(out.status.success(), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["tombstones_written"], 1, "{r:#}");
     let t2 = mark().await;
 
     for (t, expected) in [(t1, &truth1), (t2, &truth)] {

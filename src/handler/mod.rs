@@ -7,6 +7,7 @@
 
 pub mod backup_worker;
 pub mod protocol;
+pub mod reconcile;
 pub mod restore;
 pub mod snapshot_producer;
 
@@ -32,6 +33,9 @@ pub fn router(app: App) -> Router {
         .route("/BackupWorker", post(backup_worker::handle))
         .route("/api/restore", post(restore::post).get(restore::usage))
         .route("/api/restore/{id}", get(restore::status))
+        .route("/Reconcile", post(reconcile::timer))
+        .route("/ReconcileWorker", post(reconcile::worker))
+        .route("/api/reconcile", get(reconcile::now).post(reconcile::now))
         .fallback(not_found)
         .with_state(app)
 }

@@ -116,7 +116,8 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-/// Seeds, snapshots, backs up, and returns a printable account of what happened.
+/// Seeds, snapshots, backs up, heals a missed change and a deletion with reconcile, and returns a
+/// printable account of what happened.
 pub async fn run(app: &App) -> Result<String, OpError> {
     let mut out = String::new();
     seed(app).await?;
@@ -160,6 +161,44 @@ pub async fn run(app: &App) -> Result<String, OpError> {
         out,
         "== `{changed}` rewritten: producer enqueued {}, worker backed up {} (the previous backup version is kept as a backup snapshot)",
         snap.enqueued, drained.backed_up
+    );
+    // What the event path misses: a file rewritten and a file deleted with no pipeline run after.
+    app.source
+        .upload(
+            DEMO_CONTAINER,
+            "raw/2026/11/sales 02.csv",
+            b"id,amount\n3,30\n5,50\n".to_vec(),
+            Some("text/plain"),
+            &BTreeMap::new(),
+        )
+        .await?;
+    app.source
+        .delete(DEMO_CONTAINER, "raw/odd/a+b=c.txt", None, None, true)
+        .await?;
+    let _ = writeln!(
+        out,
+        "== changed `raw/2026/11/sales 02.csv` and deleted `raw/odd/a+b=c.txt` without running the producer"
+    );
+    let opts = ops::reconcile::RunOptions {
+        container: Some(DEMO_CONTAINER.into()),
+        ..Default::default()
+    };
+    let healed = ops::reconcile::run(app, &opts, ops::no_progress()).await?;
+    let _ = writeln!(out, "== Reconcile: {}", healed.summary());
+    let drained = ops::backup::drain(app, &app.queue, ops::no_progress()).await?;
+    let _ = writeln!(
+        out,
+        "== BackupWorker (drain): processed {}, backed up {}",
+        drained.processed, drained.backed_up
+    );
+    let again = ops::reconcile::run(app, &opts, ops::no_progress()).await?;
+    let _ = writeln!(
+        out,
+        "== Reconcile again: in sync {}, enqueued {}, already tombstoned {}, RPO lag {} s",
+        again.tally.in_sync,
+        again.requests_enqueued,
+        again.tally.already_tombstoned,
+        again.rpo_lag_secs
     );
     let _ = writeln!(out, "\n{}", side_by_side(app, DEMO_CONTAINER).await?);
     out.push_str(&restore_act(app).await?);

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod demo;
+pub mod reconcile;
 pub mod restore;
 pub mod snapshot;
 pub mod verify;

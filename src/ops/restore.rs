@@ -46,7 +46,7 @@ use tracing::{info, warn};
 use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
 use crate::app::App;
 use crate::copy::direct::{server_side_copy, BlockOptions, CopyFrom, CopyTo};
-use crate::core::join::{JoinError, NameGroups, NameOrder};
+use crate::core::join::{JoinError, NameGroups};
 use crate::core::restore::{
     name_state, HistoryFrom, PlanItem, PlanOptions, PlanStep, PlanSummary, RestorePlanner,
     RestoreTarget,
@@ -391,7 +391,7 @@ pub async fn plan(app: &App, req: &RestoreRequest) -> Result<Plan, OpError> {
         dry_run: req.dry_run,
         force: req.force,
     };
-    let order = NameOrder::default();
+    let order = app.settings.name_order;
     let mut planner = RestorePlanner::new(PlanOptions {
         at: req.at,
         target: if ends.in_place {

@@ -36,9 +36,7 @@ use tracing::{info, warn};
 use super::restore::{self as restore_op, RestoreRequest, TargetSpec};
 use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
 use crate::app::App;
-use crate::core::join::{
-    join_step, JoinError, JoinStep, NameGroups, NameOrder, Named, SortedInput,
-};
+use crate::core::join::{join_step, JoinError, JoinStep, NameGroups, Named, SortedInput};
 use crate::core::reconcile::{decide_snapshot, SnapshotDecision};
 use crate::core::restore::{PlanItem, Version};
 use crate::model::{metadata, BlobEntry, Etag};
@@ -245,7 +243,7 @@ pub async fn run(
         return Err(OpError::ContainerNotFound(container.to_owned()));
     }
     let now = OffsetDateTime::now_utc();
-    let order = NameOrder::default();
+    let order = app.settings.name_order;
     let mut report = VerifyReport {
         container: container.to_owned(),
         deep: deep.then(DeepReport::default),
