@@ -622,6 +622,8 @@ async fn restore_http_function_plans_and_runs_with_confirm() {
         .ok("undo copy");
 
     // Bad requests: 400 with a reason, nothing planned.
+    let other = unique_name("other");
+    stack.source().create_container(&other).await.ok("create");
     for bad in [
         json!({"container": c}),
         json!({"container": c, "at": "yesterday"}),
@@ -629,6 +631,8 @@ async fn restore_http_function_plans_and_runs_with_confirm() {
         json!({"container": c, "at": at, "to_account": "AccountKey=abc;AccountName=x"}),
         json!({"container": c, "at": at, "to_container": RESERVED_CONTAINER}),
         json!({"container": c, "at": at, "unknown": 1}),
+        // Another source container's history in the backup account: never a target.
+        json!({"container": c, "at": at, "to_account": "BackupStorage", "to_container": other}),
         // The backup's own container is the history being read: never a target.
         json!({"container": c, "at": at, "to_account": "BackupStorage", "confirm": true, "force": true}),
     ] {

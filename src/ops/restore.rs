@@ -315,12 +315,7 @@ fn ends<'a>(app: &'a App, req: &'a RestoreRequest) -> Result<Ends<'a>, OpError> 
         Some(t) => {
             crate::settings::validate_container_name(&t.container)
                 .map_err(OpError::InvalidInput)?;
-            let same = |a: &BlobStore, b: &BlobStore| {
-                let (ua, ub) = (a.url("x", None, None), b.url("x", None, None));
-                ua.host_str() == ub.host_str()
-                    && ua.port_or_known_default() == ub.port_or_known_default()
-                    && ua.path() == ub.path()
-            };
+            let same = same_account;
             // Drills restore into their own scratch containers (sample-only requests).
             if crate::settings::is_reserved_container(&t.container)
                 && !(req.sample.is_some()
@@ -354,6 +349,14 @@ fn ends<'a>(app: &'a App, req: &'a RestoreRequest) -> Result<Ends<'a>, OpError> 
     })
 }
 
+/// Whether two stores address the same account (same endpoint; credentials may differ).
+fn same_account(a: &BlobStore, b: &BlobStore) -> bool {
+    let (ua, ub) = (a.url("x", None, None), b.url("x", None, None));
+    ua.host_str() == ub.host_str()
+        && ua.port_or_known_default() == ub.port_or_known_default()
+        && ua.path() == ub.path()
+}
+
 /// One listing page; a missing container lists as empty when `missing_ok`.
 async fn page_or_empty(
     store: &BlobStore,
@@ -376,6 +379,17 @@ async fn page_or_empty(
 /// Phase 1: the plan, streaming over both listings.
 pub async fn plan(app: &App, req: &RestoreRequest) -> Result<Plan, OpError> {
     let ends = ends(app, req)?;
+    // A container of the backup account named like a source container is that container's
+    // history: restoring anything over it would rewrite backups.
+    if !ends.in_place
+        && same_account(ends.target, &app.backup)
+        && app.source.container_exists(ends.target_container).await?
+    {
+        return Err(OpError::InvalidInput(format!(
+            "container `{}` of the backup account holds the backup history of the source container of that name; choose another target container",
+            ends.target_container
+        )));
+    }
     let id = req.id.clone().unwrap_or_else(new_id);
     if !is_valid_id(&id) {
         return Err(OpError::InvalidInput(format!("invalid restore id `{id}`")));
