@@ -479,6 +479,29 @@ async fn restore_from_source_snapshots_and_unavailable_versions() {
     assert_eq!(report.plan.restore, truth2.len() as u64, "{report:#?}");
     assert_eq!(contents(&stack.source(), &target).await, *truth2);
 
+    // The CLI spelling of the same choice.
+    let out = run_cli(
+        &[
+            "restore",
+            "--container",
+            c,
+            "--at",
+            &metadata::format_time(*t2),
+            "--from",
+            "snapshots",
+            "--dry-run",
+            "--output",
+            "json",
+        ],
+        &env,
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["request"]["from"], "source_snapshots", "{r:#}");
+    assert_eq!(r["request"]["in_place"], true);
+    assert_eq!(r["executed"], false);
+
     // In place from the source's snapshots to T1 (each version copied from a snapshot onto its
     // own base blob). `dir/b b.csv` version 1 went with its snapshots when it was deleted, so the
     // source alone cannot bring it back (the backup can: see the first test): it is deleted as a

@@ -185,17 +185,15 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// SHA-256 of a mutable base blob that must still have `etag` after it was read.
+/// SHA-256 of a mutable base blob that had `etag` when it was listed; `None` when it changed.
+/// ETags never repeat, so if the blob still has `etag` after the download, nothing was written
+/// between the listing and the end of the download: the bytes read are that version's.
 async fn sha256_if_unchanged(
     store: &BlobStore,
     container: &str,
     blob: &str,
     etag: &Etag,
 ) -> Result<Option<(u64, String)>, StorageError> {
-    let before = store.properties(container, blob, None).await?;
-    if &before.etag != etag {
-        return Ok(None);
-    }
     let digest = sha256_of(store, container, blob, None).await?;
     let after = store.properties(container, blob, None).await?;
     Ok((&after.etag == etag).then_some(digest))
