@@ -29,6 +29,9 @@
 //! Resumable. A restored blob carries `lakeguard_restored_from_etag` (plus the version's user
 //! metadata and content type), which the planner recognises as "already done": running the same
 //! restore again finishes what is left and does nothing twice. Deletes are naturally idempotent.
+//! The one thing a rerun may repeat is an undo snapshot: a run stopped between the undo snapshot
+//! and the copy of an overwrite leaves a snapshot of a state that the rerun snapshots again
+//! (each run has its own id; a duplicate undo snapshot is harmless and cheap).
 
 use std::collections::BTreeMap;
 use std::fs::File;
