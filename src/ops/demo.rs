@@ -78,29 +78,40 @@ pub async fn side_by_side(app: &App, container: &str) -> Result<String, OpError>
         "{:<34} {:<22} {:<22} {:>8}",
         "blob", "source version", "backup version", "history"
     );
-    for s in &src {
-        let current = bak
-            .iter()
-            .find(|b| b.name == s.name && b.snapshot.is_none());
+    // Every name either side knows, so deletions (tombstones) show too.
+    let names: std::collections::BTreeSet<&str> = src
+        .iter()
+        .map(|e| e.name.as_str())
+        .chain(
+            bak.iter()
+                .filter(|b| b.snapshot.is_none())
+                .map(|b| b.name.as_str()),
+        )
+        .collect();
+    for name in names {
+        let s = src.iter().find(|e| e.name == name);
+        let current = bak.iter().find(|b| b.name == name && b.snapshot.is_none());
         let history = bak
             .iter()
-            .filter(|b| b.name == s.name && b.snapshot.is_some())
+            .filter(|b| b.name == name && b.snapshot.is_some())
             .count();
-        let backup = current
-            .and_then(|b| b.meta(metadata::SOURCE_ETAG))
-            .map(|e| e.trim_matches('"').to_owned())
-            .unwrap_or_else(|| {
-                if s.is_directory_placeholder() {
-                    "(folder: skipped)".into()
-                } else {
-                    "-".into()
-                }
-            });
+        let backup = match current {
+            Some(b) if b.meta(metadata::DELETED_AT).is_some() => "(tombstone)".to_owned(),
+            Some(b) => b
+                .meta(metadata::SOURCE_ETAG)
+                .map(|e| e.trim_matches('"').to_owned())
+                .unwrap_or_else(|| "-".into()),
+            None if s.is_some_and(|s| s.is_directory_placeholder()) => "(folder: skipped)".into(),
+            None => "-".into(),
+        };
+        let source = s
+            .map(|s| s.etag.as_str().to_owned())
+            .unwrap_or_else(|| "(deleted)".into());
         let _ = writeln!(
             out,
             "{:<34} {:<22} {:<22} {:>8}",
-            truncate(&s.name, 34),
-            s.etag.as_str(),
+            truncate(name, 34),
+            source,
             backup,
             history
         );
