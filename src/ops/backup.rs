@@ -27,7 +27,7 @@ use crate::app::App;
 use crate::copy::{lease, CopyError, CopyJob};
 use crate::core::reconcile::snapshot_version_etag as snapshot_version;
 use crate::model::{metadata, BackupRequest, Etag};
-use crate::storage::blob::{BlobProperties, ListOptions};
+use crate::storage::blob::BlobProperties;
 use crate::storage::queue::Received;
 use crate::storage::{BackupQueue, StorageError};
 
@@ -326,30 +326,13 @@ async fn needs_history_snapshot(
     if dequeue_count <= 1 {
         return Ok(true);
     }
-    let opts = ListOptions {
-        prefix: Some(b.to_owned()),
-        snapshots: true,
-        metadata: true,
-        max_results: None,
-    };
-    let mut marker = None;
-    let mut newest: Option<crate::model::BlobEntry> = None;
-    loop {
-        let page = app.backup.list_page(c, &opts, marker.take()).await?;
-        for e in page
-            .entries
-            .into_iter()
-            .filter(|e| e.name == b && e.snapshot.is_some())
-        {
-            if newest.as_ref().is_none_or(|n| e.snapshot > n.snapshot) {
-                newest = Some(e);
-            }
-        }
-        marker = page.next_marker;
-        if marker.is_none() {
-            break;
-        }
-    }
+    let newest = app
+        .backup
+        .list_versions(c, b)
+        .await?
+        .into_iter()
+        .filter(|e| e.snapshot.is_some())
+        .max_by(|x, y| x.snapshot.cmp(&y.snapshot));
     let same = |k: &str| {
         newest.as_ref().and_then(|n| n.meta(k)) == current.metadata.get(k).map(String::as_str)
     };
@@ -377,31 +360,15 @@ async fn resolve_snapshot(
     }
     // Legacy message, or the named snapshot is gone: another snapshot of the version, listed by
     // exact name (a prefix listing also returns `a.txt.bak` for `a.txt`: filter by equality).
-    let opts = ListOptions {
-        prefix: Some(b.to_owned()),
-        snapshots: true,
-        metadata: true,
-        max_results: None,
-    };
-    let mut marker = None;
     let mut best: Option<String> = None;
     let mut live_matches = false;
-    loop {
-        let page = app.source.list_page(c, &opts, marker.take()).await?;
-        for e in page.entries.iter().filter(|e| e.name == b) {
-            match &e.snapshot {
-                Some(s)
-                    if snapshot_version(e) == req.etag && best.as_ref().is_none_or(|x| s > x) =>
-                {
-                    best = Some(s.clone())
-                }
-                None if e.etag == req.etag => live_matches = true,
-                _ => {}
+    for e in app.source.list_versions(c, b).await? {
+        match &e.snapshot {
+            Some(s) if snapshot_version(&e) == req.etag && best.as_ref().is_none_or(|x| s > x) => {
+                best = Some(s.clone())
             }
-        }
-        marker = page.next_marker;
-        if marker.is_none() || page.entries.last().is_some_and(|e| e.name.as_str() > b) {
-            break;
+            None if e.etag == req.etag => live_matches = true,
+            _ => {}
         }
     }
     if let Some(s) = best {

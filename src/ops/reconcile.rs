@@ -845,34 +845,12 @@ async fn current_version_snapshots(
     container: &str,
     source: &BlobEntry,
 ) -> Result<Vec<BlobEntry>, StorageError> {
-    // Default page size: Azurite loses snapshot rows at page boundaries inside one name.
-    let opts = ListOptions {
-        prefix: Some(source.name.clone()),
-        snapshots: true,
-        metadata: true,
-        max_results: None,
-    };
-    let mut out = Vec::new();
-    let mut marker = None;
-    loop {
-        let page = store.list_page(container, &opts, marker.take()).await?;
-        let mut past = false;
-        for e in page.entries {
-            if e.name != source.name {
-                // The exact name sorts before every longer name with that prefix, in every
-                // order: once another name shows up, this blob's rows are complete.
-                past = true;
-                continue;
-            }
-            if e.snapshot.is_some() && snapshot_version_etag(&e) == source.etag {
-                out.push(e);
-            }
-        }
-        match page.next_marker {
-            Some(m) if !past => marker = Some(m),
-            _ => return Ok(out),
-        }
-    }
+    Ok(store
+        .list_versions(container, &source.name)
+        .await?
+        .into_iter()
+        .filter(|e| e.snapshot.is_some() && snapshot_version_etag(e) == source.etag)
+        .collect())
 }
 
 async fn needs_backup(
