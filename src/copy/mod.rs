@@ -18,10 +18,15 @@ pub struct CopyJob {
     pub source_snapshot: String,
     /// ETag of the version (the snapshot's base ETag at snapshot time).
     pub source_etag: Etag,
+    /// The snapshot's own ETag as read by the worker: the copy's `source-if-match`.
+    pub snapshot_etag: Option<Etag>,
     pub target_container: String,
     pub target_blob: String,
     pub content_type: Option<String>,
     pub content_length: u64,
+    /// The backup blob's ETag the worker saw (and preserved as a backup snapshot) before this
+    /// copy; `None` = the target must not exist. The write is conditional on it.
+    pub expected_target: Option<Etag>,
     /// Complete metadata of the backup blob: the source's user metadata plus the `lakeguard_*` keys.
     pub metadata: BTreeMap<String, String>,
     /// Delivery attempt of the request (the host's DequeueCount; 1 = first delivery). Above 1 a
@@ -46,6 +51,20 @@ pub enum CopyError {
     /// Will fail the same way every time (bad configuration, authorisation, invalid request).
     #[error("{0}")]
     Permanent(String),
+}
+
+pub mod direct;
+pub mod lease;
+
+/// Builds the Data Factory engine from settings.
+pub fn datafactory_engine(
+    _settings: &crate::settings::Settings,
+    _clients: &crate::storage::Clients,
+) -> Result<std::sync::Arc<dyn CopyEngine>, crate::storage::StorageError> {
+    Err(crate::storage::StorageError::Permanent {
+        what: "LAKEGUARD_COPY_ENGINE=datafactory".into(),
+        detail: "the Data Factory engine is not wired in yet".into(),
+    })
 }
 
 #[async_trait]

@@ -1,2 +1,152 @@
-//! Placeholder; the lead writes the queue message schema here.
-pub struct BackupRequest;
+//! The backup request: one queue message per source version to back up.
+//!
+//! Schema v1 (documented in README; other producers may write it):
+//! `{"v":1,"container":"raw","blob":"dir/a.csv","etag":"\"0x8D..\"","snapshot":"2026-...Z"}`.
+//! The reference implementation's `{"container","blob_name","etag"}` is accepted too, so its users
+//! can switch without draining their queue; it names no snapshot, so the worker finds one.
+
+use serde::{Deserialize, Serialize};
+
+use super::Etag;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackupRequest {
+    pub v: u32,
+    pub container: String,
+    pub blob: String,
+    pub etag: Etag,
+    /// The source snapshot holding exactly `etag`. `None` only for legacy messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("message is not JSON: {0}")]
+    NotJson(String),
+    #[error("message is not a backup request: {0}")]
+    Schema(String),
+    #[error("unsupported message version {0} (this worker understands v1)")]
+    Version(u64),
+    #[error("invalid field `{field}`: {problem}")]
+    Field { field: &'static str, problem: String },
+}
+
+/// Blob names are at most 1024 characters.
+pub const MAX_BLOB_NAME_CHARS: usize = 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V1 {
+    v: u64,
+    container: String,
+    blob: String,
+    etag: String,
+    #[serde(default)]
+    snapshot: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Legacy {
+    container: String,
+    blob_name: String,
+    etag: String,
+}
+
+impl BackupRequest {
+    pub fn new(container: &str, blob: &str, etag: &Etag, snapshot: &str) -> Self {
+        BackupRequest {
+            v: 1,
+            container: container.to_owned(),
+            blob: blob.to_owned(),
+            etag: etag.clone(),
+            snapshot: Some(snapshot.to_owned()),
+        }
+    }
+
+    /// The message text (JSON by serde: quotes and backslashes in names stay valid JSON).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a request always serialises")
+    }
+
+    /// Parses a message text of either schema and validates it.
+    pub fn parse(text: &str) -> Result<Self, RequestError> {
+        let value: serde_json::Value =
+            serde_json::from_str(text.trim()).map_err(|e| RequestError::NotJson(e.to_string()))?;
+        let obj = value.as_object().ok_or_else(|| RequestError::Schema("not a JSON object".into()))?;
+        let req = if obj.contains_key("v") {
+            let m: V1 = serde_json::from_value(value).map_err(|e| RequestError::Schema(e.to_string()))?;
+            if m.v != 1 {
+                return Err(RequestError::Version(m.v));
+            }
+            BackupRequest { v: 1, container: m.container, blob: m.blob, etag: Etag::new(&m.etag), snapshot: m.snapshot }
+        } else {
+            let m: Legacy = serde_json::from_value(value).map_err(|e| RequestError::Schema(e.to_string()))?;
+            BackupRequest { v: 1, container: m.container, blob: m.blob_name, etag: Etag::new(&m.etag), snapshot: None }
+        };
+        req.validate()?;
+        Ok(req)
+    }
+
+    fn validate(&self) -> Result<(), RequestError> {
+        crate::settings::validate_container_name(&self.container)
+            .map_err(|problem| RequestError::Field { field: "container", problem })?;
+        let n = self.blob.chars().count();
+        if n == 0 || n > MAX_BLOB_NAME_CHARS {
+            return Err(RequestError::Field { field: "blob", problem: format!("{n} characters (1..=1024 allowed)") });
+        }
+        if self.etag.as_str().is_empty() {
+            return Err(RequestError::Field { field: "etag", problem: "empty".into() });
+        }
+        if let Some(s) = &self.snapshot {
+            if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).is_err() {
+                return Err(RequestError::Field { field: "snapshot", problem: format!("`{s}` is not a snapshot timestamp") });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_with_hostile_names() {
+        for name in ["a\"b\\c.csv", "dir/sub dir/#1?%20+ü😀.txt", &"n".repeat(1024)] {
+            let r = BackupRequest::new("raw", name, &Etag::new("\"0x8D1\""), "2026-11-22T03:08:15.1234567Z");
+            let text = r.to_json();
+            assert!(text.contains(r#""v":1"#));
+            assert!(text.contains(r#""etag":"\"0x8D1\"""#), "{text}");
+            assert_eq!(BackupRequest::parse(&text).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn legacy_schema() {
+        let r = BackupRequest::parse(r#"{"container":"raw","blob_name":"a.csv","etag":"\"0x1\""}"#).unwrap();
+        assert_eq!(r.blob, "a.csv");
+        assert_eq!(r.snapshot, None);
+        assert_eq!(r.etag, Etag::new("0x1"));
+    }
+
+    #[test]
+    fn malformed_messages_are_rejected_with_reasons() {
+        let cases = [
+            ("not json", "not JSON"),
+            ("[1,2]", "not a JSON object"),
+            (r#"{"v":2,"container":"raw","blob":"a","etag":"x","snapshot":"2026-11-22T03:08:15Z"}"#, "version 2"),
+            (r#"{"v":1,"container":"raw","etag":"x"}"#, "blob"),
+            (r#"{"v":1,"container":"Raw!","blob":"a","etag":"x"}"#, "container"),
+            (r#"{"v":1,"container":"raw","blob":"","etag":"x"}"#, "blob"),
+            (r#"{"v":1,"container":"raw","blob":"a","etag":"x","snapshot":"yesterday"}"#, "snapshot"),
+            (r#"{"v":1,"container":"raw","blob":"a","etag":"x","extra":1}"#, "extra"),
+        ];
+        for (text, needle) in cases {
+            let err = BackupRequest::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let huge = format!(r#"{{"v":1,"container":"raw","blob":"{}","etag":"x"}}"#, "a".repeat(1025));
+        assert!(BackupRequest::parse(&huge).unwrap_err().to_string().contains("1025"));
+    }
+}

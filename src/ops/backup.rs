@@ -1,0 +1,340 @@
+//! BackupWorker: one backup request -> exactly that version in the backup account.
+//!
+//! Order of checks, and why:
+//! 1. Parse. A malformed message can never succeed: it goes to `<queue>-poison` at once with the
+//!    reason, and is acknowledged (not after five useless retries). Nothing else is dropped.
+//! 2. Idempotency: the backup blob already holds this version (`lakeguard_source_etag`) -> done.
+//! 3. Resolve the source version: the named snapshot (immutable, the point-in-time copy, backed
+//!    up even when the live blob moved on or was deleted). Only a real 404 means "gone".
+//! 4. Keep the backup's current version (snapshot it in the backup account), then copy
+//!    conditionally on the backup ETag just seen, with the configured engine.
+//! Retryable failures answer non-2xx so the host retries; on the last delivery the worker poisons
+//! the message itself, with the error, so that the reason is never lost.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{stream, StreamExt};
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tracing::{info, warn, Instrument};
+
+use super::Progress;
+use crate::app::App;
+use crate::copy::{lease, CopyError, CopyJob};
+use crate::core::changes::snapshot_version;
+use crate::model::{metadata, BackupRequest, Etag};
+use crate::storage::blob::{BlobProperties, ListOptions};
+use crate::storage::queue::Received;
+use crate::storage::{BackupQueue, StorageError};
+
+/// What became of one message. Every variant except `Retry` acknowledges (deletes) it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    BackedUp { container: String, blob: String, etag: String },
+    AlreadyBackedUp { container: String, blob: String, etag: String },
+    /// The requested version cannot be copied any more and a newer request covers the blob.
+    Superseded { container: String, blob: String, etag: String, why: String },
+    /// Sent to the poison queue with the reason (malformed, permanent failure, or out of retries).
+    Poisoned { reason: String },
+}
+
+/// The message stays on the queue and comes back (host retry, then poison).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Retry(pub String);
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::BackedUp { container, blob, etag } => format!("backed up {container}/{blob} version {etag}"),
+            Outcome::AlreadyBackedUp { container, blob, etag } => {
+                format!("{container}/{blob} version {etag} is already in the backup; nothing to do")
+            }
+            Outcome::Superseded { container, blob, etag, why } => format!("{container}/{blob} version {etag} superseded: {why}"),
+            Outcome::Poisoned { reason } => format!("poisoned: {reason}"),
+        }
+    }
+}
+
+/// Processes one message text. `dequeue_count` is the host's (1 = first delivery).
+pub async fn process_message(app: &App, text: &str, dequeue_count: u32) -> Result<Outcome, Retry> {
+    let request = match BackupRequest::parse(text) {
+        Ok(r) => r,
+        Err(e) => return poison(&app.queue, text, &format!("malformed backup request: {e}"), dequeue_count).await,
+    };
+    let span = tracing::info_span!("backup", container = %request.container, blob = %request.blob, etag = %request.etag);
+    let result = back_up(app, &request, dequeue_count).instrument(span).await;
+    match result {
+        Ok(outcome) => Ok(outcome),
+        Err(Failure::Permanent(e)) => poison(&app.queue, text, &format!("permanent failure: {e}"), dequeue_count).await,
+        Err(Failure::Retryable(e)) if dequeue_count >= app.settings.max_dequeue_count => {
+            poison(&app.queue, text, &format!("failed on all {dequeue_count} deliveries; last error: {e}"), dequeue_count).await
+        }
+        Err(Failure::Retryable(e)) => Err(Retry(e)),
+    }
+}
+
+async fn poison(queue: &BackupQueue, text: &str, reason: &str, dequeue_count: u32) -> Result<Outcome, Retry> {
+    warn!(reason, "sending message to the poison queue");
+    match queue.poison(text, reason, dequeue_count).await {
+        Ok(()) => Ok(Outcome::Poisoned { reason: reason.to_owned() }),
+        // Could not poison: keep the message (the host poisons it after maxDequeueCount anyway).
+        Err(e) => Err(Retry(format!("{reason}; and the poison queue failed: {e}"))),
+    }
+}
+
+enum Failure {
+    Retryable(String),
+    Permanent(String),
+}
+
+impl From<StorageError> for Failure {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Permanent { .. } => Failure::Permanent(e.to_string()),
+            // 404s that reach here are unexpected (the expected ones are handled where they can
+            // occur); retry rather than guess.
+            _ => Failure::Retryable(e.to_string()),
+        }
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// HEAD that maps a real 404 to `None` and keeps every other error an error.
+async fn head(store: &crate::storage::BlobStore, c: &str, b: &str, snap: Option<&str>) -> Result<Option<BlobProperties>, StorageError> {
+    match store.properties(c, b, snap).await {
+        Ok(p) => Ok(Some(p)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<Outcome, Failure> {
+    let (c, b) = (req.container.as_str(), req.blob.as_str());
+    let done = |etag: &Etag| Outcome::AlreadyBackedUp { container: c.into(), blob: b.into(), etag: etag.quoted() };
+    let superseded = |why: String| Outcome::Superseded { container: c.into(), blob: b.into(), etag: req.etag.quoted(), why };
+
+    // 2. Idempotency against the backup.
+    let target = head(&app.backup, c, b, None).await?;
+    if let Some(t) = &target {
+        if t.metadata.get(metadata::SOURCE_ETAG).map(Etag::new).as_ref() == Some(&req.etag) && !t.metadata.contains_key(metadata::DELETED_AT) {
+            info!("already backed up");
+            return Ok(done(&req.etag));
+        }
+    }
+
+    // 3. The source version.
+    let Some((snapshot, snap_props)) = resolve_snapshot(app, req).await? else {
+        let live = head(&app.source, c, b, None).await?;
+        let why = match live {
+            Some(p) => format!(
+                "the version's snapshot is gone and the blob is now {}; a request for that version exists or the next reconcile makes one",
+                p.etag
+            ),
+            None => "the blob and the version's snapshot are gone; reconcile records the deletion".into(),
+        };
+        info!(%why, "superseded");
+        return Ok(superseded(why));
+    };
+    let version_time = snap_props
+        .metadata
+        .get(metadata::SOURCE_LAST_MODIFIED)
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+        .unwrap_or(snap_props.last_modified);
+
+    // A newer version already in the backup must stay on top: the backup base is what reconcile
+    // compares with. The older version remains in the source snapshot.
+    if let Some(t) = &target {
+        let backup_time = t.metadata.get(metadata::SOURCE_LAST_MODIFIED).and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
+        if backup_time.is_some_and(|bt| bt > version_time) && !t.metadata.contains_key(metadata::DELETED_AT) {
+            return Ok(superseded(format!(
+                "the backup already holds a newer version ({}); this one stays in source snapshot {snapshot}",
+                t.metadata.get(metadata::SOURCE_ETAG).map(String::as_str).unwrap_or("?")
+            )));
+        }
+    }
+
+    // 4. Keep the backup's current version before it is overwritten.
+    app.backup.ensure_container(c).await?;
+    let expected_target = match &target {
+        None => None,
+        Some(t) => {
+            app.backup.create_snapshot(c, b, &t.etag, &t.metadata).await?;
+            Some(t.etag.clone())
+        }
+    };
+
+    let mut meta: BTreeMap<String, String> =
+        snap_props.metadata.iter().filter(|(k, _)| !metadata::is_lakeguard_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    meta.insert(metadata::SOURCE_ETAG.into(), req.etag.quoted());
+    meta.insert(metadata::SOURCE_SNAPSHOT.into(), snapshot.clone());
+    meta.insert(metadata::SOURCE_LAST_MODIFIED.into(), rfc3339(version_time));
+    meta.insert(metadata::BACKED_UP_AT.into(), rfc3339(OffsetDateTime::now_utc()));
+    let job = CopyJob {
+        source_container: c.into(),
+        source_blob: b.into(),
+        source_snapshot: snapshot.clone(),
+        source_etag: req.etag.clone(),
+        snapshot_etag: Some(snap_props.etag.clone()),
+        target_container: c.into(),
+        target_blob: b.into(),
+        content_type: snap_props.content_type.clone(),
+        content_length: snap_props.content_length,
+        expected_target,
+        metadata: meta,
+        attempt: dequeue_count,
+    };
+    let copy = app.engine.copy(&job);
+    let result = if app.settings.use_lease {
+        lease::with_source_lease(&app.source, c, b, &req.etag, copy).await?
+    } else {
+        copy.await
+    };
+    match result {
+        Ok(_) => {
+            info!(engine = app.engine.name(), snapshot = %snapshot, "backed up");
+            Ok(Outcome::BackedUp { container: c.into(), blob: b.into(), etag: req.etag.quoted() })
+        }
+        Err(CopyError::SourceGone(e)) => Ok(superseded(format!("the source snapshot disappeared during the copy: {e}"))),
+        Err(CopyError::Retryable(e)) => Err(Failure::Retryable(e)),
+        Err(CopyError::Permanent(e)) => Err(Failure::Permanent(e)),
+    }
+}
+
+/// Finds the source snapshot holding exactly the requested version.
+async fn resolve_snapshot(app: &App, req: &BackupRequest) -> Result<Option<(String, BlobProperties)>, StorageError> {
+    let (c, b) = (req.container.as_str(), req.blob.as_str());
+    if let Some(s) = &req.snapshot {
+        if let Some(p) = head(&app.source, c, b, Some(s)).await? {
+            let version = p.metadata.get(metadata::SOURCE_ETAG).map(Etag::new).unwrap_or_else(|| p.etag.clone());
+            if version == req.etag {
+                return Ok(Some((s.clone(), p)));
+            }
+            warn!(snapshot = %s, holds = %version, "the named snapshot holds another version; looking for the right one");
+        }
+    }
+    // Legacy message, or the named snapshot is gone: another snapshot of the version, listed by
+    // exact name (a prefix listing also returns `a.txt.bak` for `a.txt`: filter by equality).
+    let opts = ListOptions { prefix: Some(b.to_owned()), snapshots: true, metadata: true, max_results: None };
+    let mut marker = None;
+    let mut best: Option<String> = None;
+    let mut live_matches = false;
+    loop {
+        let page = app.source.list_page(c, &opts, marker.take()).await?;
+        for e in page.entries.iter().filter(|e| e.name == b) {
+            match &e.snapshot {
+                Some(s) if snapshot_version(e) == req.etag && best.as_ref().is_none_or(|x| s > x) => best = Some(s.clone()),
+                None if e.etag == req.etag => live_matches = true,
+                _ => {}
+            }
+        }
+        marker = page.next_marker;
+        if marker.is_none() || page.entries.last().is_some_and(|e| e.name.as_str() > b) {
+            break;
+        }
+    }
+    if let Some(s) = best {
+        let p = head(&app.source, c, b, Some(&s)).await?;
+        return Ok(p.map(|p| (s, p)));
+    }
+    if live_matches {
+        // The version is still live but has no snapshot: make one, conditionally.
+        let Some(props) = head(&app.source, c, b, None).await? else { return Ok(None) };
+        if props.etag != req.etag {
+            return Ok(None);
+        }
+        let meta = super::snapshot::snapshot_metadata(&props.metadata, &props.etag, props.last_modified, OffsetDateTime::now_utc());
+        match app.source.create_snapshot(c, b, &req.etag, &meta).await {
+            Ok(s) => {
+                let p = head(&app.source, c, b, Some(&s)).await?;
+                return Ok(p.map(|p| (s, p)));
+            }
+            Err(e) if e.is_precondition_failed() || e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DrainReport {
+    pub queue: String,
+    pub processed: u64,
+    pub backed_up: u64,
+    pub already_backed_up: u64,
+    pub superseded: u64,
+    pub poisoned: u64,
+    /// Deliveries that failed and were put back for another attempt.
+    pub retried: u64,
+    pub elapsed_ms: u128,
+}
+
+/// `lakeguard backup --drain`: the worker's code over the queue from a terminal, until it is
+/// empty. Messages are hidden while processed; a retryable failure puts the message back with a
+/// short backoff (its dequeue count rises, so it is poisoned after the last attempt, like the host
+/// would).
+pub async fn drain(app: &App, queue: &BackupQueue, progress: Arc<dyn Progress>) -> Result<DrainReport, StorageError> {
+    let started = Instant::now();
+    let mut report = DrainReport { queue: queue.name().to_owned(), ..Default::default() };
+    queue.ensure_exists().await?;
+    progress.add_total(queue.approximate_count().await?);
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let batch = queue.receive(32, 300).await?;
+        if batch.is_empty() {
+            if queue.approximate_count().await? == 0 {
+                break;
+            }
+            // Messages in backoff become visible again shortly.
+            let idle = idle_since.get_or_insert_with(Instant::now);
+            if idle.elapsed() > Duration::from_secs(120) {
+                warn!("messages remain invisible (held by another consumer?); stopping");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        idle_since = None;
+        let results: Vec<(Received, Result<Outcome, Retry>)> = stream::iter(batch)
+            .map(|msg| async move {
+                let r = process_message(app, &msg.text, msg.dequeue_count).await;
+                (msg, r)
+            })
+            .buffer_unordered(app.settings.concurrency)
+            .collect()
+            .await;
+        for (msg, r) in results {
+            report.processed += 1;
+            match r {
+                Ok(outcome) => {
+                    match outcome {
+                        Outcome::BackedUp { .. } => report.backed_up += 1,
+                        Outcome::AlreadyBackedUp { .. } => report.already_backed_up += 1,
+                        Outcome::Superseded { .. } => report.superseded += 1,
+                        Outcome::Poisoned { .. } => report.poisoned += 1,
+                    }
+                    progress.inc(1);
+                    if let Err(e) = queue.delete(&msg).await {
+                        // Already deleted or taken over: the next delivery is idempotent anyway.
+                        warn!(error = %e, "could not delete a processed message");
+                    }
+                }
+                Err(Retry(e)) => {
+                    report.retried += 1;
+                    warn!(error = %e, dequeue_count = msg.dequeue_count, "will retry");
+                    let backoff = 2i32.pow(msg.dequeue_count.min(4));
+                    let _ = queue.extend(&msg, backoff).await;
+                }
+            }
+        }
+    }
+    report.elapsed_ms = started.elapsed().as_millis();
+    Ok(report)
+}

@@ -1,0 +1,214 @@
+//! SnapshotProducer: snapshot every new or changed blob of a container and queue one backup
+//! request per snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{stream, StreamExt};
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tracing::{info, warn, Instrument};
+
+use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
+use crate::app::App;
+use crate::core::changes::{ChangeDetector, Decision, Verdict};
+use crate::model::{metadata, BackupRequest, BlobEntry, Etag};
+use crate::storage::blob::ListOptions;
+use crate::storage::{BlobStore, StorageError};
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SnapshotReport {
+    pub container: String,
+    pub prefix: Option<String>,
+    /// Base blobs examined.
+    pub scanned: u64,
+    pub snapshotted: u64,
+    pub enqueued: u64,
+    pub unchanged: u64,
+    /// Directory placeholders, and blobs deleted between listing and snapshot.
+    pub skipped: u64,
+    pub failed: u64,
+    pub failures: Vec<BlobFailure>,
+    pub elapsed_ms: u128,
+}
+
+impl SnapshotReport {
+    pub fn is_complete(&self) -> bool {
+        self.failed == 0
+    }
+}
+
+/// Outcome for one blob.
+enum One {
+    Enqueued,
+    Skipped,
+    Failed(String),
+}
+
+/// Attempts at snapshotting a blob that keeps changing under us before giving up on it for this
+/// run (the next run, or reconcile, finds it again).
+const SNAPSHOT_ATTEMPTS: usize = 3;
+
+pub async fn run(app: &App, container: &str, prefix: Option<&str>, progress: Arc<dyn Progress>) -> Result<SnapshotReport, OpError> {
+    let started = Instant::now();
+    crate::settings::validate_container_name(container).map_err(OpError::InvalidInput)?;
+    if !app.source.container_exists(container).await? {
+        return Err(OpError::ContainerNotFound(container.to_owned()));
+    }
+    let mut report = SnapshotReport { container: container.to_owned(), prefix: prefix.map(str::to_owned), ..Default::default() };
+    let opts = ListOptions { prefix: prefix.map(str::to_owned), snapshots: true, metadata: true, max_results: None };
+    let mut detector = ChangeDetector::new();
+    let mut marker = None;
+    loop {
+        let page = app.source.list_page(container, &opts, marker.take()).await?;
+        let last_name = page.entries.last().map(|e| e.name.clone());
+        for entry in page.entries {
+            detector.push(entry);
+        }
+        marker = page.next_marker;
+        // Names sort; snapshots of one name are adjacent. Every name before the page's last one is
+        // complete, so memory stays bounded by a page.
+        let ready = match (&marker, &last_name) {
+            (Some(_), Some(last)) => detector.drain_before(last),
+            _ => std::mem::take(&mut detector).finish(),
+        };
+        process(app, container, ready, &mut report, &progress).await;
+        if marker.is_none() {
+            break;
+        }
+    }
+    report.elapsed_ms = started.elapsed().as_millis();
+    info!(
+        container,
+        scanned = report.scanned,
+        snapshotted = report.snapshotted,
+        enqueued = report.enqueued,
+        unchanged = report.unchanged,
+        skipped = report.skipped,
+        failed = report.failed,
+        elapsed_ms = report.elapsed_ms as u64,
+        "snapshot run finished"
+    );
+    Ok(report)
+}
+
+async fn process(app: &App, container: &str, decisions: Vec<Decision>, report: &mut SnapshotReport, progress: &Arc<dyn Progress>) {
+    report.scanned += decisions.len() as u64;
+    progress.add_total(decisions.len() as u64);
+    let mut todo = Vec::new();
+    for d in decisions {
+        match d.verdict {
+            Verdict::Unchanged => {
+                report.unchanged += 1;
+                progress.inc(1);
+            }
+            Verdict::Placeholder => {
+                report.skipped += 1;
+                progress.inc(1);
+            }
+            Verdict::New | Verdict::Changed { .. } => todo.push(d.blob),
+        }
+    }
+    let results: Vec<(String, One)> = stream::iter(todo)
+        .map(|blob| {
+            let span = tracing::info_span!("snapshot_blob", container, blob = %blob.name, etag = %blob.etag);
+            async move {
+                let name = blob.name.clone();
+                (name, snapshot_and_enqueue(app, container, blob).await)
+            }
+            .instrument(span)
+        })
+        .buffer_unordered(app.settings.concurrency)
+        .collect()
+        .await;
+    for (name, one) in results {
+        progress.inc(1);
+        match one {
+            One::Enqueued => {
+                report.snapshotted += 1;
+                report.enqueued += 1;
+            }
+            One::Skipped => report.skipped += 1,
+            One::Failed(error) => {
+                report.failed += 1;
+                if report.failures.len() < MAX_REPORTED_FAILURES {
+                    report.failures.push(BlobFailure { blob: name, error });
+                }
+            }
+        }
+    }
+}
+
+/// The snapshot's metadata: the blob's own user metadata (so the snapshot is a faithful copy of
+/// the version) plus lakeguard's markers.
+pub fn snapshot_metadata(user: &BTreeMap<String, String>, etag: &Etag, last_modified: OffsetDateTime, now: OffsetDateTime) -> BTreeMap<String, String> {
+    let mut m: BTreeMap<String, String> =
+        user.iter().filter(|(k, _)| !metadata::is_lakeguard_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    m.insert(metadata::SOURCE_ETAG.into(), etag.quoted());
+    m.insert(metadata::SOURCE_LAST_MODIFIED.into(), last_modified.format(&Rfc3339).unwrap_or_default());
+    m.insert(metadata::REQUESTED_AT.into(), now.format(&Rfc3339).unwrap_or_default());
+    m
+}
+
+/// Snapshots exactly the listed version (If-Match); on 412 the blob changed after the listing,
+/// so the new version is read and snapshotted instead — a change is never lost.
+pub async fn snapshot_current(store: &BlobStore, container: &str, mut blob: BlobEntry) -> Result<Option<(String, BlobEntry)>, StorageError> {
+    for attempt in 1..=SNAPSHOT_ATTEMPTS {
+        let meta = snapshot_metadata(&blob.metadata, &blob.etag, blob.last_modified, OffsetDateTime::now_utc());
+        match store.create_snapshot(container, &blob.name, &blob.etag, &meta).await {
+            Ok(id) => return Ok(Some((id, blob))),
+            Err(e) if e.is_precondition_failed() && attempt < SNAPSHOT_ATTEMPTS => {
+                let props = match store.properties(container, &blob.name, None).await {
+                    Ok(p) => p,
+                    Err(e) if e.is_not_found() => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                info!(blob = %blob.name, old = %blob.etag, new = %props.etag, "blob changed since listing; snapshotting the new version");
+                blob.etag = props.etag;
+                blob.last_modified = props.last_modified;
+                blob.metadata = props.metadata;
+                blob.content_length = props.content_length;
+                blob.content_type = props.content_type;
+            }
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+async fn snapshot_and_enqueue(app: &App, container: &str, blob: BlobEntry) -> One {
+    let (snapshot, blob) = match snapshot_current(&app.source, container, blob).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            info!("blob deleted since listing; nothing to back up");
+            return One::Skipped;
+        }
+        Err(e) => return One::Failed(format!("snapshot: {e}")),
+    };
+    match enqueue(app, container, &blob, &snapshot).await {
+        Ok(()) => One::Enqueued,
+        Err(e) => One::Failed(e),
+    }
+}
+
+/// Queues the request for a snapshot just made. If that fails, the snapshot is deleted again so
+/// that the next run sees the blob as changed and retries: snapshot-then-enqueue is not atomic,
+/// and a snapshot without a request would otherwise look "done" (the reference lost such
+/// requests silently). If even the delete fails, reconcile (which compares with the backup)
+/// heals it; the failure is reported either way.
+pub async fn enqueue(app: &App, container: &str, blob: &BlobEntry, snapshot: &str) -> Result<(), String> {
+    let request = BackupRequest::new(container, &blob.name, &blob.etag, snapshot);
+    match app.queue.send_text(&request.to_json()).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            warn!(error = %e, "enqueue failed; removing the snapshot so the change is found again");
+            match app.source.delete(container, &blob.name, Some(snapshot), None, false).await {
+                Ok(()) => Err(format!("enqueue: {e} (snapshot removed; the next run retries)")),
+                Err(d) => Err(format!("enqueue: {e}; removing the snapshot failed too ({d}); reconcile will re-request it")),
+            }
+        }
+    }
+}

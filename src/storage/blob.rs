@@ -1,0 +1,593 @@
+//! `BlobStore`: the blob operations lakeguard needs, over the official `azure_storage_blob` clients,
+//! returning our model types and classified errors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use azure_core::credentials::TokenCredential;
+use azure_core::http::policies::Policy;
+use azure_core::http::{ClientMethodOptions, ClientOptions, Context, RequestContent};
+use azure_storage_blob::models::{
+    BlobClientAcquireLeaseOptions, BlobClientAcquireLeaseResultHeaders, BlobClientCreateSnapshotOptions,
+    BlobClientCreateSnapshotResultHeaders, BlobClientDeleteOptions, BlobClientGetPropertiesOptions,
+    BlobClientGetPropertiesResultHeaders, BlobClientReleaseLeaseOptions, BlobClientRenewLeaseOptions,
+    BlobClientSetMetadataOptions, BlobClientStartCopyFromUrlOptions, BlobClientStartCopyFromUrlResultHeaders,
+    BlobContainerClientListBlobsOptions, BlobItem, BlobServiceClientListContainersOptions,
+    BlockBlobClientCommitBlockListOptions, BlockBlobClientCommitBlockListResultHeaders,
+    BlockBlobClientStageBlockFromUrlOptions, BlockBlobClientUploadOptions, BlockLookupList, HttpRange,
+    ListBlobsIncludeItem,
+};
+use azure_storage_blob::{BlobClient, BlobClientOptions, BlobContainerClient, BlobContainerClientOptions, BlobServiceClient, BlobServiceClientOptions};
+use futures::TryStreamExt;
+use time::OffsetDateTime;
+use url::Url;
+
+use super::connection::Connection;
+use super::error::StorageError;
+use super::{Clients, ExtraHeaders};
+use crate::model::{BlobEntry, Etag};
+
+/// One page of a listing. Memory is bounded by the page, never by the container.
+#[derive(Debug, Default)]
+pub struct ListPage {
+    pub entries: Vec<BlobEntry>,
+    pub next_marker: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ListOptions {
+    pub prefix: Option<String>,
+    pub snapshots: bool,
+    pub metadata: bool,
+    pub max_results: Option<u32>,
+}
+
+/// Properties of one blob or snapshot, from a HEAD.
+#[derive(Clone, Debug)]
+pub struct BlobProperties {
+    pub etag: Etag,
+    pub last_modified: OffsetDateTime,
+    pub content_length: u64,
+    pub content_type: Option<String>,
+    pub content_md5: Option<Vec<u8>>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A block blob's size limit for one synchronous Copy Blob From URL.
+pub const SYNC_COPY_MAX: u64 = 256 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct BlobStore {
+    account: String,
+    endpoint: Url,
+    credential: Option<Arc<dyn TokenCredential>>,
+    options: ClientOptions,
+    /// SAS from a connection string, appended to every URL we build.
+    sas: Option<String>,
+    connection: Connection,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlobStore({})", self.account)
+    }
+}
+
+fn ctx_with(extra: ExtraHeaders) -> ClientMethodOptions<'static> {
+    ClientMethodOptions { context: Context::new().with_value(extra) }
+}
+
+impl BlobStore {
+    pub fn new(clients: &Clients, conn: &Connection) -> Result<Self, StorageError> {
+        let endpoint = conn
+            .blob_endpoint()
+            .map_err(|e| StorageError::Permanent { what: conn.name.clone(), detail: e.to_string() })?
+            .clone();
+        let (credential, per_try, sas): (_, Vec<Arc<dyn Policy>>, _) = clients.auth_for(conn)?;
+        Ok(BlobStore {
+            account: conn.account.clone(),
+            endpoint,
+            credential,
+            options: clients.client_options(per_try),
+            sas,
+            connection: conn.clone(),
+        })
+    }
+
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// URL of a container, or of a blob (each `/`-separated part of the name is one path
+    /// segment, percent-encoded: `#`, `?`, `%` and spaces in names are safe), or of a snapshot.
+    pub fn url(&self, container: &str, blob: Option<&str>, snapshot: Option<&str>) -> Url {
+        let mut url = self.endpoint.clone();
+        {
+            let mut segs = url.path_segments_mut().expect("validated endpoint is a base URL");
+            segs.pop_if_empty();
+            segs.push(container);
+            if let Some(name) = blob {
+                for part in name.split('/') {
+                    segs.push(part);
+                }
+            }
+        }
+        let mut query = Vec::new();
+        if let Some(s) = snapshot {
+            query.push(format!("snapshot={}", percent_encoding::utf8_percent_encode(s, QUERY)));
+        }
+        if let Some(sas) = &self.sas {
+            query.push(sas.clone());
+        }
+        if !query.is_empty() {
+            url.set_query(Some(&query.join("&")));
+        }
+        url
+    }
+
+    pub(crate) fn service_client(&self) -> Result<BlobServiceClient, StorageError> {
+        let mut url = self.endpoint.clone();
+        if let Some(sas) = &self.sas {
+            url.set_query(Some(sas));
+        }
+        BlobServiceClient::new(
+            url,
+            self.credential.clone(),
+            Some(BlobServiceClientOptions { client_options: self.options.clone(), ..Default::default() }),
+        )
+        .map_err(|e| StorageError::from_azure("blob service client", e))
+    }
+
+    fn container(&self, container: &str) -> Result<BlobContainerClient, StorageError> {
+        BlobContainerClient::new(
+            self.url(container, None, None),
+            self.credential.clone(),
+            Some(BlobContainerClientOptions { client_options: self.options.clone(), ..Default::default() }),
+        )
+        .map_err(|e| StorageError::from_azure(format!("container {container}"), e))
+    }
+
+    pub fn blob(&self, container: &str, blob: &str, snapshot: Option<&str>) -> Result<BlobClient, StorageError> {
+        BlobClient::new(
+            self.url(container, Some(blob), snapshot),
+            self.credential.clone(),
+            Some(BlobClientOptions { client_options: self.options.clone(), ..Default::default() }),
+        )
+        .map_err(|e| StorageError::from_azure(format!("blob {container}/{blob}"), e))
+    }
+
+    /// One page of a container listing, starting at `marker`.
+    pub async fn list_page(
+        &self,
+        container: &str,
+        opts: &ListOptions,
+        marker: Option<String>,
+    ) -> Result<ListPage, StorageError> {
+        let mut include = Vec::new();
+        if opts.snapshots {
+            include.push(ListBlobsIncludeItem::Snapshots);
+        }
+        if opts.metadata {
+            include.push(ListBlobsIncludeItem::Metadata);
+        }
+        let options = BlobContainerClientListBlobsOptions {
+            include: (!include.is_empty()).then_some(include),
+            marker,
+            maxresults: opts.max_results.map(|n| n as i32),
+            prefix: opts.prefix.clone(),
+            ..Default::default()
+        };
+        let what = format!("list {container}");
+        let mut pages = self
+            .container(container)?
+            .list_blobs(Some(options))
+            .map_err(|e| StorageError::from_azure(&what, e))?
+            .into_pages();
+        let page = pages.try_next().await.map_err(|e| StorageError::from_azure(&what, e))?;
+        let Some(page) = page else { return Ok(ListPage::default()) };
+        let body = page.into_model().map_err(|e| StorageError::from_azure(&what, e))?;
+        let mut entries = Vec::with_capacity(body.blob_items.len());
+        for item in body.blob_items {
+            entries.push(entry_from_item(item).map_err(|detail| StorageError::Permanent { what: what.clone(), detail })?);
+        }
+        Ok(ListPage { entries, next_marker: body.next_marker.filter(|m| !m.is_empty()) })
+    }
+
+    /// One page of container names.
+    pub async fn list_containers_page(&self, marker: Option<String>) -> Result<(Vec<String>, Option<String>), StorageError> {
+        let what = "list containers";
+        let options = BlobServiceClientListContainersOptions { marker, ..Default::default() };
+        let mut pages = self
+            .service_client()?
+            .list_containers(Some(options))
+            .map_err(|e| StorageError::from_azure(what, e))?
+            .into_pages();
+        let Some(page) = pages.try_next().await.map_err(|e| StorageError::from_azure(what, e))? else {
+            return Ok((vec![], None));
+        };
+        let body = page.into_model().map_err(|e| StorageError::from_azure(what, e))?;
+        let names = body.container_items.into_iter().filter_map(|c| c.name).collect();
+        Ok((names, body.next_marker.filter(|m| !m.is_empty())))
+    }
+
+    /// Whether the container exists. Only a real 404 is "no"; throttling or 403 is an error.
+    pub async fn container_exists(&self, container: &str) -> Result<bool, StorageError> {
+        match self.container(container)?.get_properties(None).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let err = StorageError::from_azure(format!("container {container}"), e);
+                if err.is_not_found() {
+                    Ok(false)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// Creates the container unless it exists (409 ContainerAlreadyExists is success).
+    pub async fn ensure_container(&self, container: &str) -> Result<(), StorageError> {
+        match self.container(container)?.create(None).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let err = StorageError::from_azure(format!("create container {container}"), e);
+                match &err {
+                    StorageError::Conflict { code, .. } if code == "ContainerAlreadyExists" => Ok(()),
+                    _ => Err(err),
+                }
+            }
+        }
+    }
+
+    pub async fn delete_container(&self, container: &str) -> Result<(), StorageError> {
+        match self.container(container)?.delete(None).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let err = StorageError::from_azure(format!("delete container {container}"), e);
+                if err.is_not_found() {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// HEAD of a blob or snapshot.
+    pub async fn properties(&self, container: &str, blob: &str, snapshot: Option<&str>) -> Result<BlobProperties, StorageError> {
+        let what = format!("properties of {container}/{blob}");
+        let rsp = self
+            .blob(container, blob, snapshot)?
+            .get_properties(Some(BlobClientGetPropertiesOptions::default()))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        let bad = |detail: String| StorageError::Permanent { what: what.clone(), detail };
+        Ok(BlobProperties {
+            etag: rsp.etag().map_err(|e| bad(e.to_string()))?.map(|e| Etag::new(e.to_string())).ok_or_else(|| bad("no ETag".into()))?,
+            last_modified: rsp.last_modified().map_err(|e| bad(e.to_string()))?.ok_or_else(|| bad("no Last-Modified".into()))?,
+            content_length: rsp.content_length().map_err(|e| bad(e.to_string()))?.unwrap_or(0),
+            content_type: rsp.content_type().map_err(|e| bad(e.to_string()))?,
+            content_md5: rsp.content_md5().map_err(|e| bad(e.to_string()))?,
+            metadata: lower_keys(rsp.metadata().map_err(|e| bad(e.to_string()))?),
+        })
+    }
+
+    /// Snapshots a blob only if it still has `if_match`: the snapshot is then exactly the version
+    /// that was listed (the reference implementation snapshotted unconditionally and could name
+    /// version X in the message while the snapshot held Y). `metadata` replaces the snapshot's
+    /// metadata (callers pass the base blob's user metadata plus lakeguard's markers).
+    pub async fn create_snapshot(
+        &self,
+        container: &str,
+        blob: &str,
+        if_match: &Etag,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<String, StorageError> {
+        let what = format!("snapshot {container}/{blob}");
+        let options = BlobClientCreateSnapshotOptions {
+            if_match: Some(if_match.quoted().into()),
+            metadata: Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            ..Default::default()
+        };
+        let rsp = self
+            .blob(container, blob, None)?
+            .create_snapshot(Some(options))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        rsp.snapshot()
+            .map_err(|e| StorageError::Permanent { what: what.clone(), detail: e.to_string() })?
+            .ok_or(StorageError::Permanent { what, detail: "no x-ms-snapshot in the answer".into() })
+    }
+
+    /// Replaces a blob's metadata, conditionally on its ETag.
+    pub async fn set_metadata(
+        &self,
+        container: &str,
+        blob: &str,
+        metadata: &BTreeMap<String, String>,
+        if_match: &Etag,
+    ) -> Result<(), StorageError> {
+        let what = format!("set metadata of {container}/{blob}");
+        let options = BlobClientSetMetadataOptions { if_match: Some(if_match.quoted().into()), ..Default::default() };
+        self.blob(container, blob, None)?
+            .set_metadata(&metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>(), Some(options))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        Ok(())
+    }
+
+    /// Deletes a blob (with its snapshots when `include_snapshots`) or one snapshot, conditionally.
+    pub async fn delete(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+        if_match: Option<&Etag>,
+        include_snapshots: bool,
+    ) -> Result<(), StorageError> {
+        let what = format!("delete {container}/{blob}");
+        let options = BlobClientDeleteOptions {
+            if_match: if_match.map(|e| e.quoted().into()),
+            delete_snapshots: include_snapshots.then_some(azure_storage_blob::models::DeleteSnapshotsOptionType::Include),
+            ..Default::default()
+        };
+        self.blob(container, blob, snapshot)?
+            .delete(Some(options))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        Ok(())
+    }
+
+    /// Uploads a small blob in one request (demo data, tests, restore markers).
+    pub async fn upload(
+        &self,
+        container: &str,
+        blob: &str,
+        data: Vec<u8>,
+        content_type: Option<&str>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Etag, StorageError> {
+        let what = format!("upload {container}/{blob}");
+        let options = BlockBlobClientUploadOptions {
+            blob_content_type: content_type.map(str::to_owned),
+            metadata: Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            ..Default::default()
+        };
+        let rsp = self
+            .blob(container, blob, None)?
+            .block_blob_client()
+            .upload(RequestContent::from(data), Some(options))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        rsp.etag.map(|e| Etag::new(e.to_string())).ok_or(StorageError::Permanent { what, detail: "no ETag".into() })
+    }
+
+    /// Downloads a whole blob or snapshot into memory (small blobs only: tests, demo).
+    pub async fn download(&self, container: &str, blob: &str, snapshot: Option<&str>) -> Result<Vec<u8>, StorageError> {
+        let what = format!("download {container}/{blob}");
+        let rsp = self
+            .blob(container, blob, snapshot)?
+            .download(None)
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        let body = rsp.body.collect().await.map_err(|e| StorageError::from_azure(&what, e))?;
+        Ok(body.to_vec())
+    }
+
+    /// Streams a blob or snapshot through `sink` chunk by chunk (bounded memory), e.g. to hash it.
+    pub async fn download_with(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<u64, StorageError> {
+        let what = format!("download {container}/{blob}");
+        let rsp = self
+            .blob(container, blob, snapshot)?
+            .download(None)
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        let mut body = rsp.body;
+        let mut total = 0u64;
+        while let Some(chunk) = body.try_next().await.map_err(|e| StorageError::from_azure(&what, e))? {
+            total += chunk.len() as u64;
+            sink(&chunk);
+        }
+        Ok(total)
+    }
+
+    /// Synchronous server-side copy (Copy Blob From URL, up to 256 MiB): the content never passes
+    /// through this process, and `source_if_match` guarantees the copied version. `target_if`
+    /// makes the write conditional on the target (`Some(None)` = must not exist).
+    pub async fn copy_from_url(
+        &self,
+        container: &str,
+        blob: &str,
+        source_url: &Url,
+        source_if_match: Option<&Etag>,
+        target_condition: TargetCondition,
+        metadata: &BTreeMap<String, String>,
+        source_authorization: Option<String>,
+    ) -> Result<Etag, StorageError> {
+        let what = format!("copy into {container}/{blob}");
+        let mut extra = vec![("x-ms-requires-sync", "true".to_owned())];
+        if let Some(auth) = source_authorization {
+            extra.push(("x-ms-copy-source-authorization", auth));
+        }
+        let (if_match, if_none_match) = target_condition.headers();
+        let options = BlobClientStartCopyFromUrlOptions {
+            source_if_match: source_if_match.map(|e| e.quoted().into()),
+            if_match,
+            if_none_match,
+            metadata: Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            method_options: ctx_with(ExtraHeaders(extra)),
+            ..Default::default()
+        };
+        let rsp = self
+            .blob(container, blob, None)?
+            .start_copy_from_url(source_url.to_string(), Some(options))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        let status = rsp.copy_status().ok().flatten();
+        if let Some(s) = status {
+            if s != azure_storage_blob::models::CopyStatus::Success {
+                return Err(StorageError::Retryable { what, detail: format!("copy status {s:?}, expected success") });
+            }
+        }
+        rsp.etag()
+            .ok()
+            .flatten()
+            .map(|e| Etag::new(e.to_string()))
+            .ok_or(StorageError::Permanent { what, detail: "no ETag".into() })
+    }
+
+    /// Put Block From URL: stages `range` of the source as block `block_id` of the target.
+    pub async fn stage_block_from_url(
+        &self,
+        container: &str,
+        blob: &str,
+        block_id: &[u8],
+        source_url: &Url,
+        offset: u64,
+        length: u64,
+        source_if_match: Option<&Etag>,
+        source_authorization: Option<String>,
+    ) -> Result<(), StorageError> {
+        let what = format!("stage block of {container}/{blob} at {offset}");
+        let options = BlockBlobClientStageBlockFromUrlOptions {
+            source_if_match: source_if_match.map(|e| e.quoted().into()),
+            source_range: Some(HttpRange::new(offset, length)),
+            copy_source_authorization: source_authorization,
+            ..Default::default()
+        };
+        self.blob(container, blob, None)?
+            .block_blob_client()
+            .stage_block_from_url(block_id, 0, source_url.to_string(), Some(options))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        Ok(())
+    }
+
+    /// Put Block List: commits staged blocks in order, with content type and metadata.
+    pub async fn commit_blocks(
+        &self,
+        container: &str,
+        blob: &str,
+        block_ids: Vec<Vec<u8>>,
+        content_type: Option<&str>,
+        metadata: &BTreeMap<String, String>,
+        target_condition: TargetCondition,
+    ) -> Result<Etag, StorageError> {
+        let what = format!("commit blocks of {container}/{blob}");
+        let list = BlockLookupList { latest: Some(block_ids), ..Default::default() };
+        let (if_match, if_none_match) = target_condition.headers();
+        let options = BlockBlobClientCommitBlockListOptions {
+            blob_content_type: content_type.map(str::to_owned),
+            metadata: Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            if_match,
+            if_none_match,
+            ..Default::default()
+        };
+        let content: RequestContent<BlockLookupList, azure_core::http::XmlFormat> =
+            list.try_into().map_err(|e| StorageError::from_azure(&what, e))?;
+        let rsp = self
+            .blob(container, blob, None)?
+            .block_blob_client()
+            .commit_block_list(content, Some(options))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        rsp.etag()
+            .ok()
+            .flatten()
+            .map(|e| Etag::new(e.to_string()))
+            .ok_or(StorageError::Permanent { what, detail: "no ETag".into() })
+    }
+
+    /// Acquires a lease (`duration_secs` 15..=60) on a blob, conditionally on its ETag.
+    pub async fn acquire_lease(&self, container: &str, blob: &str, duration_secs: i32, if_match: Option<&Etag>) -> Result<String, StorageError> {
+        let what = format!("lease {container}/{blob}");
+        let options = BlobClientAcquireLeaseOptions { if_match: if_match.map(|e| e.quoted().into()), ..Default::default() };
+        let rsp = self
+            .blob(container, blob, None)?
+            .acquire_lease(duration_secs, Some(options))
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        rsp.lease_id()
+            .ok()
+            .flatten()
+            .ok_or(StorageError::Permanent { what, detail: "no lease id".into() })
+    }
+
+    pub async fn renew_lease(&self, container: &str, blob: &str, lease_id: &str) -> Result<(), StorageError> {
+        self.blob(container, blob, None)?
+            .renew_lease(lease_id.to_owned(), Some(BlobClientRenewLeaseOptions::default()))
+            .await
+            .map_err(|e| StorageError::from_azure(format!("renew lease {container}/{blob}"), e))?;
+        Ok(())
+    }
+
+    pub async fn release_lease(&self, container: &str, blob: &str, lease_id: &str) -> Result<(), StorageError> {
+        self.blob(container, blob, None)?
+            .release_lease(lease_id.to_owned(), Some(BlobClientReleaseLeaseOptions::default()))
+            .await
+            .map_err(|e| StorageError::from_azure(format!("release lease {container}/{blob}"), e))?;
+        Ok(())
+    }
+}
+
+/// A condition on the target of a write.
+#[derive(Clone, Debug)]
+pub enum TargetCondition {
+    /// Unconditional (only where the caller has another guarantee, e.g. a lease).
+    Any,
+    /// The target must not exist (`If-None-Match: *`).
+    Absent,
+    /// The target must still have this ETag.
+    Matches(Etag),
+}
+
+impl TargetCondition {
+    fn headers(&self) -> (Option<azure_core::http::Etag>, Option<azure_core::http::Etag>) {
+        match self {
+            TargetCondition::Any => (None, None),
+            TargetCondition::Absent => (None, Some("*".into())),
+            TargetCondition::Matches(e) => (Some(e.quoted().into()), None),
+        }
+    }
+}
+
+/// Characters percent-encoded in a query value (snapshot ids hold `:` and `.`, which are fine,
+/// but be strict).
+const QUERY: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b':');
+
+fn lower_keys(m: HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()
+}
+
+fn entry_from_item(item: BlobItem) -> Result<BlobEntry, String> {
+    let name = item.name.ok_or("listing entry without a name")?;
+    let props = item.properties.ok_or_else(|| format!("listing entry {name} without properties"))?;
+    let etag = props.etag.map(|e| Etag::new(e.to_string())).ok_or_else(|| format!("listing entry {name} without ETag"))?;
+    let last_modified = props.last_modified.ok_or_else(|| format!("listing entry {name} without Last-Modified"))?;
+    let metadata = item.metadata.and_then(|m| m.values).map(lower_keys).unwrap_or_default();
+    Ok(BlobEntry {
+        name,
+        snapshot: item.snapshot.filter(|s| !s.is_empty()),
+        etag,
+        last_modified,
+        content_length: props.content_length.unwrap_or(0),
+        content_type: props.content_type,
+        content_md5: props.content_md5,
+        metadata,
+    })
+}
