@@ -55,7 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--tools", default="lakeguard,azcopy,rclone,reference")
     ap.add_argument("--lakeguard", type=Path, default=None, help="lakeguard binary (default $CARGO_TARGET_DIR/release/lakeguard)")
     ap.add_argument("--build", action="store_true", help="cargo build --release first")
-    ap.add_argument("--rss-scaling", action="store_true", help="also run lakeguard's RSS scaling check")
+    ap.add_argument("--rss-scaling", nargs="?", const="lakeguard", default=None, metavar="TOOL",
+                    help="also run the RSS scaling check (default tool: lakeguard)")
     ap.add_argument("--rss-sizes", default="20000,100000", help="blob counts for --rss-scaling")
     ap.add_argument("--timeout", type=float, default=None, help="per command, seconds")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
@@ -165,13 +166,18 @@ def tool_output(logdir: Path, label: str, n: int) -> list:
     return out
 
 
-def rss_scaling(az: Azurite, a, lg: Lakeguard, logdir: Path, ssvc) -> dict:
+def rss_scaling(az: Azurite, a, lg: Tool, logdir: Path, ssvc, bsvc) -> dict:
+    """Peak RSS of the tool's scenario 1 (full backup) and 2 (no-op) at two container sizes, in
+    fresh containers: it must be bounded by a page, not by the container (growth below 5x)."""
     sizes = [int(x) for x in a.rss_sizes.split(",")]
-    out = {"sizes": sizes, "runs": []}
+    out = {"tool": lg.name, "sizes": sizes, "runs": []}
+    home = lg.container
     for n in sizes:
         lk = lakemod.Lake(a.seed + n, n, 0)
-        lg.container = f"rss-{n}"
+        lg.container = f"rss-{lg.name}-{n}"
         ensure_container(ssvc, lg.container)
+        if lg.precreate_backup_container():
+            ensure_container(bsvc, lg.backup_container)
         log(f"rss scaling: uploading {n} blobs")
         lakemod.upload(ssvc.get_container_client(lg.container), lk, lk.blobs, 0)
         row = {"blobs": n}
@@ -184,7 +190,7 @@ def rss_scaling(az: Azurite, a, lg: Lakeguard, logdir: Path, ssvc) -> dict:
     first, last = out["runs"][0]["peak_rss_mib"], out["runs"][-1]["peak_rss_mib"]
     out["growth"] = round(last / first, 2) if first else None
     out["pass"] = bool(first and last / first < 5)
-    lg.container = "lake-lakeguard"
+    lg.container = home
     return out
 
 
@@ -300,9 +306,10 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
         results["5"][t.name] = r
 
     rss = None
-    lg = next((t for t in tools if t.name == "lakeguard"), None)
     if a.rss_scaling:
-        rss = rss_scaling(az, a, lg, logdir, ssvc) if lg else {"not_runnable": not_runnable.get("lakeguard", "not selected")}
+        rt = next((t for t in tools if t.name == a.rss_scaling), None)
+        rss = (rss_scaling(az, a, rt, logdir, ssvc, bsvc) if rt
+               else {"tool": a.rss_scaling, "not_runnable": not_runnable.get(a.rss_scaling, "not selected (--tools)")})
 
     doc = {
         "started": started.isoformat(),

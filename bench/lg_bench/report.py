@@ -107,11 +107,11 @@ def markdown(doc: dict, png_name: str) -> str:
         L += ["", "No lakeguard/peer ratios: lakeguard did not run (see above)."]
     rss = doc.get("rss_scaling")
     if rss:
-        L += ["", "## lakeguard RSS scaling", ""]
+        L += ["", f"## RSS scaling ({rss.get('tool')})", ""]
         if "runs" in rss:
             for r in rss["runs"]:
                 L.append(f"- {r['blobs']} blobs: peak RSS {r['peak_rss_mib']} MiB "
-                         f"(snapshot+drain {r['scenario1']['wall_s']} s, reconcile no-op {r['scenario2']['wall_s']} s)")
+                         f"(full backup {r['scenario1']['wall_s']} s, no-op {r['scenario2']['wall_s']} s)")
             L.append(f"- growth {rss['growth']}x: {'PASS' if rss['pass'] else 'FAIL'} (must stay below 5x)")
         else:
             L.append(f"- not run: {rss.get('not_runnable')}")
