@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
@@ -127,6 +128,10 @@ def delete_backups(bsvc, tool: Tool, lake: lakemod.Lake, ssvc) -> int:
 
 
 def run_tool(az, tool: Tool, scenario: int, a, logdir: Path, ssvc, bsvc, lake, extra_verify=None) -> dict:
+    why = tool.scenario_runnable(scenario)
+    if why:
+        log(f"scenario {scenario} / {tool.name}: NOT RUNNABLE: {why}")
+        return {"not_runnable": why}
     log(f"scenario {scenario} / {tool.name}")
     res = measure(az, tool.commands(scenario), tool.env(), logdir, f"s{scenario}-{tool.name}", a.timeout)
     if scenario == 5:
@@ -151,19 +156,33 @@ def run_tool(az, tool: Tool, scenario: int, a, logdir: Path, ssvc, bsvc, lake, e
 
 
 def tool_output(logdir: Path, label: str, n: int) -> list:
-    """The last JSON line each step printed (lakeguard --output json, the reference's stats)."""
+    """What each step printed as JSON (lakeguard --output json, the reference's stats); long lists
+    (e.g. per-blob failures) are cut to 5 entries."""
     out = []
     for i in range(n):
-        text = (logdir / f"{label}.{i}.out").read_text(errors="replace").strip().splitlines()
+        raw = (logdir / f"{label}.{i}.out").read_text(errors="replace").strip()
+        try:
+            out.append(json.loads(raw))
+            continue
+        except ValueError:
+            pass
         val = None
-        for line in reversed(text):
+        for line in reversed(raw.splitlines()):
             try:
                 val = json.loads(line)
                 break
             except ValueError:
                 continue
         out.append(val)
-    return out
+    return [_cut(v) for v in out]
+
+
+def _cut(v):
+    if isinstance(v, dict):
+        return {k: _cut(x) for k, x in v.items()}
+    if isinstance(v, list) and len(v) > 5:
+        return [_cut(x) for x in v[:5]] + [f"... {len(v) - 5} more"]
+    return v
 
 
 def rss_scaling(az: Azurite, a, lg: Tool, logdir: Path, ssvc, bsvc) -> dict:
@@ -181,6 +200,9 @@ def rss_scaling(az: Azurite, a, lg: Tool, logdir: Path, ssvc, bsvc) -> dict:
         log(f"rss scaling: uploading {n} blobs")
         lakemod.upload(ssvc.get_container_client(lg.container), lk, lk.blobs, 0)
         row = {"blobs": n}
+        why = lg.scenario_runnable(1) or lg.scenario_runnable(2)
+        if why:
+            return {**out, "tool": lg.name, "not_runnable": why}
         for s in (1, 2):
             r = measure(az, lg.commands(s), lg.env(), logdir, f"rss-{n}-s{s}", a.timeout)
             row[f"scenario{s}"] = {k: r[k] for k in ("wall_s", "tool_cpu_s", "tool_peak_rss_mib", "exit_ok")}
@@ -243,6 +265,14 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
         ensure_container(ssvc, t.container)
         if t.precreate_backup_container():
             ensure_container(bsvc, t.backup_container)
+        if t.precreate_queue():
+            from azure.core.exceptions import ResourceExistsError
+            from azure.storage.queue import QueueClient
+
+            try:
+                QueueClient.from_connection_string(az.source_cs, t.precreate_queue()).create_queue()
+            except ResourceExistsError:
+                pass
         t0 = time.monotonic()
         lakemod.upload(ssvc.get_container_client(t.container), lake, lake.blobs, 0)
         gen[t.name] = round(time.monotonic() - t0, 1)
@@ -256,8 +286,13 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
     restore_at = datetime.now(timezone.utc).replace(microsecond=0)
     time.sleep(1.5)
 
-    floor_tool = next((t for t in tools if t.name == "lakeguard"), tools[0] if tools else None)
-    floor = measure_floor(az, floor_tool) if floor_tool else None
+    ran1 = [t for t in tools if results["1"][t.name].get("correctness", {}).get("ok")]
+    floor_tool = next((t for t in ran1 if t.name == "lakeguard"), ran1[0] if ran1 else None)
+    try:
+        floor = measure_floor(az, floor_tool) if floor_tool else None
+    except urllib.error.HTTPError as e:
+        log(f"floor not measured: {e}")
+        floor = None
     if floor:
         log(f"floor (flat listings of {floor['containers']}): {floor['plain']['wall_s']}s, "
             f"{floor['plain']['requests']['total']} req")
@@ -279,7 +314,6 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
         deleted[t.name] = delete_backups(bsvc, t, lake, ssvc)
     for t in tools:
         results["4"][t.name] = run_tool(az, t, 4, a, logdir, ssvc, bsvc, lake)
-        results["4"][t.name]["backup_blobs_deleted_before"] = deleted[t.name]
 
     # 5. restore of a prefix to restore_at (version 0), lakeguard only
     for t in tools:
@@ -301,7 +335,8 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
                 return {"ok": False, "error": f"restore target missing: {e.reason}"}
 
         r = run_tool(az, t, 5, a, logdir, ssvc, bsvc, lake, extra_verify=check)
-        r["restore"] = {"prefix": t.restore_prefix, "at": t.restore_at, "blobs_expected": len(expected),
+        if "not_runnable" not in r:
+            r["restore"] = {"prefix": t.restore_prefix, "at": t.restore_at, "blobs_expected": len(expected),
                         "changed_under_prefix_since": sum(1 for b in changed if b.name.startswith(t.restore_prefix))}
         results["5"][t.name] = r
 
@@ -334,7 +369,8 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
     report.chart(doc, a.out / f"{stem}.png")
     print(report.summary(doc))
     log(f"wrote {a.out}/{stem}.json, .md, .png")
-    wrong = [f"{s}/{t}" for s, per in results.items() for t, r in per.items() if not r["correctness"].get("ok")]
+    wrong = [f"{s}/{t}" for s, per in results.items() for t, r in per.items()
+             if "not_runnable" not in r and not r["correctness"].get("ok")]
     if wrong:
         log(f"incorrect or failed runs: {', '.join(wrong)}")
     return 0

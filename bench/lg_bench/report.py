@@ -12,12 +12,12 @@ def ratios(doc: dict) -> dict:
     out = {}
     for s, per in doc["results"].items():
         lg = per.get("lakeguard")
-        if not lg:
+        if not lg or "not_runnable" in lg:
             continue
         row = {}
         for p in PEERS:
             r = per.get(p)
-            if not r:
+            if not r or "not_runnable" in r:
                 continue
             row[p] = {
                 "wall": round(lg["wall_s"] / r["wall_s"], 2) if r["wall_s"] else None,
@@ -72,9 +72,13 @@ def markdown(doc: dict, png_name: str) -> str:
     ]
     for s, per in doc["results"].items():
         for t, r in per.items():
+            title = doc["scenarios"][s] if s in doc["scenarios"] else doc["scenarios"][int(s)]
+            if "not_runnable" in r:
+                L.append(f"| {s}. {title} | {t} | not runnable: {r['not_runnable']} | | | | | | | |")
+                continue
             ok = "" if r["exit_ok"] else " (exit≠0)"
             L.append(
-                f"| {s}. {doc['scenarios'][s] if s in doc['scenarios'] else doc['scenarios'][int(s)]} | {t}{ok} | {r['wall_s']:.2f} | "
+                f"| {s}. {title} | {t}{ok} | {r['wall_s']:.2f} | "
                 f"{r['azurite_cpu_s']:.2f} | {'**yes**' if r['azurite_bottleneck'] else 'no'} | "
                 f"{r['requests']['total']} ({r['requests']['azurite_self_requests_excluded']}) | {_ops(r)} | "
                 f"{r['tool_cpu_s']:.2f} | {r['tool_peak_rss_mib']} | {_correct(r)} |"
@@ -125,7 +129,7 @@ def chart(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = doc["results"]
+    res = {s: {t: r for t, r in per.items() if "not_runnable" not in r} for s, per in doc["results"].items()}
     scen = [s for s in res if res[s]]
     tools = []
     for s in scen:
@@ -168,6 +172,9 @@ def summary(doc: dict) -> str:
     L = ["", "=== summary ==="]
     for s, per in doc["results"].items():
         for t, r in per.items():
+            if "not_runnable" in r:
+                L.append(f"{s} {t:10s} not runnable: {r['not_runnable']}")
+                continue
             L.append(
                 f"{s} {t:10s} wall {r['wall_s']:8.2f}s  req {r['requests']['total']:7d}  Azurite CPU {r['azurite_cpu_s']:7.2f}s"
                 f"{' [Azurite-bound]' if r['azurite_bottleneck'] else ''}  correct={r['correctness'].get('ok')}"

@@ -45,6 +45,10 @@ class Tool:
     def precreate_backup_container(self) -> bool:
         return True
 
+    def precreate_queue(self) -> str | None:
+        """A queue the deployment would have created (the tool does not create it)."""
+        return None
+
     def backup_names(self, name: str, info) -> list[str]:
         return [name]
 
@@ -58,8 +62,9 @@ class Tool:
         """None when runnable, else the reason it is not."""
         return None
 
-    def version(self) -> str:
-        return ""
+    def scenario_runnable(self, scenario: int) -> str | None:
+        """None when this scenario can run, else why not."""
+        return None if scenario in self.scenarios else "scenario not supported by this tool"
 
 
 class AzCopy(Tool):
@@ -171,6 +176,29 @@ class Lakeguard(Tool):
 
     def precreate_backup_container(self):
         return False
+
+    def precreate_queue(self):
+        return "lg-backup"  # part of the deployment (the function app's queue); lakeguard does not create it
+
+    NEEDS = {1: ("snapshot", "backup"), 2: ("reconcile", "backup"), 3: ("snapshot", "backup"),
+             4: ("reconcile", "backup"), 5: ("restore",)}
+
+    def subcommands(self) -> set[str]:
+        if not hasattr(self, "_subs"):
+            import re
+            import subprocess
+
+            text = subprocess.run([str(self.binary), "--help"], capture_output=True, text=True, timeout=30).stdout
+            block = text.split("Commands:", 1)[-1].split("Options:", 1)[0]
+            self._subs = set(re.findall(r"^\s{2}([a-z][a-z-]*)\s", block, re.M))
+        return self._subs
+
+    def scenario_runnable(self, scenario):
+        why = super().scenario_runnable(scenario)
+        if why:
+            return why
+        missing = [c for c in self.NEEDS[scenario] if c not in self.subcommands()]
+        return f"this lakeguard build has no `{'`, `'.join(missing)}` subcommand yet" if missing else None
 
     def env(self):
         e = dict(os.environ)
