@@ -1,0 +1,399 @@
+"""lakeguard benchmark: lakeguard vs AzCopy vs rclone vs the seed-000 reference design, on one
+machine, against the benchmark's own Azurite. Run through bench/run (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+from azure.core.exceptions import ResourceNotFoundError
+
+from lg_bench import lake as lakemod
+from lg_bench import report, setup_env
+from lg_bench.azurite import BACKUP_ACCOUNT, BACKUP_KEY, SOURCE_ACCOUNT, SOURCE_KEY, Azurite
+from lg_bench.measure import measure
+from lg_bench.tools import AzCopy, Lakeguard, Rclone, Reference, Tool, account_sas
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+
+SCENARIOS = {
+    1: "initial full backup",
+    2: "no-op run (nothing changed)",
+    3: "incremental after 1% of blobs changed",
+    4: "repair after 1% of backup blobs deleted",
+    5: "restore of a prefix to an earlier time",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def default_lakeguard() -> Path:
+    target = os.environ.get("CARGO_TARGET_DIR") or str(ROOT / "target")
+    return Path(target) / "release" / "lakeguard"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    ap.add_argument("--small", type=int, default=20000, help="small blobs (1-4 KiB)")
+    ap.add_argument("--large", type=int, default=20, help="large blobs (8 MiB)")
+    ap.add_argument("--quick", action="store_true", help="CI mode: 300 small + 2 large")
+    ap.add_argument("--seed", type=int, default=20261122)
+    ap.add_argument("--tools", default="lakeguard,azcopy,rclone,reference")
+    ap.add_argument("--lakeguard", type=Path, default=None, help="lakeguard binary (default $CARGO_TARGET_DIR/release/lakeguard)")
+    ap.add_argument("--build", action="store_true", help="cargo build --release first")
+    ap.add_argument("--rss-scaling", nargs="?", const="lakeguard", default=None, metavar="TOOL",
+                    help="also run the RSS scaling check (default tool: lakeguard)")
+    ap.add_argument("--rss-sizes", default="20000,100000", help="blob counts for --rss-scaling")
+    ap.add_argument("--timeout", type=float, default=None, help="per command, seconds")
+    ap.add_argument("--out", type=Path, default=BENCH / "results")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.small, a.large = 300, 2
+        if a.rss_sizes == "20000,100000":
+            a.rss_sizes = "300,1500"
+    if a.timeout is None:
+        a.timeout = 300 if a.quick else 3600
+    return a
+
+
+# --- floor: the minimal requests (bare flat listings), served as fast as Azurite can -----------------
+def flat_list(az: Azurite, account: str, key: str, container: str, include: str = "") -> int:
+    sas = account_sas(account, key)
+    marker, n = "", 0
+    while True:
+        url = f"{az.blob_url(account)}/{container}?restype=container&comp=list&{sas}"
+        if include:
+            url += f"&include={include}"
+        if marker:
+            url += "&marker=" + urllib.parse.quote(marker, safe="")
+        with urllib.request.urlopen(url) as r:
+            body = r.read().decode()
+        n += body.count("<Blob>")
+        m = re.search(r"<NextMarker>([^<]+)</NextMarker>", body)
+        if not m:
+            return n
+        marker = m.group(1)
+
+
+def measure_floor(az: Azurite, tool: Tool) -> dict:
+    out = {"containers": [tool.container, tool.backup_container]}
+    for label, include in (("plain", ""), ("with_snapshots_metadata", "snapshots,metadata")):
+        mark = az.mark()
+        t0 = time.monotonic()
+        n_src = flat_list(az, SOURCE_ACCOUNT, SOURCE_KEY, tool.container, include)
+        n_dst = flat_list(az, BACKUP_ACCOUNT, BACKUP_KEY, tool.backup_container, include)
+        wall = time.monotonic() - t0
+        r = az.since(mark)
+        out[label] = {"wall_s": round(wall, 3), "entries": n_src + n_dst, **r}
+    return out
+
+
+# --- scenario set-up (outside the measured intervals) ----------------------------------------------
+def ensure_container(svc, name: str) -> None:
+    try:
+        svc.create_container(name)
+    except Exception as e:  # already exists
+        if "ContainerAlreadyExists" not in str(e):
+            raise
+
+
+def delete_backups(bsvc, tool: Tool, lake: lakemod.Lake, ssvc) -> int:
+    """Delete the tool's current backup of 1% of the source blobs (with the backup's snapshots)."""
+    cc = bsvc.get_container_client(tool.backup_container)
+    src = lakemod.listing(ssvc.get_container_client(tool.container))
+    existing = set(lakemod.listing(cc))
+    n = 0
+    for b in lake.pick(0.01, "delete-backup"):
+        for cand in tool.backup_names(b.name, src[b.name]):
+            if cand in existing:
+                cc.delete_blob(cand, delete_snapshots="include")
+                n += 1
+                break
+    return n
+
+
+def run_tool(az, tool: Tool, scenario: int, a, logdir: Path, ssvc, bsvc, lake, extra_verify=None) -> dict:
+    why = tool.scenario_runnable(scenario)
+    if why:
+        log(f"scenario {scenario} / {tool.name}: NOT RUNNABLE: {why}")
+        return {"not_runnable": why}
+    log(f"scenario {scenario} / {tool.name}")
+    res = measure(az, tool.commands(scenario), tool.env(), logdir, f"s{scenario}-{tool.name}", a.timeout)
+    if scenario == 5:
+        res["correctness"] = extra_verify()
+    else:
+        try:
+            res["correctness"] = lakemod.verify(
+                ssvc.get_container_client(tool.container),
+                bsvc.get_container_client(tool.backup_container),
+                tool.backup_names,
+            )
+        except ResourceNotFoundError as e:
+            res["correctness"] = {"ok": False, "error": f"backup container missing: {e.reason}"}
+    res["tool_output"] = tool_output(logdir, f"s{scenario}-{tool.name}", len(res["steps"]))
+    c = res["correctness"]
+    log(
+        f"  {tool.name}: {res['wall_s']:.2f}s wall, {res['requests']['total']} req, Azurite CPU "
+        f"{res['azurite_cpu_s']:.2f}s, tool CPU {res['tool_cpu_s']:.2f}s, RSS {res['tool_peak_rss_mib']} MiB, "
+        f"exit_ok={res['exit_ok']}, correct={c.get('ok')}"
+    )
+    return res
+
+
+def tool_output(logdir: Path, label: str, n: int) -> list:
+    """What each step printed as JSON (lakeguard --output json, the reference's stats); long lists
+    (e.g. per-blob failures) are cut to 5 entries."""
+    out = []
+    for i in range(n):
+        raw = (logdir / f"{label}.{i}.out").read_text(errors="replace").strip()
+        try:
+            out.append(json.loads(raw))
+            continue
+        except ValueError:
+            pass
+        val = None
+        for line in reversed(raw.splitlines()):
+            try:
+                val = json.loads(line)
+                break
+            except ValueError:
+                continue
+        out.append(val)
+    return [_cut(v) for v in out]
+
+
+def _cut(v):
+    if isinstance(v, dict):
+        return {k: _cut(x) for k, x in v.items()}
+    if isinstance(v, list) and len(v) > 5:
+        return [_cut(x) for x in v[:5]] + [f"... {len(v) - 5} more"]
+    return v
+
+
+def rss_scaling(az: Azurite, a, lg: Tool, logdir: Path, ssvc, bsvc) -> dict:
+    """Peak RSS of the tool's scenario 1 (full backup) and 2 (no-op) at two container sizes, in
+    fresh containers: it must be bounded by a page, not by the container (growth below 5x)."""
+    sizes = [int(x) for x in a.rss_sizes.split(",")]
+    out = {"tool": lg.name, "sizes": sizes, "runs": []}
+    home = lg.container
+    for n in sizes:
+        lk = lakemod.Lake(a.seed + n, n, 0)
+        lg.container = f"rss-{lg.name}-{n}"
+        ensure_container(ssvc, lg.container)
+        if lg.precreate_backup_container():
+            ensure_container(bsvc, lg.backup_container)
+        log(f"rss scaling: uploading {n} blobs")
+        lakemod.upload(ssvc.get_container_client(lg.container), lk, lk.blobs, 0)
+        row = {"blobs": n}
+        why = lg.scenario_runnable(1) or lg.scenario_runnable(2)
+        if why:
+            return {**out, "tool": lg.name, "not_runnable": why}
+        for s in (1, 2):
+            r = measure(az, lg.commands(s), lg.env(), logdir, f"rss-{n}-s{s}", a.timeout)
+            row[f"scenario{s}"] = {k: r[k] for k in ("wall_s", "tool_cpu_s", "tool_peak_rss_mib", "exit_ok")}
+        row["peak_rss_mib"] = max(row["scenario1"]["tool_peak_rss_mib"], row["scenario2"]["tool_peak_rss_mib"])
+        out["runs"].append(row)
+        log(f"  {n} blobs: peak RSS {row['peak_rss_mib']} MiB")
+    first, last = out["runs"][0]["peak_rss_mib"], out["runs"][-1]["peak_rss_mib"]
+    out["growth"] = round(last / first, 2) if first else None
+    out["pass"] = bool(first and last / first < 5)
+    lg.container = home
+    return out
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    started = datetime.now(timezone.utc)
+    names = [t.strip() for t in a.tools.split(",") if t.strip()]
+    need_peers = bool({"azcopy", "rclone"} & set(names))
+    paths = setup_env.ensure_all(need_peers=need_peers)
+    lg_bin = a.lakeguard or default_lakeguard()
+    if a.build:
+        log("cargo build --release")
+        subprocess.run(["cargo", "build", "--release"], cwd=ROOT, check=True)
+
+    run_dir = BENCH / "work" / "runs" / started.strftime("%Y%m%dT%H%M%SZ")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logdir = run_dir / "logs"
+    az = Azurite(paths["azurite"], run_dir / "azurite")
+    log(f"Azurite blob :{az.blob_port} queue :{az.queue_port}, logs in {run_dir}")
+    try:
+        return bench(a, az, names, paths, lg_bin, run_dir, logdir, started)
+    finally:
+        az.stop()
+
+
+def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
+    work = run_dir / "tools"
+    all_tools = {
+        "lakeguard": lambda: Lakeguard(az, work, lg_bin),
+        "azcopy": lambda: AzCopy(az, work, paths.get("azcopy")),
+        "rclone": lambda: Rclone(az, work, paths.get("rclone")),
+        "reference": lambda: Reference(az, work),
+    }
+    tools, not_runnable = [], {}
+    for n in names:
+        t = all_tools[n]()
+        why = t.runnable()
+        if why:
+            not_runnable[n] = why
+            log(f"{n}: NOT RUNNABLE: {why}")
+        else:
+            tools.append(t)
+
+    ssvc = lakemod.service(az.source_cs)
+    bsvc = lakemod.service(az.backup_cs)
+    lake = lakemod.Lake(a.seed, a.small, a.large)
+    log(f"data lake: {a.small} small + {a.large} large blobs, seed {a.seed}")
+    gen = {}
+    for t in tools:
+        ensure_container(ssvc, t.container)
+        if t.precreate_backup_container():
+            ensure_container(bsvc, t.backup_container)
+        if t.precreate_queue():
+            from azure.core.exceptions import ResourceExistsError
+            from azure.storage.queue import QueueClient
+
+            try:
+                QueueClient.from_connection_string(az.source_cs, t.precreate_queue()).create_queue()
+            except ResourceExistsError:
+                pass
+        t0 = time.monotonic()
+        lakemod.upload(ssvc.get_container_client(t.container), lake, lake.blobs, 0)
+        gen[t.name] = round(time.monotonic() - t0, 1)
+        log(f"  uploaded {len(lake.blobs)} blobs to {t.container} in {gen[t.name]}s")
+
+    results: dict = {str(s): {} for s in SCENARIOS}
+    # 1. initial full backup
+    for t in tools:
+        results["1"][t.name] = run_tool(az, t, 1, a, logdir, ssvc, bsvc, lake)
+    time.sleep(1.5)  # a restore point strictly between versions 0 and 1 (1 s timestamp granularity)
+    restore_at = datetime.now(timezone.utc).replace(microsecond=0)
+    time.sleep(1.5)
+
+    ran1 = [t for t in tools if results["1"][t.name].get("correctness", {}).get("ok")]
+    floor_tool = next((t for t in ran1 if t.name == "lakeguard"), ran1[0] if ran1 else None)
+    try:
+        floor = measure_floor(az, floor_tool) if floor_tool else None
+    except urllib.error.HTTPError as e:
+        log(f"floor not measured: {e}")
+        floor = None
+    if floor:
+        log(f"floor (flat listings of {floor['containers']}): {floor['plain']['wall_s']}s, "
+            f"{floor['plain']['requests']['total']} req")
+
+    # 2. no-op
+    for t in tools:
+        results["2"][t.name] = run_tool(az, t, 2, a, logdir, ssvc, bsvc, lake)
+
+    # 3. 1% changed (same names, same new bytes, in every tool's source container)
+    changed = lake.pick(0.01, "change")
+    for t in tools:
+        lakemod.upload(ssvc.get_container_client(t.container), lake, changed, 1)
+    for t in tools:
+        results["3"][t.name] = run_tool(az, t, 3, a, logdir, ssvc, bsvc, lake)
+
+    # 4. 1% of backup blobs deleted
+    deleted = {}
+    for t in tools:
+        deleted[t.name] = delete_backups(bsvc, t, lake, ssvc)
+    for t in tools:
+        results["4"][t.name] = run_tool(az, t, 4, a, logdir, ssvc, bsvc, lake)
+
+    # 5. restore of a prefix to restore_at (version 0), lakeguard only
+    for t in tools:
+        if 5 not in t.scenarios:
+            continue
+        t.restore_at = restore_at.isoformat().replace("+00:00", "Z")
+        t.restore_prefix = lake.restore_prefix()
+        expected = {b.name: lake.md5(b, 0) for b in lake.blobs if b.name.startswith(t.restore_prefix)}
+
+        def check(t=t, expected=expected):
+            try:
+                return lakemod.verify(
+                    ssvc.get_container_client(t.container),
+                    ssvc.get_container_client(t.restore_to),
+                    lambda n, i: [n],
+                    expected=expected,
+                )
+            except ResourceNotFoundError as e:
+                return {"ok": False, "error": f"restore target missing: {e.reason}"}
+
+        r = run_tool(az, t, 5, a, logdir, ssvc, bsvc, lake, extra_verify=check)
+        if "not_runnable" not in r:
+            r["restore"] = {"prefix": t.restore_prefix, "at": t.restore_at, "blobs_expected": len(expected),
+                        "changed_under_prefix_since": sum(1 for b in changed if b.name.startswith(t.restore_prefix))}
+        results["5"][t.name] = r
+
+    rss = None
+    if a.rss_scaling:
+        rt = next((t for t in tools if t.name == a.rss_scaling), None)
+        rss = (rss_scaling(az, a, rt, logdir, ssvc, bsvc) if rt
+               else {"tool": a.rss_scaling, "not_runnable": not_runnable.get(a.rss_scaling, "not selected (--tools)")})
+
+    doc = {
+        "started": started.isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "mode": "quick" if a.quick else "full",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_at_end": os.getloadavg()},
+        "data": {"seed": a.seed, "small": a.small, "large": a.large, "blobs": len(lake.blobs),
+                 "changed": len(changed), "backup_deleted": deleted, "upload_s": gen},
+        "versions": versions(paths, lg_bin),
+        "scenarios": SCENARIOS,
+        "not_runnable": not_runnable,
+        "floor": floor,
+        "results": results,
+        "rss_scaling": rss,
+    }
+    doc["ratios"] = report.ratios(doc)
+    stem = started.strftime("%Y-%m-%d") + ("-quick" if a.quick else "")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str, ensure_ascii=False))
+    (a.out / f"{stem}.md").write_text(report.markdown(doc, f"{stem}.png"))
+    report.chart(doc, a.out / f"{stem}.png")
+    print(report.summary(doc))
+    log(f"wrote {a.out}/{stem}.json, .md, .png")
+    wrong = [f"{s}/{t}" for s, per in results.items() for t, r in per.items()
+             if "not_runnable" not in r and not r["correctness"].get("ok")]
+    if wrong:
+        log(f"incorrect or failed runs: {', '.join(wrong)}")
+    return 0
+
+
+def versions(paths, lg_bin) -> dict:
+    def out(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except Exception as e:  # reported, not fatal
+            return f"unavailable ({e.__class__.__name__})"
+
+    v = {"azurite": setup_env.AZURITE_VERSION + " (bench copy with shim)", "node": out(["node", "--version"])}
+    if paths.get("azcopy"):
+        v["azcopy"] = out([str(paths["azcopy"]), "--version"])
+    if paths.get("rclone"):
+        v["rclone"] = out([str(paths["rclone"]), "version"])
+    v["lakeguard"] = out([str(lg_bin), "--version"]) if Path(lg_bin).exists() else "not built"
+    import azure.storage.blob as asb
+
+    v["azure-storage-blob (reference)"] = asb.__version__
+    return v
+
+
+if __name__ == "__main__":
+    sys.exit(main())

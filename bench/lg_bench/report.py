@@ -1,0 +1,189 @@
+"""Markdown table, PNG chart and console summary from one results document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PEERS = ("azcopy", "rclone", "reference")
+
+
+def ratios(doc: dict) -> dict:
+    """lakeguard / peer, per scenario: wall time and requests (< 1 means lakeguard is better)."""
+    out = {}
+    for s, per in doc["results"].items():
+        lg = per.get("lakeguard")
+        if not lg or "not_runnable" in lg:
+            continue
+        row = {}
+        for p in PEERS:
+            r = per.get(p)
+            if not r or "not_runnable" in r:
+                continue
+            row[p] = {
+                "wall": round(lg["wall_s"] / r["wall_s"], 2) if r["wall_s"] else None,
+                "requests": round(lg["requests"]["total"] / r["requests"]["total"], 2) if r["requests"]["total"] else None,
+            }
+        if s == "2" and doc.get("floor"):
+            f = doc["floor"]["plain"]["wall_s"]
+            row["floor"] = {"wall": round(lg["wall_s"] / f, 2) if f else None}
+        out[s] = row
+    return out
+
+
+def _ops(r: dict, top: int = 4) -> str:
+    ops = sorted(r["requests"]["by_operation"].items(), key=lambda kv: -kv[1])
+    s = ", ".join(f"{k} {v}" for k, v in ops[:top])
+    if len(ops) > top:
+        s += f", +{sum(v for _, v in ops[top:])} other"
+    return s or "-"
+
+
+def _correct(r: dict) -> str:
+    c = r.get("correctness", {})
+    if c.get("ok"):
+        return f"yes ({c.get('verified_equal')}/{c.get('source_blobs')})"
+    if "error" in c:
+        return f"**NO**: {c['error']}"
+    return f"**NO**: {c.get('missing')} missing, {c.get('wrong_content')} wrong of {c.get('source_blobs')}"
+
+
+def markdown(doc: dict, png_name: str) -> str:
+    d = doc["data"]
+    L = [
+        f"# lakeguard benchmark — {doc['started'][:19]}Z ({doc['mode']} mode)",
+        "",
+        f"Data: {d['small']} small blobs (1-4 KiB) + {d['large']} of 8 MiB (seed {d['seed']}); "
+        f"1% = {d['changed']} blobs changed in scenario 3; backup blobs deleted in scenario 4: {d['backup_deleted']}.",
+        f"Machine: {doc['machine']['cpus']} CPUs, {doc['machine']['platform']}; load average at end "
+        f"{', '.join(f'{x:.1f}' for x in doc['machine']['loadavg_at_end'])}.",
+        "Versions: " + "; ".join(f"{k} {v}" for k, v in doc["versions"].items()) + ".",
+        "",
+        "Requests are counted from Azurite's access log; Azurite's own requests (its HEAD of the source "
+        "of a cross-account copy) are excluded and shown as 'self'. *Bottleneck* = Azurite's blob "
+        "service CPU >= 80% of the wall time (it is single-threaded).",
+        "",
+    ]
+    if doc["not_runnable"]:
+        L.append("**Not runnable in this run:** " + "; ".join(f"{k}: {v}" for k, v in doc["not_runnable"].items()))
+        L.append("")
+    L += [
+        "| scenario | tool | wall s | Azurite CPU s | bottleneck | requests (self) | main operations | tool CPU s | peak RSS MiB | correct |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, per in doc["results"].items():
+        for t, r in per.items():
+            title = doc["scenarios"][s] if s in doc["scenarios"] else doc["scenarios"][int(s)]
+            if "not_runnable" in r:
+                L.append(f"| {s}. {title} | {t} | not runnable: {r['not_runnable']} | | | | | | | |")
+                continue
+            ok = "" if r["exit_ok"] else " (exit≠0)"
+            L.append(
+                f"| {s}. {title} | {t}{ok} | {r['wall_s']:.2f} | "
+                f"{r['azurite_cpu_s']:.2f} | {'**yes**' if r['azurite_bottleneck'] else 'no'} | "
+                f"{r['requests']['total']} ({r['requests']['azurite_self_requests_excluded']}) | {_ops(r)} | "
+                f"{r['tool_cpu_s']:.2f} | {r['tool_peak_rss_mib']} | {_correct(r)} |"
+            )
+    f = doc.get("floor")
+    if f:
+        L += [
+            "",
+            f"**Floor** (bare flat listings of `{f['containers'][0]}` in the source and `{f['containers'][1]}` "
+            f"in the backup account, raw HTTP): plain {f['plain']['wall_s']:.2f} s / {f['plain']['requests']['total']} requests "
+            f"/ Azurite CPU {f['plain']['azurite_cpu_s']:.2f} s; with include=snapshots,metadata "
+            f"{f['with_snapshots_metadata']['wall_s']:.2f} s / {f['with_snapshots_metadata']['requests']['total']} requests.",
+        ]
+    rat = doc.get("ratios") or {}
+    if rat:
+        L += ["", "## Ratios lakeguard / peer (wall time; requests) — below 1 means lakeguard is better", "",
+              "| scenario | vs azcopy | vs rclone | vs reference | vs floor |", "|---|---|---|---|---|"]
+        for s, row in rat.items():
+            cells = []
+            for p in (*PEERS, "floor"):
+                v = row.get(p)
+                if not v:
+                    cells.append("-")
+                elif p == "floor":
+                    cells.append(f"{v['wall']}")
+                else:
+                    cells.append(f"{v['wall']}; {v['requests']}")
+            L.append(f"| {s} | " + " | ".join(cells) + " |")
+    else:
+        L += ["", "No lakeguard/peer ratios: lakeguard did not run (see above)."]
+    rss = doc.get("rss_scaling")
+    if rss:
+        L += ["", f"## RSS scaling ({rss.get('tool')})", ""]
+        if "runs" in rss:
+            for r in rss["runs"]:
+                L.append(f"- {r['blobs']} blobs: peak RSS {r['peak_rss_mib']} MiB "
+                         f"(full backup {r['scenario1']['wall_s']} s, no-op {r['scenario2']['wall_s']} s)")
+            L.append(f"- growth {rss['growth']}x: {'PASS' if rss['pass'] else 'FAIL'} (must stay below 5x)")
+        else:
+            L.append(f"- not run: {rss.get('not_runnable')}")
+    L += ["", f"![chart]({png_name})", ""]
+    return "\n".join(L)
+
+
+def chart(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = {s: {t: r for t, r in per.items() if "not_runnable" not in r} for s, per in doc["results"].items()}
+    scen = [s for s in res if res[s]]
+    tools = []
+    for s in scen:
+        for t in res[s]:
+            if t not in tools:
+                tools.append(t)
+    if not scen:
+        return
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8))
+    w = 0.8 / max(1, len(tools))
+    for i, t in enumerate(tools):
+        xs = [j + i * w for j, s in enumerate(scen) if t in res[s]]
+        walls = [res[s][t]["wall_s"] for s in scen if t in res[s]]
+        azc = [res[s][t]["azurite_cpu_s"] for s in scen if t in res[s]]
+        reqs = [max(1, res[s][t]["requests"]["total"]) for s in scen if t in res[s]]
+        bars = ax1.bar(xs, walls, w, label=t)
+        ax1.bar(xs, azc, w * 0.35, color="black", alpha=0.45)
+        for x, s in zip(xs, [s for s in scen if t in res[s]]):
+            if not res[s][t]["correctness"].get("ok"):
+                ax1.text(x, res[s][t]["wall_s"], "WRONG", ha="center", va="bottom", fontsize=7, color="red", rotation=90)
+        ax2.bar(xs, reqs, w, label=t, color=bars[0].get_facecolor())
+    labels = [f"{s}. {doc['scenarios'].get(s) or doc['scenarios'].get(int(s))}" for s in scen]
+    for ax in (ax1, ax2):
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(scen))])
+        ax.set_xticklabels([l if len(l) < 28 else l[:26] + "…" for l in labels], fontsize=8)
+    if doc.get("floor"):
+        ax1.axhline(doc["floor"]["plain"]["wall_s"], color="grey", ls="--", lw=1, label="floor (flat listings)")
+    ax1.set_ylabel("wall time, s (black: Azurite CPU s)")
+    ax1.legend(fontsize=8)
+    d = doc["data"]
+    ax1.set_title(f"lakeguard benchmark, {d['small']}+{d['large']} blobs ({doc['mode']}), {doc['started'][:16]}Z")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("requests (Azurite self-requests excluded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary(doc: dict) -> str:
+    L = ["", "=== summary ==="]
+    for s, per in doc["results"].items():
+        for t, r in per.items():
+            if "not_runnable" in r:
+                L.append(f"{s} {t:10s} not runnable: {r['not_runnable']}")
+                continue
+            L.append(
+                f"{s} {t:10s} wall {r['wall_s']:8.2f}s  req {r['requests']['total']:7d}  Azurite CPU {r['azurite_cpu_s']:7.2f}s"
+                f"{' [Azurite-bound]' if r['azurite_bottleneck'] else ''}  correct={r['correctness'].get('ok')}"
+            )
+    if doc.get("ratios"):
+        L.append("ratios lakeguard/peer (wall; requests):")
+        for s, row in doc["ratios"].items():
+            L.append(f"  {s}: " + ", ".join(f"{p} {v.get('wall')}" + (f"; {v['requests']}" if "requests" in v else "") for p, v in row.items()))
+    else:
+        why = doc["not_runnable"].get("lakeguard", "not selected (--tools)")
+        L.append(f"no lakeguard/peer ratios: lakeguard did not run: {why}")
+    return "\n".join(L)
