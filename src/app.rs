@@ -52,6 +52,21 @@ impl App {
         })
     }
 
+    /// How long a `lakeguard_requested_at` marker counts as a queued request.
+    ///
+    /// A marker cannot tell "queued" from "copied, and then the backup was lost". But when the
+    /// backup queue holds no message at all (its approximate count includes invisible, in-flight
+    /// messages, and is never lower than the truth), nothing can be pending, so markers count for
+    /// nothing and lost backups are re-requested at once instead of after the TTL. One queue
+    /// properties call per run; any doubt (an error other than a missing queue) keeps the TTL.
+    pub async fn pending_ttl(&self) -> std::time::Duration {
+        match self.queue.approximate_count().await {
+            Ok(0) => std::time::Duration::ZERO,
+            Err(e) if e.is_not_found() => std::time::Duration::ZERO,
+            _ => self.settings.pending_ttl,
+        }
+    }
+
     /// Creates the backup queue (and its poison queue) once per process: the first producer run
     /// on a fresh account must not fail for want of a queue.
     pub async fn ensure_queue(&self) -> Result<(), StorageError> {

@@ -357,8 +357,14 @@ async fn one_reconcile_and_drain_restore_full_coverage_and_tombstone_deletions()
         bk.get_blob(&container, "z", None).await.ok("z").body,
         b"z is back"
     );
-    // With the default TTL, a backup lost right after its (recent) request waits for the TTL.
+    // A backup lost right after its (recent) request. While the backup queue holds messages, the
+    // fresh marker counts as a queued request (the TTL applies)...
     bk.delete_blob(&container, "z").await.ok("lose a backup");
+    let queues = stack.queues();
+    queues
+        .send_message(&stack.queue, "b3RoZXIgd29yaw==")
+        .await
+        .ok("some other queued work");
     let (ok, r) = reconcile_cli(&stack.env_with(&[]), &[]).await;
     assert!(ok, "{r:#}");
     assert_eq!(n(&r, "missing"), 1, "{r:#}");
@@ -368,6 +374,19 @@ async fn one_reconcile_and_drain_restore_full_coverage_and_tombstone_deletions()
         r["oldest_unbacked_change"].is_string(),
         "it counts in the RPO lag: {r:#}"
     );
+    // ...but once the queue is empty nothing can be pending: it is re-requested at once.
+    for m in queues.receive_messages(&stack.queue, 32, 60).await {
+        queues
+            .delete_message(&stack.queue, &m.id, &m.pop_receipt)
+            .await
+            .ok("clear");
+    }
+    let (ok, r) = reconcile_cli(&stack.env_with(&[]), &[]).await;
+    assert!(ok, "{r:#}");
+    assert_eq!(n(&r, "already_pending"), 0, "{r:#}");
+    assert_eq!(n(&r, "requests_enqueued"), 1, "{r:#}");
+    assert_eq!(drain_backups(&stack, &handler).await, 1);
+    assert_full_coverage(&stack, &container).await;
     stack.assert_no_secrets_in(&handler.logs());
 }
 

@@ -303,6 +303,8 @@ struct Ctx<'a> {
     order: NameOrder,
     deadline: Option<Instant>,
     progress: Arc<dyn Progress>,
+    /// See [`App::pending_ttl`]: zero when the backup queue is empty.
+    pending_ttl: Duration,
 }
 
 impl Ctx<'_> {
@@ -360,6 +362,7 @@ pub async fn run(
         order: app.settings.name_order,
         deadline: opts.budget.map(|b| started + b),
         progress,
+        pending_ttl: app.pending_ttl().await,
     };
     // Continuations go out only when a budget exists (the functions); the CLI runs to the end.
     let may_hand_over = opts.budget.is_some() && !opts.dry_run;
@@ -459,6 +462,7 @@ pub async fn run_continuation(app: &App, text: &str) -> ContinuationOutcome {
         order: app.settings.name_order,
         deadline: Some(started + app.settings.reconcile_budget),
         progress: super::no_progress(),
+        pending_ttl: app.pending_ttl().await,
     };
     let from = Checkpoint {
         source: cont.source.clone(),
@@ -867,7 +871,7 @@ async fn needs_backup(
         &source,
         &snapshots,
         OffsetDateTime::now_utc(),
-        app.settings.pending_ttl,
+        ctx.pending_ttl,
     );
     let done = match &decision {
         SnapshotDecision::Pending { .. } => Done::Pending,

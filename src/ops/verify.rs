@@ -241,6 +241,7 @@ pub async fn run(
         return Err(OpError::ContainerNotFound(container.to_owned()));
     }
     let now = OffsetDateTime::now_utc();
+    let pending_ttl = app.pending_ttl().await;
     let order = app.settings.name_order;
     let mut report = VerifyReport {
         container: container.to_owned(),
@@ -358,7 +359,7 @@ pub async fn run(
                 }
                 let lag = (now - base.last_modified).whole_seconds().max(0);
                 report.rpo_lag_secs = report.rpo_lag_secs.max(lag);
-                match decide_snapshot(base, &src.snapshots, now, app.settings.pending_ttl) {
+                match decide_snapshot(base, &src.snapshots, now, pending_ttl) {
                     SnapshotDecision::Pending { requested_at, .. } => {
                         report.pending += 1;
                         if report.pending_blobs.len() < MAX_LISTED {
