@@ -19,6 +19,8 @@ pub struct App {
     pub source_keys: DelegationKeyCache,
     pub engine: Arc<dyn CopyEngine>,
     queue_ready: Arc<tokio::sync::OnceCell<()>>,
+    /// Backup containers this process created or saw: Create Container once, not per message.
+    backup_containers: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl App {
@@ -49,7 +51,34 @@ impl App {
             source_keys,
             engine,
             queue_ready: Default::default(),
+            backup_containers: Default::default(),
         })
+    }
+
+    /// Creates the backup container unless this process already knows it exists.
+    pub async fn ensure_backup_container(&self, container: &str) -> Result<(), StorageError> {
+        if self
+            .backup_containers
+            .lock()
+            .expect("poisoned")
+            .contains(container)
+        {
+            return Ok(());
+        }
+        self.backup.ensure_container(container).await?;
+        self.backup_containers
+            .lock()
+            .expect("poisoned")
+            .insert(container.to_owned());
+        Ok(())
+    }
+
+    /// Forgets a backup container (after a failed copy: it may have been deleted meanwhile).
+    pub fn forget_backup_container(&self, container: &str) {
+        self.backup_containers
+            .lock()
+            .expect("poisoned")
+            .remove(container);
     }
 
     /// How long a `lakeguard_requested_at` marker counts as a queued request.

@@ -533,3 +533,40 @@ async fn redelivery_after_partial_attempt_keeps_history_once() {
     assert_eq!(history.len(), 1, "version one kept once: {history:?}");
     assert_eq!(content(&backup, &c, "k.txt", None).await, b"two");
 }
+
+/// The worker creates a backup container once per process; if it disappears afterwards, the copy
+/// fails retryably, the container is forgotten, and the redelivery re-creates it. Nothing is lost.
+#[tokio::test]
+async fn backup_container_deleted_behind_the_workers_back_is_recreated() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("vanish");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "v.txt", b"one", &[]).await.ok("put");
+    let handler = stack.handler().await;
+    produce(handler.port(), &c).await;
+    let queues = stack.queues();
+    let trigger = stack.trigger(&queues, handler.port());
+    assert_eq!(trigger.drain(5).await.succeeded, 1);
+    stack
+        .backup()
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/{c}"),
+            &[("restype", "container")],
+            &[],
+            vec![],
+        )
+        .await
+        .ok("delete backup container");
+    src.put_blob(&c, "v.txt", b"two", &[]).await.ok("rewrite");
+    produce(handler.port(), &c).await;
+    let report = trigger.drain(5).await;
+    assert_eq!(
+        (report.failed, report.succeeded),
+        (1, 1),
+        "{:?}",
+        report.deliveries
+    );
+    assert_eq!(content(&stack.backup(), &c, "v.txt", None).await, b"two");
+}

@@ -236,6 +236,10 @@ impl CopyEngine for DirectCopy {
 
 fn classify(e: StorageError) -> CopyError {
     match &e {
+        // The backup container vanished after this process created it: retry re-creates it.
+        StorageError::NotFound { code, .. } if code == "ContainerNotFound" => {
+            CopyError::Retryable(e.to_string())
+        }
         StorageError::NotFound { code, .. }
             if code == "BlobNotFound" || code == "CannotVerifyCopySource" =>
         {

@@ -243,7 +243,7 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
     }
 
     // 4. Keep the backup's current version before it is overwritten.
-    app.backup.ensure_container(c).await?;
+    app.ensure_backup_container(c).await?;
     let expected_target = match &target {
         None => None,
         Some(t) => {
@@ -301,7 +301,10 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         Err(CopyError::SourceGone(e)) => Ok(superseded(format!(
             "the source snapshot disappeared during the copy: {e}"
         ))),
-        Err(CopyError::Retryable(e)) => Err(Failure::Retryable(e)),
+        Err(CopyError::Retryable(e)) => {
+            app.forget_backup_container(c);
+            Err(Failure::Retryable(e))
+        }
         Err(CopyError::Permanent(e)) => Err(Failure::Permanent(e)),
     }
 }
