@@ -362,7 +362,11 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
         "rss_scaling": rss,
     }
     doc["ratios"] = report.ratios(doc)
-    stem = started.strftime("%Y-%m-%d") + ("-quick" if a.quick else "")
+    stem = started.strftime("%Y-%m-%d")
+    if a.quick:
+        stem += "-quick"
+    elif (a.small, a.large) != (20000, 20):
+        stem += f"-{a.small}+{a.large}"
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str, ensure_ascii=False))
     (a.out / f"{stem}.md").write_text(report.markdown(doc, f"{stem}.png"))
