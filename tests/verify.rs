@@ -104,19 +104,23 @@ async fn verify_coverage_integrity_and_restore_drill() {
     assert_eq!(r["missing_blobs"], serde_json::json!(["c.bin"]));
     cycle(&app, &c).await;
 
-    // A backup blob deleted behind lakeguard's back while its request marker is still fresh:
-    // reported as pending (a request for that version was queued within the TTL; verify, like
-    // reconcile, cannot tell a lost copy from a queued one until the marker expires), never as
-    // backed up.
+    // A backup blob deleted behind lakeguard's back while its request marker is still fresh. The
+    // backup queue is empty, so nothing can be pending: it is reported missing (exit 1), not
+    // pending and never backed up.
     stack
         .backup()
         .delete_blob(&c, "dir/b.csv")
         .await
         .ok("delete backup");
     let (code, r) = verify(&env, &["--container", &c]).await;
-    assert_eq!(code, Some(0), "{r:#}");
+    assert_eq!(code, Some(1), "{r:#}");
     assert_eq!(r["covered"], 2, "{r:#}");
-    assert_eq!(r["pending_blobs"][0]["name"], "dir/b.csv", "{r:#}");
+    assert_eq!(r["pending"], 0, "{r:#}");
+    assert_eq!(
+        r["missing_blobs"],
+        serde_json::json!(["dir/b.csv"]),
+        "{r:#}"
+    );
     src.put_blob(&c, "dir/b.csv", b"bravo,2\n", &[])
         .await
         .ok("put");
