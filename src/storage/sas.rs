@@ -24,9 +24,11 @@ use super::BlobStore;
 
 const SAS_VERSION: &str = "2021-08-06";
 
-/// Caches the user-delegation key of one account: one key request per hour, not per copy.
+/// Caches a user-delegation key: one key request per hour, not per copy. The key is remembered
+/// with its account, so a cache handed a store of another account fetches that account's key
+/// instead of signing with the wrong one.
 #[derive(Clone, Default)]
-pub struct DelegationKeyCache(Arc<Mutex<Option<(UserDelegationKey, OffsetDateTime)>>>);
+pub struct DelegationKeyCache(Arc<Mutex<Option<(String, UserDelegationKey, OffsetDateTime)>>>);
 
 /// A query string granting read access to one blob or snapshot of `store`.
 pub async fn read_sas(
@@ -68,8 +70,8 @@ async fn delegation_key(
     needed_until: OffsetDateTime,
 ) -> Result<UserDelegationKey, StorageError> {
     let mut guard = cache.0.lock().await;
-    if let Some((key, expiry)) = guard.as_ref() {
-        if *expiry > needed_until {
+    if let Some((account, key, expiry)) = guard.as_ref() {
+        if account == store.account() && *expiry > needed_until {
             return Ok(key.clone());
         }
     }
@@ -89,7 +91,7 @@ async fn delegation_key(
         .map_err(|e| StorageError::from_azure("get user delegation key", e))?
         .into_model()
         .map_err(|e| StorageError::from_azure("user delegation key", e))?;
-    *guard = Some((key.clone(), expiry));
+    *guard = Some((store.account().to_owned(), key.clone(), expiry));
     Ok(key)
 }
 
