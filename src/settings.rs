@@ -242,10 +242,19 @@ impl Settings {
         };
         let arm_endpoint =
             get("LAKEGUARD_ARM_ENDPOINT").unwrap_or_else(|| "https://management.azure.com".into());
-        let arm_endpoint = Url::parse(&arm_endpoint).map_err(|e| SettingsError::Invalid {
-            name: "LAKEGUARD_ARM_ENDPOINT",
-            problem: e.to_string(),
-        })?;
+        let arm_endpoint = Url::parse(&arm_endpoint)
+            .map_err(|e| e.to_string())
+            .and_then(|u| {
+                if u.cannot_be_a_base() || !matches!(u.scheme(), "http" | "https") {
+                    Err(format!("`{u}` is not an http(s) endpoint"))
+                } else {
+                    Ok(u)
+                }
+            })
+            .map_err(|problem| SettingsError::Invalid {
+                name: "LAKEGUARD_ARM_ENDPOINT",
+                problem,
+            })?;
         let df_sub = get("LAKEGUARD_DATAFACTORY_SUBSCRIPTION_ID");
         let df_rg = get("LAKEGUARD_DATAFACTORY_RESOURCE_GROUP");
         let df_name = get("LAKEGUARD_DATAFACTORY_NAME");
@@ -443,6 +452,7 @@ mod tests {
             ("LAKEGUARD_BACKUP_QUEUE", "Bad_Queue"),
             ("LAKEGUARD_USE_LEASE", "maybe"),
             ("LAKEGUARD_CA_CERT", "/nonexistent/ca.pem"),
+            ("LAKEGUARD_ARM_ENDPOINT", "mailto:ops@example.com"),
         ] {
             let mut m = base();
             m.insert(k.into(), v.into());
