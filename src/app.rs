@@ -20,7 +20,7 @@ pub struct App {
     pub engine: Arc<dyn CopyEngine>,
     queue_ready: Arc<tokio::sync::OnceCell<()>>,
     /// Backup containers this process created or saw: Create Container once, not per message.
-    backup_containers: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    backup_containers: Arc<tokio::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl App {
@@ -57,28 +57,20 @@ impl App {
 
     /// Creates the backup container unless this process already knows it exists.
     pub async fn ensure_backup_container(&self, container: &str) -> Result<(), StorageError> {
-        if self
-            .backup_containers
-            .lock()
-            .expect("poisoned")
-            .contains(container)
-        {
+        // Held across the create: the first messages of a batch arrive together, and one Create
+        // Container is enough for all of them.
+        let mut known = self.backup_containers.lock().await;
+        if known.contains(container) {
             return Ok(());
         }
         self.backup.ensure_container(container).await?;
-        self.backup_containers
-            .lock()
-            .expect("poisoned")
-            .insert(container.to_owned());
+        known.insert(container.to_owned());
         Ok(())
     }
 
     /// Forgets a backup container (after a failed copy: it may have been deleted meanwhile).
-    pub fn forget_backup_container(&self, container: &str) {
-        self.backup_containers
-            .lock()
-            .expect("poisoned")
-            .remove(container);
+    pub async fn forget_backup_container(&self, container: &str) {
+        self.backup_containers.lock().await.remove(container);
     }
 
     /// How long a `lakeguard_requested_at` marker counts as a queued request.

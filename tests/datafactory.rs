@@ -1451,7 +1451,7 @@ async fn end_to_end(mode: support::Mode) {
         .upload(&c, b, b"id,v\n1,one\n".to_vec(), Some("text/csv"), &user)
         .await
         .unwrap();
-    let snap = source.create_snapshot(&c, b, &v1, &user).await.unwrap();
+    let snap = source.create_snapshot(&c, b, &v1, &user).await.unwrap().id;
     let snap_props = source.properties(&c, b, Some(&snap)).await.unwrap();
     source
         .upload(
@@ -1571,7 +1571,8 @@ async fn worker_with_the_datafactory_engine() {
         .source
         .create_snapshot(&c, b, &v1, &snapshot_of(&v1))
         .await
-        .unwrap();
+        .unwrap()
+        .id;
     let m1 = message(&v1, &s1);
     let out = process_message(&app, &m1, 1).await.expect("backed up");
     assert!(matches!(out, Outcome::BackedUp { .. }), "{out:?}");
@@ -1606,7 +1607,8 @@ async fn worker_with_the_datafactory_engine() {
         .source
         .create_snapshot(&c, b, &v2, &snapshot_of(&v2))
         .await
-        .unwrap();
+        .unwrap()
+        .id;
     let m2 = message(&v2, &s2);
     // First delivery: the run fails (e.g. the integration runtime): retryable, with its message.
     fx.adf.script_next_run(RunScript {

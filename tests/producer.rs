@@ -309,13 +309,13 @@ async fn blob_rewritten_between_listing_and_snapshot() {
     assert_ne!(taken.etag, listed.etag, "the new version was taken");
     let content = app
         .source
-        .download(&container, "x.csv", Some(&snapshot))
+        .download(&container, "x.csv", Some(&snapshot.id))
         .await
         .unwrap();
     assert_eq!(content, b"version 2");
     let props = app
         .source
-        .properties(&container, "x.csv", Some(&snapshot))
+        .properties(&container, "x.csv", Some(&snapshot.id))
         .await
         .unwrap();
     assert_eq!(

@@ -256,6 +256,50 @@ async fn noop_reconcile_costs_only_flat_listings() {
     stack.assert_no_secrets_in(&handler.logs());
 }
 
+/// Lost backups with an empty queue: nothing can be pending, so reconcile does not list each
+/// blob's snapshots; the repair costs the two flat listings plus one snapshot and one message per
+/// lost backup.
+#[tokio::test]
+async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("repair");
+    let blobs = files(NAMES);
+    seed(&stack, &container, &blobs).await;
+    let handler = stack.handler().await;
+    producer(handler.port(), &container).await;
+    assert_eq!(drain_backups(&stack, &handler).await, NAMES.len());
+    let lost = ["a/b c.csv", "z"];
+    for name in lost {
+        assert!(NAMES.contains(&name));
+        stack
+            .backup()
+            .delete_blob(&container, name)
+            .await
+            .ok("delete backup");
+    }
+
+    let proxy = stack.blob_proxy();
+    let mut via_proxy = stack.env_via_proxy(&proxy);
+    via_proxy.push(("LAKEGUARD_LIST_PAGE_SIZE".into(), PAGE.into()));
+    let (ok, r) = reconcile_cli(&via_proxy, &[]).await;
+    assert!(ok, "{r:#}");
+    assert_eq!(n(&r, "requests_enqueued"), lost.len() as u64, "{r:#}");
+    assert_eq!(n(&r, "snapshots_made"), lost.len() as u64, "{r:#}");
+    let requests = proxy.requests();
+    let per_name: Vec<_> = requests
+        .iter()
+        .filter(|r| r.is_list_blobs() && r.query("prefix").is_some())
+        .collect();
+    assert!(per_name.is_empty(), "per-blob listings: {per_name:#?}");
+    let snapshots = requests
+        .iter()
+        .filter(|r| r.method == "PUT" && r.comp().as_deref() == Some("snapshot"))
+        .count();
+    assert_eq!(snapshots, lost.len(), "{:#?}", proxy.summary());
+    assert_eq!(drain_backups(&stack, &handler).await, lost.len());
+    assert_full_coverage(&stack, &container).await;
+}
+
 #[tokio::test]
 async fn one_reconcile_and_drain_restore_full_coverage_and_tombstone_deletions() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;

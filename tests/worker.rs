@@ -570,3 +570,131 @@ async fn backup_container_deleted_behind_the_workers_back_is_recreated() {
     );
     assert_eq!(content(&stack.backup(), &c, "v.txt", None).await, b"two");
 }
+
+fn unb64(s: &str) -> Value {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.as_bytes())
+        .expect("base64 message");
+    serde_json::from_slice(&bytes).expect("JSON message")
+}
+
+/// The producer's message carries what its listing knew (`props`): a first delivery copies
+/// without reading the snapshot. Props are never trusted blindly: the copy is conditional on the
+/// snapshot ETag they name, so props that do not match the snapshot fail the first attempt and
+/// the redelivery reads the source; a named snapshot that is gone is replaced at once by another
+/// snapshot of the same version.
+#[tokio::test]
+async fn message_props_spare_the_snapshot_read_and_are_never_trusted_blindly() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("props");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    let name = "p q/#1 ü%.csv";
+    src.put_blob(&c, name, b"version one", &[("owner", "team-x")])
+        .await
+        .ok("put");
+    let proxy = stack.blob_proxy();
+    let handler = support::Handler::spawn(&stack.env_via_proxy(&proxy)).await;
+    produce(handler.port(), &c).await;
+    let queues = stack.queues();
+    let msg = queues.peek_messages(&stack.queue).await.remove(0);
+    let body = unb64(&msg.text);
+    assert_eq!(body["props"]["length"], 11, "{body:#}");
+    assert_eq!(body["props"]["metadata"]["owner"], "team-x", "{body:#}");
+    assert!(body["props"]["snapshot_etag"].is_string(), "{body:#}");
+
+    proxy.reset();
+    let trigger = stack.trigger(&queues, handler.port());
+    assert_eq!(trigger.drain(5).await.succeeded, 1);
+    let mine: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| !r.is_azurite_self())
+        .collect();
+    let source_reads: Vec<_> = mine
+        .iter()
+        .filter(|r| r.target.starts_with("/devstoreaccount1/") && r.method != "PUT")
+        .collect();
+    assert!(
+        source_reads.is_empty(),
+        "the first delivery read the source: {source_reads:#?}"
+    );
+    // HEAD of the backup (404), Create Container, the copy: nothing else.
+    assert_eq!(mine.len(), 3, "{mine:#?}");
+    let backup = stack.backup();
+    assert_eq!(content(&backup, &c, name, None).await, b"version one");
+    let props = backup.blob_properties(&c, name, None).await.ok("head");
+    assert_eq!(props.header("x-ms-meta-owner").as_deref(), Some("team-x"));
+
+    // Props that lie about the snapshot ETag: no wrong backup, and the redelivery reads the
+    // source and backs up the right version.
+    src.put_blob(&c, name, b"version two", &[]).await.ok("v2");
+    produce(handler.port(), &c).await;
+    let msg = queues.peek_messages(&stack.queue).await.remove(0);
+    let mut body = unb64(&msg.text);
+    let real = body.clone();
+    body["props"]["snapshot_etag"] = json!("\"0x8DEADBEEF\"");
+    // Replace the queued message by the forged one.
+    let received = queues.receive_messages(&stack.queue, 1, 1).await;
+    queues
+        .delete_message(&stack.queue, &received[0].id, &received[0].pop_receipt)
+        .await
+        .ok("delete");
+    queues
+        .send_message(&stack.queue, &b64(&body.to_string()))
+        .await
+        .ok("forged");
+    let report = trigger.drain(5).await;
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (1, 1),
+        "the forged props fail the conditional copy once: {:?}",
+        report.deliveries
+    );
+    assert_eq!(content(&backup, &c, name, None).await, b"version two");
+    let props = backup.blob_properties(&c, name, None).await.ok("head");
+    assert_eq!(
+        props
+            .header("x-ms-meta-lakeguard_source_etag")
+            .map(|e| e.trim_matches('"').to_owned()),
+        real["etag"]
+            .as_str()
+            .map(|e| e.trim_matches('"').to_owned())
+    );
+
+    // The named snapshot deleted, another snapshot of the same version still there: backed up
+    // in the first delivery, from that one.
+    src.put_blob(&c, name, b"version three", &[]).await.ok("v3");
+    produce(handler.port(), &c).await;
+    let spare = src.snapshot_blob(&c, name).await.ok("spare snapshot");
+    let spare = spare.header("x-ms-snapshot").unwrap();
+    let msg = queues.peek_messages(&stack.queue).await.remove(0);
+    let body = unb64(&msg.text);
+    let named = body["snapshot"].as_str().unwrap().to_owned();
+    assert_ne!(named, spare);
+    src.send(
+        reqwest::Method::DELETE,
+        &format!("/{c}/{}", support::rest::encode_path(name)),
+        &[("snapshot", named.as_str())],
+        &[],
+        vec![],
+    )
+    .await
+    .ok("delete the named snapshot");
+    let report = trigger.drain(5).await;
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (1, 0),
+        "{:?}",
+        report.deliveries
+    );
+    assert_eq!(content(&backup, &c, name, None).await, b"version three");
+    let props = backup.blob_properties(&c, name, None).await.ok("head");
+    assert_eq!(
+        props
+            .header("x-ms-meta-lakeguard_source_snapshot")
+            .as_deref(),
+        Some(spare.as_str())
+    );
+    stack.assert_no_secrets_in(&handler.logs());
+}

@@ -299,6 +299,9 @@ pub enum SnapshotWhy {
     /// or by lakeguard before the request could be recorded) or only a stale one: the request it
     /// stood for may be lost (dropped, poisoned, expired), so a new one must be made.
     MarkerStale { snapshot: String },
+    /// The backup queue is empty, so no request can be pending whatever the snapshots say (the
+    /// snapshots were not even listed).
+    NothingQueued,
 }
 
 /// What to do for one blob the join reported as [`Action::NeedsBackup`].
@@ -332,6 +335,12 @@ pub fn decide_snapshot(
     now: OffsetDateTime,
     ttl: Duration,
 ) -> SnapshotDecision {
+    if ttl.is_zero() {
+        return SnapshotDecision::SnapshotAndEnqueue {
+            if_match: source.etag.clone(),
+            why: SnapshotWhy::NothingQueued,
+        };
+    }
     let mut stale: Option<&BlobEntry> = None;
     let mut fresh: Option<(&BlobEntry, OffsetDateTime)> = None;
     for snap in snapshots
@@ -737,6 +746,20 @@ mod tests {
                 ..
             }
         ));
+        // An empty queue: even a fresh marker stands for nothing (the backup was lost after
+        // the copy), so the version is requested again.
+        assert_eq!(
+            decide_snapshot(
+                &src,
+                &[lg_snap("a", "cur", 950, Some(950))],
+                now,
+                Duration::ZERO
+            ),
+            SnapshotDecision::SnapshotAndEnqueue {
+                if_match: Etag::new("cur"),
+                why: SnapshotWhy::NothingQueued
+            }
+        );
     }
 
     #[test]

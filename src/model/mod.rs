@@ -5,4 +5,4 @@ pub mod metadata;
 pub mod request;
 
 pub use entry::{BlobEntry, Etag};
-pub use request::BackupRequest;
+pub use request::{BackupRequest, VersionProps};

@@ -4,8 +4,15 @@
 //! `{"v":1,"container":"raw","blob":"dir/a.csv","etag":"\"0x8D..\"","snapshot":"2026-...Z"}`.
 //! The reference implementation's `{"container","blob_name","etag"}` is accepted too, so its users
 //! can switch without draining their queue; it names no snapshot, so the worker finds one.
+//!
+//! Optional `"props"` carries what the producer's listing already knew about the version (the
+//! snapshot's ETag from the Snapshot Blob answer, size, content type, time, user metadata), so the
+//! worker copies without a HEAD of the snapshot. Without it the worker reads the snapshot.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 use super::Etag;
 
@@ -18,6 +25,26 @@ pub struct BackupRequest {
     /// The source snapshot holding exactly `etag`. `None` only for legacy messages.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub props: Option<VersionProps>,
+}
+
+/// The version's properties as the snapshot holds them. Only trusted together with
+/// `snapshot_etag`: the copy reads the snapshot with `x-ms-source-if-match` on it, so a snapshot
+/// that holds something else fails the copy instead of being backed up under the wrong version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionProps {
+    pub snapshot_etag: Etag,
+    pub length: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// The source version's Last-Modified.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_modified: OffsetDateTime,
+    /// The blob's user metadata (lakeguard's own keys excluded).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,6 +74,8 @@ struct V1 {
     etag: String,
     #[serde(default)]
     snapshot: Option<String>,
+    #[serde(default)]
+    props: Option<VersionProps>,
 }
 
 #[derive(Deserialize)]
@@ -64,7 +93,13 @@ impl BackupRequest {
             blob: blob.to_owned(),
             etag: etag.clone(),
             snapshot: Some(snapshot.to_owned()),
+            props: None,
         }
+    }
+
+    pub fn with_props(mut self, props: VersionProps) -> Self {
+        self.props = Some(props);
+        self
     }
 
     /// The message text (JSON by serde: quotes and backslashes in names stay valid JSON).
@@ -91,6 +126,7 @@ impl BackupRequest {
                 blob: m.blob,
                 etag: Etag::new(&m.etag),
                 snapshot: m.snapshot,
+                props: m.props,
             }
         } else {
             let m: Legacy =
@@ -101,6 +137,7 @@ impl BackupRequest {
                 blob: m.blob_name,
                 etag: Etag::new(&m.etag),
                 snapshot: None,
+                props: None,
             }
         };
         req.validate()?;
@@ -125,6 +162,12 @@ impl BackupRequest {
             return Err(RequestError::Field {
                 field: "etag",
                 problem: "empty".into(),
+            });
+        }
+        if self.props.is_some() && self.snapshot.is_none() {
+            return Err(RequestError::Field {
+                field: "props",
+                problem: "given without the snapshot it describes".into(),
             });
         }
         if let Some(s) = &self.snapshot {

@@ -28,7 +28,6 @@ use crate::copy::{lease, CopyError, CopyJob};
 use crate::core::reconcile::snapshot_version_etag as snapshot_version;
 use crate::model::{metadata, BackupRequest, Etag};
 use crate::storage::blob::BlobProperties;
-use crate::storage::queue::Received;
 use crate::storage::{BackupQueue, StorageError};
 
 /// What became of one message. Every variant except `Retry` acknowledges (deletes) it.
@@ -206,56 +205,110 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         }
     }
 
-    // 3. The source version.
-    let Some((snapshot, snap_props)) = resolve_snapshot(app, req).await? else {
-        let live = head(&app.source, c, b, None).await?;
-        let why = match live {
-            Some(p) => format!(
-                "the version's snapshot is gone and the blob is now {}; a request for that version exists or the next reconcile makes one",
-                p.etag
-            ),
-            None => "the blob and the version's snapshot are gone; reconcile records the deletion".into(),
+    // 3. The source version. On a first delivery the message's `props` stand in for a HEAD of
+    //    the snapshot (the copy is conditional on the snapshot ETag they carry); any redelivery,
+    //    or a copy that finds the named snapshot gone, reads the source instead.
+    let mut trust_props = dequeue_count <= 1;
+    let mut history_kept = false;
+    loop {
+        let Some((snapshot, snap_props)) = resolve_snapshot(app, req, trust_props).await? else {
+            let live = head(&app.source, c, b, None).await?;
+            let why = match live {
+                Some(p) => format!(
+                    "the version's snapshot is gone and the blob is now {}; a request for that version exists or the next reconcile makes one",
+                    p.etag
+                ),
+                None => "the blob and the version's snapshot are gone; reconcile records the deletion".into(),
+            };
+            info!(%why, "superseded");
+            return Ok(superseded(why));
         };
-        info!(%why, "superseded");
-        return Ok(superseded(why));
-    };
-    let version_time = snap_props
-        .metadata
-        .get(metadata::SOURCE_LAST_MODIFIED)
-        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
-        .unwrap_or(snap_props.last_modified);
-
-    // A newer version already in the backup must stay on top: the backup base is what reconcile
-    // compares with. The older version remains in the source snapshot.
-    if let Some(t) = &target {
-        let backup_time = t
+        let used_props = trust_props && req.props.is_some();
+        let version_time = snap_props
             .metadata
             .get(metadata::SOURCE_LAST_MODIFIED)
-            .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
-        if backup_time.is_some_and(|bt| bt > version_time)
-            && !t.metadata.contains_key(metadata::DELETED_AT)
+            .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+            .unwrap_or(snap_props.last_modified);
+
+        // A newer version already in the backup must stay on top: the backup base is what
+        // reconcile compares with. The older version remains in the source snapshot.
+        if let Some(t) = &target {
+            let backup_time = t
+                .metadata
+                .get(metadata::SOURCE_LAST_MODIFIED)
+                .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
+            if backup_time.is_some_and(|bt| bt > version_time)
+                && !t.metadata.contains_key(metadata::DELETED_AT)
+            {
+                return Ok(superseded(format!(
+                    "the backup already holds a newer version ({}); this one stays in source snapshot {snapshot}",
+                    t.metadata.get(metadata::SOURCE_ETAG).map(String::as_str).unwrap_or("?")
+                )));
+            }
+        }
+
+        // 4. Keep the backup's current version before it is overwritten (once per delivery).
+        app.ensure_backup_container(c).await?;
+        let expected_target = match &target {
+            None => None,
+            Some(t) => {
+                if !history_kept && needs_history_snapshot(app, c, b, t, dequeue_count).await? {
+                    app.backup
+                        .create_snapshot(c, b, &t.etag, &t.metadata)
+                        .await?;
+                }
+                history_kept = true;
+                Some(t.etag.clone())
+            }
+        };
+        match copy_version(
+            app,
+            req,
+            &snapshot,
+            &snap_props,
+            version_time,
+            expected_target,
+            dequeue_count,
+        )
+        .await
         {
-            return Ok(superseded(format!(
-                "the backup already holds a newer version ({}); this one stays in source snapshot {snapshot}",
-                t.metadata.get(metadata::SOURCE_ETAG).map(String::as_str).unwrap_or("?")
-            )));
+            Err(CopyError::SourceGone(e)) if used_props => {
+                info!(snapshot = %snapshot, error = %e, "the named snapshot is not readable as the request describes it; reading the source");
+                trust_props = false;
+            }
+            Ok(_) => {
+                info!(engine = app.engine.name(), snapshot = %snapshot, "backed up");
+                return Ok(Outcome::BackedUp {
+                    container: c.into(),
+                    blob: b.into(),
+                    etag: req.etag.quoted(),
+                });
+            }
+            Err(CopyError::SourceGone(e)) => {
+                return Ok(superseded(format!(
+                    "the source snapshot disappeared during the copy: {e}"
+                )))
+            }
+            Err(CopyError::Retryable(e)) => {
+                app.forget_backup_container(c).await;
+                return Err(Failure::Retryable(e));
+            }
+            Err(CopyError::Permanent(e)) => return Err(Failure::Permanent(e)),
         }
     }
+}
 
-    // 4. Keep the backup's current version before it is overwritten.
-    app.ensure_backup_container(c).await?;
-    let expected_target = match &target {
-        None => None,
-        Some(t) => {
-            if needs_history_snapshot(app, c, b, t, dequeue_count).await? {
-                app.backup
-                    .create_snapshot(c, b, &t.etag, &t.metadata)
-                    .await?;
-            }
-            Some(t.etag.clone())
-        }
-    };
-
+/// Copies the resolved snapshot over the backup blob with the version's metadata.
+async fn copy_version(
+    app: &App,
+    req: &BackupRequest,
+    snapshot: &str,
+    snap_props: &BlobProperties,
+    version_time: OffsetDateTime,
+    expected_target: Option<Etag>,
+    dequeue_count: u32,
+) -> Result<crate::copy::CopyOutcome, CopyError> {
+    let (c, b) = (req.container.as_str(), req.blob.as_str());
     let mut meta: BTreeMap<String, String> = snap_props
         .metadata
         .iter()
@@ -263,7 +316,7 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     meta.insert(metadata::SOURCE_ETAG.into(), req.etag.quoted());
-    meta.insert(metadata::SOURCE_SNAPSHOT.into(), snapshot.clone());
+    meta.insert(metadata::SOURCE_SNAPSHOT.into(), snapshot.to_owned());
     meta.insert(metadata::SOURCE_LAST_MODIFIED.into(), rfc3339(version_time));
     meta.insert(
         metadata::BACKED_UP_AT.into(),
@@ -272,7 +325,7 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
     let job = CopyJob {
         source_container: c.into(),
         source_blob: b.into(),
-        source_snapshot: snapshot.clone(),
+        source_snapshot: snapshot.to_owned(),
         source_etag: req.etag.clone(),
         snapshot_etag: Some(snap_props.etag.clone()),
         target_container: c.into(),
@@ -284,28 +337,14 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         attempt: dequeue_count,
     };
     let copy = app.engine.copy(&job);
-    let result = if app.settings.use_lease {
-        lease::with_source_lease(&app.source, c, b, &req.etag, copy).await?
+    if app.settings.use_lease {
+        match lease::with_source_lease(&app.source, c, b, &req.etag, copy).await {
+            Ok(r) => r,
+            Err(e @ StorageError::Permanent { .. }) => Err(CopyError::Permanent(e.to_string())),
+            Err(e) => Err(CopyError::Retryable(e.to_string())),
+        }
     } else {
         copy.await
-    };
-    match result {
-        Ok(_) => {
-            info!(engine = app.engine.name(), snapshot = %snapshot, "backed up");
-            Ok(Outcome::BackedUp {
-                container: c.into(),
-                blob: b.into(),
-                etag: req.etag.quoted(),
-            })
-        }
-        Err(CopyError::SourceGone(e)) => Ok(superseded(format!(
-            "the source snapshot disappeared during the copy: {e}"
-        ))),
-        Err(CopyError::Retryable(e)) => {
-            app.forget_backup_container(c);
-            Err(Failure::Retryable(e))
-        }
-        Err(CopyError::Permanent(e)) => Err(Failure::Permanent(e)),
     }
 }
 
@@ -346,8 +385,24 @@ async fn needs_history_snapshot(
 async fn resolve_snapshot(
     app: &App,
     req: &BackupRequest,
+    trust_props: bool,
 ) -> Result<Option<(String, BlobProperties)>, StorageError> {
     let (c, b) = (req.container.as_str(), req.blob.as_str());
+    if let (true, Some(s), Some(p)) = (trust_props, &req.snapshot, &req.props) {
+        let mut metadata = p.metadata.clone();
+        metadata.insert(metadata::SOURCE_ETAG.into(), req.etag.quoted());
+        return Ok(Some((
+            s.clone(),
+            BlobProperties {
+                etag: p.snapshot_etag.clone(),
+                last_modified: p.last_modified,
+                content_length: p.length,
+                content_type: p.content_type.clone(),
+                content_md5: None,
+                metadata,
+            },
+        )));
+    }
     if let Some(s) = &req.snapshot {
         if let Some(p) = head(&app.source, c, b, Some(s)).await? {
             let version = p
@@ -393,9 +448,9 @@ async fn resolve_snapshot(
             OffsetDateTime::now_utc(),
         );
         match app.source.create_snapshot(c, b, &req.etag, &meta).await {
-            Ok(s) => {
-                let p = head(&app.source, c, b, Some(&s)).await?;
-                return Ok(p.map(|p| (s, p)));
+            Ok(taken) => {
+                let p = head(&app.source, c, b, Some(&taken.id)).await?;
+                return Ok(p.map(|p| (taken.id, p)));
             }
             Err(e) if e.is_precondition_failed() || e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
@@ -433,55 +488,83 @@ pub async fn drain(
     };
     queue.ensure_exists().await?;
     progress.add_total(queue.approximate_count().await?);
-    let mut idle_since: Option<Instant> = None;
-    loop {
-        let batch = queue.receive(32, 300).await?;
-        if batch.is_empty() {
-            if queue.approximate_count().await? == 0 {
-                break;
-            }
-            // Messages in backoff become visible again shortly.
-            let idle = idle_since.get_or_insert_with(Instant::now);
-            if idle.elapsed() > Duration::from_secs(120) {
-                warn!("messages remain invisible (held by another consumer?); stopping");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        idle_since = None;
-        let results: Vec<(Received, Result<Outcome, Retry>)> = stream::iter(batch)
-            .map(|msg| async move {
-                let r = process_message(app, &msg.text, msg.dequeue_count).await;
-                (msg, r)
-            })
-            .buffer_unordered(app.settings.concurrency)
-            .collect()
-            .await;
-        for (msg, r) in results {
-            report.processed += 1;
-            match r {
-                Ok(outcome) => {
-                    match outcome {
-                        Outcome::BackedUp { .. } => report.backed_up += 1,
-                        Outcome::AlreadyBackedUp { .. } => report.already_backed_up += 1,
-                        Outcome::Superseded { .. } => report.superseded += 1,
-                        Outcome::Poisoned { .. } => report.poisoned += 1,
-                    }
-                    progress.inc(1);
-                    if let Err(e) = queue.delete(&msg).await {
-                        // Already deleted or taken over: the next delivery is idempotent anyway.
-                        warn!(error = %e, "could not delete a processed message");
+    let receive_error: std::sync::Mutex<Option<StorageError>> = Default::default();
+    // Batches are received as workers free up, so the next receive overlaps with the end of the
+    // previous batch. The stream ends when the queue is empty, in-flight messages included (they
+    // are invisible but counted), or when nothing became visible for two minutes.
+    let batches = stream::unfold(None::<Instant>, |mut idle_since| {
+        let receive_error = &receive_error;
+        async move {
+            loop {
+                let fail = |e: StorageError| {
+                    *receive_error.lock().expect("poisoned") = Some(e);
+                };
+                match queue.receive(32, 300).await {
+                    Ok(batch) if !batch.is_empty() => return Some((batch, None)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        fail(e);
+                        return None;
                     }
                 }
+                match queue.approximate_count().await {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(e) => {
+                        fail(e);
+                        return None;
+                    }
+                }
+                // Messages in backoff (or our own, still in flight) become visible or go away.
+                let idle = idle_since.get_or_insert_with(Instant::now);
+                if idle.elapsed() > Duration::from_secs(120) {
+                    warn!("messages remain invisible (held by another consumer?); stopping");
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    // Each message is acknowledged (or put back) as soon as it is done, inside its own task.
+    let results = batches
+        .flat_map(stream::iter)
+        .map(|msg| async move {
+            match process_message(app, &msg.text, msg.dequeue_count).await {
+                Ok(outcome) => {
+                    if let Err(e) = queue.delete(&msg).await {
+                        // Already deleted or taken over: the next delivery is idempotent.
+                        warn!(error = %e, "could not delete a processed message");
+                    }
+                    Ok(outcome)
+                }
                 Err(Retry(e)) => {
-                    report.retried += 1;
                     warn!(error = %e, dequeue_count = msg.dequeue_count, "will retry");
                     let backoff = 2i32.pow(msg.dequeue_count.min(4));
                     let _ = queue.extend(&msg, backoff).await;
+                    Err(())
                 }
             }
+        })
+        .buffer_unordered(app.settings.concurrency);
+    let mut results = std::pin::pin!(results);
+    while let Some(r) = results.next().await {
+        report.processed += 1;
+        match r {
+            Ok(outcome) => {
+                match outcome {
+                    Outcome::BackedUp { .. } => report.backed_up += 1,
+                    Outcome::AlreadyBackedUp { .. } => report.already_backed_up += 1,
+                    Outcome::Superseded { .. } => report.superseded += 1,
+                    Outcome::Poisoned { .. } => report.poisoned += 1,
+                }
+                progress.inc(1);
+            }
+            Err(()) => report.retried += 1,
         }
+    }
+    let failed = receive_error.lock().expect("poisoned").take();
+    if let Some(e) = failed {
+        return Err(e);
     }
     report.elapsed_ms = started.elapsed().as_millis();
     Ok(report)

@@ -863,9 +863,16 @@ async fn needs_backup(
     source: BlobEntry,
 ) -> (Option<SnapshotDecision>, Done) {
     let app = ctx.app;
-    let snapshots = match current_version_snapshots(&app.source, container, &source).await {
-        Ok(s) => s,
-        Err(e) => return (None, Done::Failed(format!("listing snapshots: {e}"))),
+    // With an empty queue nothing can be pending and the decision does not depend on the
+    // snapshots: no per-blob listing then (a repair of N lost backups costs N snapshots, not N
+    // listings more).
+    let snapshots = if ctx.pending_ttl.is_zero() {
+        Vec::new()
+    } else {
+        match current_version_snapshots(&app.source, container, &source).await {
+            Ok(s) => s,
+            Err(e) => return (None, Done::Failed(format!("listing snapshots: {e}"))),
+        }
     };
     let decision = decide_snapshot(
         &source,
@@ -881,10 +888,12 @@ async fn needs_backup(
                 return (Some(decision), Done::Failed(format!("backup queue: {e}")));
             }
             match snapshot::snapshot_current(&app.source, container, source).await {
-                Ok(Some((id, blob))) => match snapshot::enqueue(app, container, &blob, &id).await {
-                    Ok(()) => Done::Enqueued,
-                    Err(e) => Done::EnqueueFailed(e),
-                },
+                Ok(Some((taken, blob))) => {
+                    match snapshot::enqueue(app, container, &blob, &taken).await {
+                        Ok(()) => Done::Enqueued,
+                        Err(e) => Done::EnqueueFailed(e),
+                    }
+                }
                 Ok(None) => Done::Skipped("deleted since the listing"),
                 Err(e) => Done::Failed(format!("snapshot: {e}")),
             }

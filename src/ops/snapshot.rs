@@ -14,8 +14,9 @@ use tracing::{info, warn, Instrument};
 use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
 use crate::app::App;
 use crate::core::changes::{ChangeDetector, Decision, Verdict};
+use crate::model::VersionProps;
 use crate::model::{metadata, BackupRequest, BlobEntry, Etag};
-use crate::storage::blob::ListOptions;
+use crate::storage::blob::{ListOptions, SnapshotTaken};
 use crate::storage::{BlobStore, StorageError};
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -196,7 +197,7 @@ pub async fn snapshot_current(
     store: &BlobStore,
     container: &str,
     mut blob: BlobEntry,
-) -> Result<Option<(String, BlobEntry)>, StorageError> {
+) -> Result<Option<(SnapshotTaken, BlobEntry)>, StorageError> {
     for attempt in 1..=SNAPSHOT_ATTEMPTS {
         let meta = snapshot_metadata(
             &blob.metadata,
@@ -208,7 +209,7 @@ pub async fn snapshot_current(
             .create_snapshot(container, &blob.name, &blob.etag, &meta)
             .await
         {
-            Ok(id) => return Ok(Some((id, blob))),
+            Ok(taken) => return Ok(Some((taken, blob))),
             Err(e) if e.is_precondition_failed() && attempt < SNAPSHOT_ATTEMPTS => {
                 let props = match store.properties(container, &blob.name, None).await {
                     Ok(p) => p,
@@ -253,14 +254,32 @@ pub async fn enqueue(
     app: &App,
     container: &str,
     blob: &BlobEntry,
-    snapshot: &str,
+    snapshot: &SnapshotTaken,
 ) -> Result<(), String> {
-    let request = BackupRequest::new(container, &blob.name, &blob.etag, snapshot);
+    let mut request = BackupRequest::new(container, &blob.name, &blob.etag, &snapshot.id);
+    if let Some(etag) = &snapshot.etag {
+        request = request.with_props(VersionProps {
+            snapshot_etag: etag.clone(),
+            length: blob.content_length,
+            content_type: blob.content_type.clone(),
+            last_modified: blob.last_modified,
+            metadata: blob
+                .metadata
+                .iter()
+                .filter(|(k, _)| !metadata::is_lakeguard_key(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        });
+    }
     match app.queue.send_text(&request.to_json()).await {
         Ok(()) => Ok(()),
         Err(e) => {
             warn!(error = %e, "enqueue failed; removing the snapshot so the change is found again");
-            match app.source.delete(container, &blob.name, Some(snapshot), None, false).await {
+            match app
+                .source
+                .delete(container, &blob.name, Some(&snapshot.id), None, false)
+                .await
+            {
                 Ok(()) => Err(format!("enqueue: {e} (snapshot removed; the next run retries)")),
                 Err(d) => Err(format!("enqueue: {e}; removing the snapshot failed too ({d}); reconcile will re-request it")),
             }

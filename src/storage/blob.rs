@@ -57,6 +57,14 @@ pub struct BlobProperties {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// A snapshot just made: its id (`x-ms-snapshot`) and, when the service sent one, its ETag, which
+/// lets a later copy read it with `x-ms-source-if-match` without a HEAD first.
+#[derive(Clone, Debug)]
+pub struct SnapshotTaken {
+    pub id: String,
+    pub etag: Option<Etag>,
+}
+
 /// A block blob's size limit for one synchronous Copy Blob From URL.
 pub const SYNC_COPY_MAX: u64 = 256 * 1024 * 1024;
 
@@ -401,7 +409,7 @@ impl BlobStore {
         blob: &str,
         if_match: &Etag,
         metadata: &BTreeMap<String, String>,
-    ) -> Result<String, StorageError> {
+    ) -> Result<SnapshotTaken, StorageError> {
         let what = format!("snapshot {container}/{blob}");
         let options = BlobClientCreateSnapshotOptions {
             if_match: Some(if_match.quoted().into()),
@@ -418,7 +426,8 @@ impl BlobStore {
             .create_snapshot(Some(options))
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
-        rsp.snapshot()
+        let id = rsp
+            .snapshot()
             .map_err(|e| StorageError::Permanent {
                 what: what.clone(),
                 detail: e.to_string(),
@@ -426,7 +435,9 @@ impl BlobStore {
             .ok_or(StorageError::Permanent {
                 what,
                 detail: "no x-ms-snapshot in the answer".into(),
-            })
+            })?;
+        let etag = rsp.etag().ok().flatten().map(|e| Etag::new(e.to_string()));
+        Ok(SnapshotTaken { id, etag })
     }
 
     /// Replaces a blob's metadata, conditionally on its ETag.

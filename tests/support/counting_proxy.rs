@@ -27,6 +27,8 @@ pub struct ProxiedRequest {
     pub target: String,
     /// Upstream status, or 502 when the upstream could not be reached.
     pub status: u16,
+    /// Tells lakeguard's requests from Azurite's own (it reads a copy source with axios).
+    pub user_agent: String,
 }
 
 impl ProxiedRequest {
@@ -41,6 +43,10 @@ impl ProxiedRequest {
     }
     pub fn restype(&self) -> Option<String> {
         self.query("restype")
+    }
+    /// Made by Azurite itself (the copy-source read of a Copy Blob From URL), not by lakeguard.
+    pub fn is_azurite_self(&self) -> bool {
+        self.user_agent.starts_with("axios")
     }
     pub fn is_list_blobs(&self) -> bool {
         self.method == "GET"
@@ -125,11 +131,18 @@ async fn forward(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".to_string());
+    let user_agent = req
+        .headers()
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let record = |status: u16| {
         shared.log.lock().unwrap().push(ProxiedRequest {
             method: method.clone(),
             target: target.clone(),
             status,
+            user_agent: user_agent.clone(),
         });
     };
     let upstream = match tokio::net::TcpStream::connect(shared.upstream).await {
