@@ -436,7 +436,7 @@ impl BlobStore {
                 what,
                 detail: "no x-ms-snapshot in the answer".into(),
             })?;
-        let etag = rsp.etag().ok().flatten().map(|e| Etag::new(e.to_string()));
+        let etag = rsp.etag().ok().flatten().map(|e| Etag::new(&e));
         Ok(SnapshotTaken { id, etag })
     }
 
