@@ -36,6 +36,10 @@ pub enum Command {
         container: String,
         #[arg(long)]
         prefix: Option<String>,
+        /// Also process the backup queue while snapshotting, until both are done ("back up this
+        /// container now"; like the queue trigger, it takes any request on the queue).
+        #[arg(long)]
+        drain: bool,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -114,6 +118,9 @@ pub enum Command {
         /// is empty, like the ReconcileWorker function.
         #[arg(long, conflicts_with_all = ["container", "dry_run", "budget_secs"])]
         continuations: bool,
+        /// Also process the backup queue while reconciling, until both are done.
+        #[arg(long, conflicts_with_all = ["dry_run", "continuations"])]
+        drain: bool,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -297,11 +304,27 @@ pub struct Bar(ProgressBar);
 
 impl Bar {
     pub fn new(label: &str, output: Output) -> Arc<Self> {
-        let pb = if output == Output::Text && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        Self::styled(Self::visible(output), label)
+    }
+
+    /// Two bars drawn together (a producer and the drain running alongside it).
+    pub fn pair(first: &str, second: &str, output: Output) -> (Arc<Self>, Arc<Self>) {
+        let multi = indicatif::MultiProgress::new();
+        (
+            Self::styled(multi.add(Self::visible(output)), first),
+            Self::styled(multi.add(Self::visible(output)), second),
+        )
+    }
+
+    fn visible(output: Output) -> ProgressBar {
+        if output == Output::Text && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             ProgressBar::new(0)
         } else {
             ProgressBar::hidden()
-        };
+        }
+    }
+
+    fn styled(pb: ProgressBar, label: &str) -> Arc<Self> {
         pb.set_style(
             ProgressStyle::with_template(
                 "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",

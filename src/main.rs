@@ -57,31 +57,29 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Snapshot {
             container,
             prefix,
+            drain,
             output,
         } => {
+            if drain {
+                let (bar, dbar) = Bar::pair("snapshot", "backup", output);
+                let run = ops::snapshot::run(&app, &container, prefix.as_deref(), bar.clone());
+                let (report, drained) =
+                    ops::backup::drain_alongside(&app, &app.queue, dbar.clone(), run).await;
+                bar.finish();
+                dbar.finish();
+                let (report, drained) = (report?, drained?);
+                let both = serde_json::json!({ "snapshot": report, "backup": drained });
+                print(output, &both, || {
+                    format!("{}\n{}", snapshot_text(&report), drain_text(&drained))
+                });
+                return Ok(exit(report.is_complete() && drained.poisoned == 0));
+            }
             let bar = Bar::new("snapshot", output);
             let report =
                 ops::snapshot::run(&app, &container, prefix.as_deref(), bar.clone()).await?;
             bar.finish();
-            print(output, &report, || {
-                format!(
-                    "{}: scanned {}, snapshotted {}, enqueued {}, unchanged {}, skipped {}, failed {} in {} ms{}",
-                    report.container,
-                    report.scanned,
-                    report.snapshotted,
-                    report.enqueued,
-                    report.unchanged,
-                    report.skipped,
-                    report.failed,
-                    report.elapsed_ms,
-                    report.failures.iter().map(|f| format!("\n  failed: {}: {}", f.blob, f.error)).collect::<String>()
-                )
-            });
-            Ok(if report.is_complete() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            print(output, &report, || snapshot_text(&report));
+            Ok(exit(report.is_complete()))
         }
         Command::Backup {
             drain,
@@ -103,24 +101,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             let bar = Bar::new("backup", output);
             let report = ops::backup::drain(&app, &queue, bar.clone()).await?;
             bar.finish();
-            print(output, &report, || {
-                format!(
-                    "{}: processed {}, backed up {}, already backed up {}, superseded {}, poisoned {}, retried {} in {} ms",
-                    report.queue,
-                    report.processed,
-                    report.backed_up,
-                    report.already_backed_up,
-                    report.superseded,
-                    report.poisoned,
-                    report.retried,
-                    report.elapsed_ms
-                )
-            });
-            Ok(if report.poisoned == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            print(output, &report, || drain_text(&report));
+            Ok(exit(report.poisoned == 0))
         }
         Command::Restore {
             container,
@@ -214,21 +196,41 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             dry_run,
             budget_secs,
             continuations,
+            drain,
             output,
         } => {
+            let mut drained = None;
             let report = if continuations {
                 ops::reconcile::drain_continuations(&app).await?
             } else {
-                let bar = Bar::new("reconcile", output);
                 let opts = ops::reconcile::RunOptions {
                     container,
                     dry_run,
                     budget: budget_secs.map(std::time::Duration::from_secs),
                 };
-                let report = ops::reconcile::run(&app, &opts, bar.clone()).await?;
-                bar.finish();
-                report
+                if drain {
+                    let (bar, dbar) = Bar::pair("reconcile", "backup", output);
+                    let run = ops::reconcile::run(&app, &opts, bar.clone());
+                    let (report, d) =
+                        ops::backup::drain_alongside(&app, &app.queue, dbar.clone(), run).await;
+                    bar.finish();
+                    dbar.finish();
+                    drained = Some(d?);
+                    report?
+                } else {
+                    let bar = Bar::new("reconcile", output);
+                    let report = ops::reconcile::run(&app, &opts, bar.clone()).await?;
+                    bar.finish();
+                    report
+                }
             };
+            if let Some(d) = drained {
+                let both = serde_json::json!({ "reconcile": report, "backup": d });
+                print(output, &both, || {
+                    format!("{}\n{}", report.summary(), drain_text(&d))
+                });
+                return Ok(exit(report.errors == 0 && d.poisoned == 0));
+            }
             print(output, &report, || {
                 let errors: String = report
                     .error_list
@@ -255,6 +257,47 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn exit(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn snapshot_text(report: &ops::snapshot::SnapshotReport) -> String {
+    format!(
+        "{}: scanned {}, snapshotted {}, enqueued {}, unchanged {}, skipped {}, failed {} in {} ms{}",
+        report.container,
+        report.scanned,
+        report.snapshotted,
+        report.enqueued,
+        report.unchanged,
+        report.skipped,
+        report.failed,
+        report.elapsed_ms,
+        report
+            .failures
+            .iter()
+            .map(|f| format!("\n  failed: {}: {}", f.blob, f.error))
+            .collect::<String>()
+    )
+}
+
+fn drain_text(report: &ops::backup::DrainReport) -> String {
+    format!(
+        "{}: processed {}, backed up {}, already backed up {}, superseded {}, poisoned {}, retried {} in {} ms",
+        report.queue,
+        report.processed,
+        report.backed_up,
+        report.already_backed_up,
+        report.superseded,
+        report.poisoned,
+        report.retried,
+        report.elapsed_ms
+    )
 }
 
 fn print<T: serde::Serialize>(output: Output, value: &T, text: impl FnOnce() -> String) {

@@ -698,3 +698,58 @@ async fn message_props_spare_the_snapshot_read_and_are_never_trusted_blindly() {
     );
     stack.assert_no_secrets_in(&handler.logs());
 }
+
+/// `lakeguard snapshot --drain`: the producer and the worker in one command, the worker taking
+/// requests while the producer still lists (a small page size and concurrency make them
+/// interleave). Afterwards every blob is in the backup and the queue is empty; a second run finds
+/// nothing to do.
+#[tokio::test]
+async fn snapshot_with_drain_backs_up_a_container_in_one_command() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("onecmd");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    let names: Vec<String> = (0..40)
+        .map(|i| format!("d{}/f #{i} ü%.txt", i % 4))
+        .collect();
+    for n in &names {
+        src.put_blob(&c, n, format!("data of {n}").as_bytes(), &[])
+            .await
+            .ok("put");
+    }
+    let env = stack.env_with(&[
+        ("LAKEGUARD_CONCURRENCY", "2"),
+        ("LAKEGUARD_LIST_PAGE_SIZE", "5"),
+    ]);
+    let run = |env: Vec<(String, String)>, c: String| async move {
+        let out = support::run_cli(
+            &["snapshot", "--container", &c, "--drain", "--output", "json"],
+            &env,
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "no JSON ({e}): {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), v)
+    };
+    let (ok, v) = run(env.clone(), c.clone()).await;
+    assert!(ok, "{v:#}");
+    assert_eq!(v["snapshot"]["enqueued"], 40, "{v:#}");
+    assert_eq!(v["backup"]["backed_up"], 40, "{v:#}");
+    let backup = stack.backup();
+    for n in &names {
+        assert_eq!(
+            content(&backup, &c, n, None).await,
+            format!("data of {n}").as_bytes()
+        );
+    }
+    assert!(stack.queues().peek_messages(&stack.queue).await.is_empty());
+    let (ok, v) = run(env, c.clone()).await;
+    assert!(ok, "{v:#}");
+    assert_eq!(v["snapshot"]["unchanged"], 40, "{v:#}");
+    assert_eq!(v["backup"]["processed"], 0, "{v:#}");
+}

@@ -201,6 +201,18 @@ class Azurite:
             last = cur
             time.sleep(0.25)
 
+    def quiesce(self, max_wait: float = 90.0) -> float:
+        """Wait until both services are idle (under 10% CPU over half a second): Azurite collects
+        garbage in the background (e.g. after thousands of queue deletes), and that work must not
+        land in the next tool's measurement. Returns the seconds waited."""
+        start = time.time()
+        while time.time() - start < max_wait:
+            before = self.blob.cpu() + self.queue.cpu()
+            time.sleep(0.5)
+            if self.blob.cpu() + self.queue.cpu() - before < 0.05:
+                break
+        return round(time.time() - start, 2)
+
     def since(self, mark: dict) -> dict:
         self.settle()
         blob_cpu = self.blob.cpu() - mark["blob_cpu"]

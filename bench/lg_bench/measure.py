@@ -57,6 +57,7 @@ def run_one(argv: list[str], env: dict, out: Path, err: Path, timeout: float) ->
 
 def measure(az: Azurite, cmds: list[list[str]], env: dict, logdir: Path, label: str, timeout: float) -> dict:
     logdir.mkdir(parents=True, exist_ok=True)
+    quiet_wait = az.quiesce()
     mark = az.mark()
     steps = []
     for i, argv in enumerate(cmds):
@@ -72,6 +73,7 @@ def measure(az: Azurite, cmds: list[list[str]], env: dict, logdir: Path, label: 
         exit_ok=all(s["exit_code"] == 0 for s in steps) and len(steps) == len(cmds),
         steps=[{**s, "wall_s": round(s["wall_s"], 3), "cpu_s": round(s["cpu_s"], 3)} for s in steps],
         logs=str(logdir / label) + ".*",
+        azurite_quiesce_wait_s=quiet_wait,
     )
     # Azurite is the bottleneck when its (single-threaded) CPU time is close to the wall time.
     res["azurite_busy_fraction"] = round(res["azurite_cpu_s"] / wall, 2) if wall > 0 else None

@@ -215,11 +215,12 @@ class Lakeguard(Tool):
 
     def commands(self, scenario):
         b = str(self.binary)
-        drain = [b, "backup", "--drain", "--output", "json"]
+        # `--drain`: the worker consumes the queue while the producer (or reconcile) fills it, in
+        # one process, as the queue trigger does in production.
         if scenario in (1, 3):
-            return [[b, "snapshot", "--container", self.container, "--output", "json"], drain]
+            return [[b, "snapshot", "--container", self.container, "--drain", "--output", "json"]]
         if scenario in (2, 4):
-            return [[b, "reconcile", "--container", self.container, "--output", "json"], drain]
+            return [[b, "reconcile", "--container", self.container, "--drain", "--output", "json"]]
         if scenario == 5:
             return [[
                 b, "restore", "--container", self.container, "--prefix", self.restore_prefix,

@@ -13,6 +13,7 @@
 //! the message itself, with the error, so that the reason is never lost.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -481,34 +482,77 @@ pub async fn drain(
     queue: &BackupQueue,
     progress: Arc<dyn Progress>,
 ) -> Result<DrainReport, StorageError> {
+    drain_until(app, queue, progress, None).await
+}
+
+/// Runs `producer` (a snapshot or reconcile run) and drains the queue at the same time, the way
+/// the queue trigger consumes while the producer works: copies start with the first request
+/// instead of after the last, and the queue never holds the whole container. The drain ends once
+/// the producer has finished and the queue is empty.
+pub async fn drain_alongside<F: std::future::Future>(
+    app: &App,
+    queue: &BackupQueue,
+    progress: Arc<dyn Progress>,
+    producer: F,
+) -> (F::Output, Result<DrainReport, StorageError>) {
+    let producing = AtomicBool::new(true);
+    let produce = async {
+        let out = producer.await;
+        producing.store(false, Ordering::SeqCst);
+        out
+    };
+    tokio::join!(produce, drain_until(app, queue, progress, Some(&producing)))
+}
+
+async fn drain_until(
+    app: &App,
+    queue: &BackupQueue,
+    progress: Arc<dyn Progress>,
+    producing: Option<&AtomicBool>,
+) -> Result<DrainReport, StorageError> {
     let started = Instant::now();
     let mut report = DrainReport {
         queue: queue.name().to_owned(),
         ..Default::default()
     };
     queue.ensure_exists().await?;
-    progress.add_total(queue.approximate_count().await?);
+    if producing.is_none() {
+        progress.add_total(queue.approximate_count().await?);
+    }
     let receive_error: std::sync::Mutex<Option<StorageError>> = Default::default();
     // Batches are received as workers free up, so the next receive overlaps with the end of the
     // previous batch. The stream ends when the queue is empty, in-flight messages included (they
     // are invisible but counted), or when nothing became visible for two minutes.
     let batches = stream::unfold(None::<Instant>, |mut idle_since| {
         let receive_error = &receive_error;
+        let progress = &progress;
         async move {
             loop {
                 let fail = |e: StorageError| {
                     *receive_error.lock().expect("poisoned") = Some(e);
                 };
                 match queue.receive(32, 300).await {
-                    Ok(batch) if !batch.is_empty() => return Some((batch, None)),
+                    Ok(batch) if !batch.is_empty() => {
+                        if producing.is_some() {
+                            progress.add_total(batch.len() as u64);
+                        }
+                        return Some((batch, None));
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         fail(e);
                         return None;
                     }
                 }
+                // Read before the count: a producer that finished before an empty count has
+                // enqueued everything it will.
+                let still_producing = producing.is_some_and(|p| p.load(Ordering::SeqCst));
                 match queue.approximate_count().await {
-                    Ok(0) => return None,
+                    Ok(0) if !still_producing => return None,
+                    Ok(0) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         fail(e);
