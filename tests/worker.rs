@@ -578,11 +578,11 @@ fn unb64(s: &str) -> Value {
     serde_json::from_slice(&bytes).expect("JSON message")
 }
 
-/// The producer's message carries what its listing knew (`props`): a first delivery copies
-/// without reading the snapshot. Props are never trusted blindly: the copy is conditional on the
-/// snapshot ETag they name, so props that do not match the snapshot fail the first attempt and
-/// the redelivery reads the source; a named snapshot that is gone is replaced at once by another
-/// snapshot of the same version.
+/// The producer's message carries what its listing knew (`props`, `backup_absent`): a first
+/// delivery copies without reading the snapshot or the backup. Hints are never trusted blindly:
+/// the copy is conditional on the snapshot ETag they name, so props that do not match the
+/// snapshot fail that copy and the same delivery reads the source; a named snapshot that is gone
+/// is replaced at once by another snapshot of the same version.
 #[tokio::test]
 async fn message_props_spare_the_snapshot_read_and_are_never_trusted_blindly() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;
@@ -619,8 +619,10 @@ async fn message_props_spare_the_snapshot_read_and_are_never_trusted_blindly() {
         source_reads.is_empty(),
         "the first delivery read the source: {source_reads:#?}"
     );
-    // HEAD of the backup (404), Create Container, the copy: nothing else.
-    assert_eq!(mine.len(), 3, "{mine:#?}");
+    // A new blob: the request says no backup exists, so no HEAD of the backup either. Create
+    // Container and the copy: nothing else.
+    assert_eq!(body["backup_absent"], true, "{body:#}");
+    assert_eq!(mine.len(), 2, "{mine:#?}");
     let backup = stack.backup();
     assert_eq!(content(&backup, &c, name, None).await, b"version one");
     let props = backup.blob_properties(&c, name, None).await.ok("head");
@@ -647,8 +649,8 @@ async fn message_props_spare_the_snapshot_read_and_are_never_trusted_blindly() {
     let report = trigger.drain(5).await;
     assert_eq!(
         (report.succeeded, report.failed),
-        (1, 1),
-        "the forged props fail the conditional copy once: {:?}",
+        (1, 0),
+        "the forged props fail the conditional copy, and the same delivery reads the source: {:?}",
         report.deliveries
     );
     assert_eq!(content(&backup, &c, name, None).await, b"version two");
@@ -752,4 +754,52 @@ async fn snapshot_with_drain_backs_up_a_container_in_one_command() {
     assert!(ok, "{v:#}");
     assert_eq!(v["snapshot"]["unchanged"], 40, "{v:#}");
     assert_eq!(v["backup"]["processed"], 0, "{v:#}");
+}
+
+/// A blob deleted and created again looks new to the producer (`backup_absent`), but its old
+/// backup is still there: the optimistic copy conflicts, the same delivery reads the backup, keeps
+/// the old version as history and copies the new one.
+#[tokio::test]
+async fn a_recreated_blob_keeps_its_old_backup_as_history() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("again");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "r.csv", b"first life", &[])
+        .await
+        .ok("put");
+    let handler = stack.handler().await;
+    produce(handler.port(), &c).await;
+    let queues = stack.queues();
+    let trigger = stack.trigger(&queues, handler.port());
+    assert_eq!(trigger.drain(5).await.succeeded, 1);
+    src.delete_blob(&c, "r.csv")
+        .await
+        .ok("delete with snapshots");
+    src.put_blob(&c, "r.csv", b"second life", &[])
+        .await
+        .ok("again");
+    produce(handler.port(), &c).await;
+    let msg = queues.peek_messages(&stack.queue).await.remove(0);
+    assert_eq!(unb64(&msg.text)["backup_absent"], true);
+    let report = trigger.drain(5).await;
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (1, 0),
+        "{:?}",
+        report.deliveries
+    );
+    let backup = stack.backup();
+    assert_eq!(content(&backup, &c, "r.csv", None).await, b"second life");
+    let history: Vec<_> = backup
+        .list_blobs(&c, None)
+        .await
+        .into_iter()
+        .filter(|b| b.snapshot.is_some())
+        .collect();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(
+        content(&backup, &c, "r.csv", history[0].snapshot.as_deref()).await,
+        b"first life"
+    );
 }

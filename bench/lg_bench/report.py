@@ -113,9 +113,13 @@ def markdown(doc: dict, png_name: str) -> str:
     if rss:
         L += ["", f"## RSS scaling ({rss.get('tool')})", ""]
         if "runs" in rss:
+            if rss.get("passes"):
+                L.append(f"Passes per size: {'; '.join(rss['passes'])}.")
+                L.append("")
             for r in rss["runs"]:
-                L.append(f"- {r['blobs']} blobs: peak RSS {r['peak_rss_mib']} MiB "
-                         f"(full backup {r['scenario1']['wall_s']} s, no-op {r['scenario2']['wall_s']} s)")
+                times = ", ".join(f"{k} {v['wall_s']} s / {v['tool_peak_rss_mib']} MiB"
+                                  for k, v in r.items() if isinstance(v, dict) and "wall_s" in v)
+                L.append(f"- {r['blobs']} blobs: peak RSS {r['peak_rss_mib']} MiB ({times})")
             L.append(f"- growth {rss['growth']}x: {'PASS' if rss['pass'] else 'FAIL'} (must stay below 5x)")
         else:
             L.append(f"- not run: {rss.get('not_runnable')}")

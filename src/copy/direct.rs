@@ -201,6 +201,10 @@ impl CopyEngine for DirectCopy {
         "direct"
     }
 
+    fn optimistic_writes(&self) -> bool {
+        true
+    }
+
     async fn copy(&self, job: &CopyJob) -> Result<CopyOutcome, CopyError> {
         let condition = match &job.expected_target {
             Some(e) => TargetCondition::Matches(e.clone()),
@@ -245,10 +249,12 @@ fn classify(e: StorageError) -> CopyError {
         {
             CopyError::SourceGone(e.to_string())
         }
-        // 412 on the target: another worker wrote the backup meanwhile; retrying re-evaluates.
-        StorageError::PreconditionFailed { .. }
-        | StorageError::Conflict { .. }
-        | StorageError::Retryable { .. } => CopyError::Retryable(e.to_string()),
+        // 412 / 409: another worker wrote the backup meanwhile (or a hint was wrong); the worker
+        // looks again and re-evaluates.
+        StorageError::PreconditionFailed { .. } | StorageError::Conflict { .. } => {
+            CopyError::TargetChanged(e.to_string())
+        }
+        StorageError::Retryable { .. } => CopyError::Retryable(e.to_string()),
         _ => CopyError::Permanent(e.to_string()),
     }
 }

@@ -47,6 +47,10 @@ pub enum CopyError {
     /// The requested version no longer exists (snapshot deleted): nothing can ever copy it.
     #[error("source version is gone: {0}")]
     SourceGone(String),
+    /// The target was not as expected (412 on its condition, or 409 because it exists): another
+    /// writer got there first, or the caller's expectation came from a hint. Retry after a look.
+    #[error("backup target changed: {0}")]
+    TargetChanged(String),
     /// Worth another attempt later (throttling, 5xx, timeouts, a run that failed transiently).
     #[error("{0}")]
     Retryable(String),
@@ -69,5 +73,10 @@ pub fn datafactory_engine(
 #[async_trait]
 pub trait CopyEngine: Send + Sync {
     fn name(&self) -> &'static str;
+    /// Whether a conditional write that fails costs only one request (not a pipeline run): then
+    /// the worker may write optimistically on a hint and look only if the condition fails.
+    fn optimistic_writes(&self) -> bool {
+        false
+    }
     async fn copy(&self, job: &CopyJob) -> Result<CopyOutcome, CopyError>;
 }

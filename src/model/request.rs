@@ -27,6 +27,11 @@ pub struct BackupRequest {
     pub snapshot: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub props: Option<VersionProps>,
+    /// The producer saw no backup of this blob (a new blob; a reconcile found none), so the worker
+    /// may write with `If-None-Match: *` without a HEAD first. A hint only: a conflict sends the
+    /// worker back to the HEAD path in the same delivery.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backup_absent: bool,
 }
 
 /// The version's properties as the snapshot holds them. Only trusted together with
@@ -76,6 +81,8 @@ struct V1 {
     snapshot: Option<String>,
     #[serde(default)]
     props: Option<VersionProps>,
+    #[serde(default)]
+    backup_absent: bool,
 }
 
 #[derive(Deserialize)]
@@ -94,7 +101,13 @@ impl BackupRequest {
             etag: etag.clone(),
             snapshot: Some(snapshot.to_owned()),
             props: None,
+            backup_absent: false,
         }
+    }
+
+    pub fn with_backup_absent(mut self, absent: bool) -> Self {
+        self.backup_absent = absent;
+        self
     }
 
     pub fn with_props(mut self, props: VersionProps) -> Self {
@@ -127,6 +140,7 @@ impl BackupRequest {
                 etag: Etag::new(&m.etag),
                 snapshot: m.snapshot,
                 props: m.props,
+                backup_absent: m.backup_absent,
             }
         } else {
             let m: Legacy =
@@ -138,6 +152,7 @@ impl BackupRequest {
                 etag: Etag::new(&m.etag),
                 snapshot: None,
                 props: None,
+                backup_absent: false,
             }
         };
         req.validate()?;
@@ -206,6 +221,42 @@ mod tests {
             assert!(text.contains(r#""etag":"\"0x8D1\"""#), "{text}");
             assert_eq!(BackupRequest::parse(&text).unwrap(), r);
         }
+    }
+
+    #[test]
+    fn hints_round_trip_and_are_validated() {
+        let props = VersionProps {
+            snapshot_etag: Etag::new("\"0x8D2\""),
+            length: 42,
+            content_type: Some("text/csv".into()),
+            last_modified: OffsetDateTime::from_unix_timestamp(1_795_000_000).unwrap(),
+            metadata: [("owner".to_string(), "team \"x\"".to_string())].into(),
+        };
+        let r = BackupRequest::new(
+            "raw",
+            "a b.csv",
+            &Etag::new("0x8D1"),
+            "2026-11-22T03:08:15.1234567Z",
+        )
+        .with_props(props)
+        .with_backup_absent(true);
+        let text = r.to_json();
+        assert!(text.contains(r#""backup_absent":true"#), "{text}");
+        assert_eq!(BackupRequest::parse(&text).unwrap(), r);
+        // Without hints the message is the plain v1 schema.
+        let plain = BackupRequest::new("raw", "a", &Etag::new("1"), "2026-11-22T03:08:15Z");
+        assert!(!plain.to_json().contains("props") && !plain.to_json().contains("absent"));
+        // Props describe a snapshot: without one they are refused, as are unknown props fields.
+        let err = BackupRequest::parse(
+            r#"{"v":1,"container":"raw","blob":"a","etag":"x","props":{"snapshot_etag":"y","length":1,"last_modified":"2026-11-22T03:08:15Z"}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("props"), "{err}");
+        let err = BackupRequest::parse(
+            r#"{"v":1,"container":"raw","blob":"a","etag":"x","snapshot":"2026-11-22T03:08:15Z","props":{"snapshot_etag":"y","length":1,"last_modified":"2026-11-22T03:08:15Z","size":2}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("size"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! the message itself, with the error, so that the reason is never lost.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use futures::{stream, StreamExt};
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use tokio::sync::Notify;
 use tracing::{info, warn, Instrument};
 
 use super::Progress;
@@ -191,28 +192,38 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         why,
     };
 
-    // 2. Idempotency against the backup.
-    let target = head(&app.backup, c, b, None).await?;
-    if let Some(t) = &target {
-        if t.metadata
-            .get(metadata::SOURCE_ETAG)
-            .map(Etag::new)
-            .as_ref()
-            == Some(&req.etag)
-            && !t.metadata.contains_key(metadata::DELETED_AT)
-        {
-            info!("already backed up");
-            return Ok(done(&req.etag));
-        }
-    }
-
-    // 3. The source version. On a first delivery the message's `props` stand in for a HEAD of
-    //    the snapshot (the copy is conditional on the snapshot ETag they carry); any redelivery,
-    //    or a copy that finds the named snapshot gone, reads the source instead.
-    let mut trust_props = dequeue_count <= 1;
-    let mut history_kept = false;
+    // On a first delivery the message's hints stand in for reads: `props` for a HEAD of the
+    // snapshot (the copy is conditional on the snapshot ETag they carry), `backup_absent` for a
+    // HEAD of the backup (the copy is conditional on there being none). A hint that turns out
+    // wrong fails its condition, and the loop goes round once more reading both sides; any
+    // redelivery reads them from the start.
+    let mut trust_hints = dequeue_count <= 1;
+    let mut history_kept_for: Option<Etag> = None;
     loop {
-        let Some((snapshot, snap_props)) = resolve_snapshot(app, req, trust_props).await? else {
+        let skip_target_read = trust_hints && req.backup_absent && app.engine.optimistic_writes();
+        let hinted = trust_hints && (skip_target_read || req.props.is_some());
+
+        // 2. Idempotency against the backup.
+        let target = if skip_target_read {
+            None
+        } else {
+            head(&app.backup, c, b, None).await?
+        };
+        if let Some(t) = &target {
+            if t.metadata
+                .get(metadata::SOURCE_ETAG)
+                .map(Etag::new)
+                .as_ref()
+                == Some(&req.etag)
+                && !t.metadata.contains_key(metadata::DELETED_AT)
+            {
+                info!("already backed up");
+                return Ok(done(&req.etag));
+            }
+        }
+
+        // 3. The source version.
+        let Some((snapshot, snap_props)) = resolve_snapshot(app, req, trust_hints).await? else {
             let live = head(&app.source, c, b, None).await?;
             let why = match live {
                 Some(p) => format!(
@@ -224,7 +235,6 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
             info!(%why, "superseded");
             return Ok(superseded(why));
         };
-        let used_props = trust_props && req.props.is_some();
         let version_time = snap_props
             .metadata
             .get(metadata::SOURCE_LAST_MODIFIED)
@@ -248,17 +258,19 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
             }
         }
 
-        // 4. Keep the backup's current version before it is overwritten (once per delivery).
+        // 4. Keep the backup's current version before it is overwritten (once per version).
         app.ensure_backup_container(c).await?;
         let expected_target = match &target {
             None => None,
             Some(t) => {
-                if !history_kept && needs_history_snapshot(app, c, b, t, dequeue_count).await? {
+                if history_kept_for.as_ref() != Some(&t.etag)
+                    && needs_history_snapshot(app, c, b, t, dequeue_count).await?
+                {
                     app.backup
                         .create_snapshot(c, b, &t.etag, &t.metadata)
                         .await?;
                 }
-                history_kept = true;
+                history_kept_for = Some(t.etag.clone());
                 Some(t.etag.clone())
             }
         };
@@ -273,10 +285,6 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         )
         .await
         {
-            Err(CopyError::SourceGone(e)) if used_props => {
-                info!(snapshot = %snapshot, error = %e, "the named snapshot is not readable as the request describes it; reading the source");
-                trust_props = false;
-            }
             Ok(_) => {
                 info!(engine = app.engine.name(), snapshot = %snapshot, "backed up");
                 return Ok(Outcome::BackedUp {
@@ -285,11 +293,17 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
                     etag: req.etag.quoted(),
                 });
             }
+            Err(CopyError::SourceGone(e) | CopyError::TargetChanged(e)) if hinted => {
+                info!(snapshot = %snapshot, error = %e, "a hint of the request did not hold; reading source and backup");
+                trust_hints = false;
+            }
             Err(CopyError::SourceGone(e)) => {
                 return Ok(superseded(format!(
                     "the source snapshot disappeared during the copy: {e}"
                 )))
             }
+            // Another writer got there first: the next delivery re-evaluates.
+            Err(CopyError::TargetChanged(e)) => return Err(Failure::Retryable(e)),
             Err(CopyError::Retryable(e)) => {
                 app.forget_backup_container(c).await;
                 return Err(Failure::Retryable(e));
@@ -520,12 +534,18 @@ async fn drain_until(
         progress.add_total(queue.approximate_count().await?);
     }
     let receive_error: std::sync::Mutex<Option<StorageError>> = Default::default();
+    // Messages received and not yet acknowledged or put back; `settled` wakes the receiver when
+    // one of them is (a stored permit, so no wake-up is lost).
+    let outstanding = AtomicUsize::new(0);
+    let settled = Notify::new();
     // Batches are received as workers free up, so the next receive overlaps with the end of the
-    // previous batch. The stream ends when the queue is empty, in-flight messages included (they
-    // are invisible but counted), or when nothing became visible for two minutes.
+    // previous batch. While our own messages are in flight an empty receive waits for one of them
+    // to finish (no polling); the stream ends when nothing is ours, the producer is done and the
+    // queue is empty (its count includes invisible messages), or when nothing became visible for
+    // two minutes (another consumer holds them).
     let batches = stream::unfold(None::<Instant>, |mut idle_since| {
-        let receive_error = &receive_error;
-        let progress = &progress;
+        let (receive_error, progress) = (&receive_error, &progress);
+        let (outstanding, settled) = (&outstanding, &settled);
         async move {
             loop {
                 let fail = |e: StorageError| {
@@ -533,6 +553,7 @@ async fn drain_until(
                 };
                 match queue.receive(32, 300).await {
                     Ok(batch) if !batch.is_empty() => {
+                        outstanding.fetch_add(batch.len(), Ordering::SeqCst);
                         if producing.is_some() {
                             progress.add_total(batch.len() as u64);
                         }
@@ -544,22 +565,25 @@ async fn drain_until(
                         return None;
                     }
                 }
-                // Read before the count: a producer that finished before an empty count has
-                // enqueued everything it will.
-                let still_producing = producing.is_some_and(|p| p.load(Ordering::SeqCst));
+                if outstanding.load(Ordering::SeqCst) > 0 {
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(500), settled.notified()).await;
+                    continue;
+                }
+                if producing.is_some_and(|p| p.load(Ordering::SeqCst)) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                // The producer is done (read before the count: everything it enqueued counts).
                 match queue.approximate_count().await {
-                    Ok(0) if !still_producing => return None,
-                    Ok(0) => {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
+                    Ok(0) => return None,
                     Ok(_) => {}
                     Err(e) => {
                         fail(e);
                         return None;
                     }
                 }
-                // Messages in backoff (or our own, still in flight) become visible or go away.
+                // Messages in backoff become visible again shortly.
                 let idle = idle_since.get_or_insert_with(Instant::now);
                 if idle.elapsed() > Duration::from_secs(120) {
                     warn!("messages remain invisible (held by another consumer?); stopping");
@@ -572,21 +596,27 @@ async fn drain_until(
     // Each message is acknowledged (or put back) as soon as it is done, inside its own task.
     let results = batches
         .flat_map(stream::iter)
-        .map(|msg| async move {
-            match process_message(app, &msg.text, msg.dequeue_count).await {
-                Ok(outcome) => {
-                    if let Err(e) = queue.delete(&msg).await {
-                        // Already deleted or taken over: the next delivery is idempotent.
-                        warn!(error = %e, "could not delete a processed message");
+        .map(|msg| {
+            let (outstanding, settled) = (&outstanding, &settled);
+            async move {
+                let result = match process_message(app, &msg.text, msg.dequeue_count).await {
+                    Ok(outcome) => {
+                        if let Err(e) = queue.delete(&msg).await {
+                            // Already deleted or taken over: the next delivery is idempotent.
+                            warn!(error = %e, "could not delete a processed message");
+                        }
+                        Ok(outcome)
                     }
-                    Ok(outcome)
-                }
-                Err(Retry(e)) => {
-                    warn!(error = %e, dequeue_count = msg.dequeue_count, "will retry");
-                    let backoff = 2i32.pow(msg.dequeue_count.min(4));
-                    let _ = queue.extend(&msg, backoff).await;
-                    Err(())
-                }
+                    Err(Retry(e)) => {
+                        warn!(error = %e, dequeue_count = msg.dequeue_count, "will retry");
+                        let backoff = 2i32.pow(msg.dequeue_count.min(4));
+                        let _ = queue.extend(&msg, backoff).await;
+                        Err(())
+                    }
+                };
+                outstanding.fetch_sub(1, Ordering::SeqCst);
+                settled.notify_one();
+                result
             }
         })
         .buffer_unordered(app.settings.concurrency);

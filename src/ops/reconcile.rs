@@ -804,8 +804,8 @@ async fn execute(
             let span = tracing::info_span!("reconcile_blob", container, blob = %name);
             async move {
                 let (decision, done) = match action {
-                    Action::NeedsBackup { source, .. } => {
-                        needs_backup(ctx, container, source).await
+                    Action::NeedsBackup { source, backup, .. } => {
+                        needs_backup(ctx, container, source, backup.is_none()).await
                     }
                     Action::Tombstone { backup } => (None, tombstone(ctx, container, backup).await),
                     _ => (None, Done::Skipped("nothing to do")),
@@ -861,6 +861,7 @@ async fn needs_backup(
     ctx: &Ctx<'_>,
     container: &str,
     source: BlobEntry,
+    backup_absent: bool,
 ) -> (Option<SnapshotDecision>, Done) {
     let app = ctx.app;
     // With an empty queue nothing can be pending and the decision does not depend on the
@@ -889,7 +890,7 @@ async fn needs_backup(
             }
             match snapshot::snapshot_current(&app.source, container, source).await {
                 Ok(Some((taken, blob))) => {
-                    match snapshot::enqueue(app, container, &blob, &taken).await {
+                    match snapshot::enqueue(app, container, &blob, &taken, backup_absent).await {
                         Ok(()) => Done::Enqueued,
                         Err(e) => Done::EnqueueFailed(e),
                     }

@@ -133,15 +133,17 @@ async fn process(
                 report.skipped += 1;
                 progress.inc(1);
             }
-            Verdict::New | Verdict::Changed { .. } => todo.push(d.blob),
+            // A blob never snapshotted before has, in all likelihood, no backup yet.
+            Verdict::New => todo.push((d.blob, true)),
+            Verdict::Changed { .. } => todo.push((d.blob, false)),
         }
     }
     let results: Vec<(String, One)> = stream::iter(todo)
-        .map(|blob| {
+        .map(|(blob, new)| {
             let span = tracing::info_span!("snapshot_blob", container, blob = %blob.name, etag = %blob.etag);
             async move {
                 let name = blob.name.clone();
-                (name, snapshot_and_enqueue(app, container, blob).await)
+                (name, snapshot_and_enqueue(app, container, blob, new).await)
             }
             .instrument(span)
         })
@@ -230,7 +232,7 @@ pub async fn snapshot_current(
     unreachable!("the last attempt returns")
 }
 
-async fn snapshot_and_enqueue(app: &App, container: &str, blob: BlobEntry) -> One {
+async fn snapshot_and_enqueue(app: &App, container: &str, blob: BlobEntry, new: bool) -> One {
     let (snapshot, blob) = match snapshot_current(&app.source, container, blob).await {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -239,7 +241,7 @@ async fn snapshot_and_enqueue(app: &App, container: &str, blob: BlobEntry) -> On
         }
         Err(e) => return One::Failed(format!("snapshot: {e}")),
     };
-    match enqueue(app, container, &blob, &snapshot).await {
+    match enqueue(app, container, &blob, &snapshot, new).await {
         Ok(()) => One::Enqueued,
         Err(e) => One::Failed(e),
     }
@@ -255,8 +257,10 @@ pub async fn enqueue(
     container: &str,
     blob: &BlobEntry,
     snapshot: &SnapshotTaken,
+    backup_absent: bool,
 ) -> Result<(), String> {
-    let mut request = BackupRequest::new(container, &blob.name, &blob.etag, &snapshot.id);
+    let mut request = BackupRequest::new(container, &blob.name, &blob.etag, &snapshot.id)
+        .with_backup_absent(backup_absent);
     if let Some(etag) = &snapshot.etag {
         request = request.with_props(VersionProps {
             snapshot_etag: etag.clone(),
