@@ -61,6 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--rss-sizes", default="20000,100000", help="blob counts for --rss-scaling")
     ap.add_argument("--timeout", type=float, default=None, help="per command, seconds")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="only re-write the Markdown table and the chart of an existing results JSON")
     a = ap.parse_args(argv)
     if a.quick:
         a.small, a.large = 300, 2
@@ -241,6 +243,13 @@ def rss_scaling(az: Azurite, a, lg: Tool, logdir: Path, ssvc, bsvc) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.render:
+        doc = json.loads(a.render.read_text())
+        stem = a.render.with_suffix("")
+        stem.with_suffix(".md").write_text(report.markdown(doc, f"{stem.name}.png"))
+        report.chart(doc, stem.with_suffix(".png"))
+        print(report.summary(doc))
+        return 0
     started = datetime.now(timezone.utc)
     names = [t.strip() for t in a.tools.split(",") if t.strip()]
     need_peers = bool({"azcopy", "rclone"} & set(names))

@@ -21,6 +21,11 @@ pub struct App {
     queue_ready: Arc<tokio::sync::OnceCell<()>>,
     /// Backup containers this process created or saw: Create Container once, not per message.
     backup_containers: Arc<tokio::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Set only when a producer and a drain share this process (`--drain`): the producer runs
+    /// at most this many requests ahead of the worker. A deeper queue gains nothing (the worker
+    /// is the bottleneck then) and makes every queue operation dearer (on the emulator each one
+    /// scans the queue).
+    backlog: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl App {
@@ -52,7 +57,38 @@ impl App {
             engine,
             queue_ready: Default::default(),
             backup_containers: Default::default(),
+            backlog: None,
         })
+    }
+
+    /// This app with a backlog limit (see the field); for a producer drained in the same process.
+    pub fn with_backlog_limit(mut self, requests: usize) -> Self {
+        self.backlog = Some(Arc::new(tokio::sync::Semaphore::new(requests.max(1))));
+        self
+    }
+
+    /// Waits for room in the backlog before a request is enqueued (no-op without a limit).
+    pub async fn backlog_reserve(&self) {
+        if let Some(gate) = &self.backlog {
+            // Closed (the drain ended): no limit any more.
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+        }
+    }
+
+    /// A request left the backlog (processed, or never enqueued after all).
+    pub fn backlog_release(&self) {
+        if let Some(gate) = &self.backlog {
+            gate.add_permits(1);
+        }
+    }
+
+    /// The drain is over: a producer must never wait for it again.
+    pub fn backlog_close(&self) {
+        if let Some(gate) = &self.backlog {
+            gate.close();
+        }
     }
 
     /// Creates the backup container unless this process already knows it exists.

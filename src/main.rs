@@ -61,6 +61,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             output,
         } => {
             if drain {
+                let app = backlog_limited(app);
                 let (bar, dbar) = Bar::pair("snapshot", "backup", output);
                 let run = ops::snapshot::run(&app, &container, prefix.as_deref(), bar.clone());
                 let (report, drained) =
@@ -209,6 +210,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     budget: budget_secs.map(std::time::Duration::from_secs),
                 };
                 if drain {
+                    let app = backlog_limited(app.clone());
                     let (bar, dbar) = Bar::pair("reconcile", "backup", output);
                     let run = ops::reconcile::run(&app, &opts, bar.clone());
                     let (report, d) =
@@ -257,6 +259,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--drain`: the producer stays at most 32 batches of the worker's concurrency ahead.
+fn backlog_limited(app: App) -> App {
+    let limit = app.settings.concurrency * 32;
+    app.with_backlog_limit(limit)
 }
 
 fn exit(ok: bool) -> ExitCode {

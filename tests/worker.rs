@@ -703,7 +703,7 @@ async fn message_props_spare_the_snapshot_read_and_are_never_trusted_blindly() {
 
 /// `lakeguard snapshot --drain`: the producer and the worker in one command, the worker taking
 /// requests while the producer still lists (a small page size and concurrency make them
-/// interleave). Afterwards every blob is in the backup and the queue is empty; a second run finds
+/// interleave), the producer never more than its backlog limit ahead. Afterwards every blob is in the backup and the queue is empty; a second run finds
 /// nothing to do.
 #[tokio::test]
 async fn snapshot_with_drain_backs_up_a_container_in_one_command() {
@@ -719,8 +719,10 @@ async fn snapshot_with_drain_backs_up_a_container_in_one_command() {
             .await
             .ok("put");
     }
+    // Concurrency 1: the producer may run 32 requests ahead of the worker, so with 40 blobs it
+    // really waits for the drain (and must not deadlock).
     let env = stack.env_with(&[
-        ("LAKEGUARD_CONCURRENCY", "2"),
+        ("LAKEGUARD_CONCURRENCY", "1"),
         ("LAKEGUARD_LIST_PAGE_SIZE", "5"),
     ]);
     let run = |env: Vec<(String, String)>, c: String| async move {

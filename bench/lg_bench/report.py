@@ -38,6 +38,11 @@ def _ops(r: dict, top: int = 4) -> str:
     return s or "-"
 
 
+def _queue_share(r: dict) -> str:
+    q = r["azurite_cpu_s"] - r.get("azurite_blob_cpu_s", r["azurite_cpu_s"])
+    return f" ({q:.1f} queue)" if q >= 0.5 else ""
+
+
 def _correct(r: dict) -> str:
     c = r.get("correctness", {})
     if c.get("ok"):
@@ -60,7 +65,9 @@ def markdown(doc: dict, png_name: str) -> str:
         "",
         "Requests are counted from Azurite's access log; Azurite's own requests (its HEAD of the source "
         "of a cross-account copy) are excluded and shown as 'self'. *Bottleneck* = Azurite's blob "
-        "service CPU >= 80% of the wall time (it is single-threaded).",
+        "service CPU >= 80% of the wall time (it is single-threaded). Azurite CPU is blob + queue "
+        "service; the queue's share is in parentheses when it matters (Azurite's in-memory queue "
+        "scans every message of the queue on each operation, so a deep queue costs it seconds).",
         "",
     ]
     if doc["not_runnable"]:
@@ -79,7 +86,7 @@ def markdown(doc: dict, png_name: str) -> str:
             ok = "" if r["exit_ok"] else " (exit≠0)"
             L.append(
                 f"| {s}. {title} | {t}{ok} | {r['wall_s']:.2f} | "
-                f"{r['azurite_cpu_s']:.2f} | {'**yes**' if r['azurite_bottleneck'] else 'no'} | "
+                f"{r['azurite_cpu_s']:.2f}{_queue_share(r)} | {'**yes**' if r['azurite_bottleneck'] else 'no'} | "
                 f"{r['requests']['total']} ({r['requests']['azurite_self_requests_excluded']}) | {_ops(r)} | "
                 f"{r['tool_cpu_s']:.2f} | {r['tool_peak_rss_mib']} | {_correct(r)} |"
             )

@@ -501,8 +501,9 @@ pub async fn drain(
 
 /// Runs `producer` (a snapshot or reconcile run) and drains the queue at the same time, the way
 /// the queue trigger consumes while the producer works: copies start with the first request
-/// instead of after the last, and the queue never holds the whole container. The drain ends once
-/// the producer has finished and the queue is empty.
+/// instead of after the last, and with [`App::with_backlog_limit`] the queue never holds more
+/// than that many of the producer's requests. The drain ends once the producer has finished and
+/// the queue is empty.
 pub async fn drain_alongside<F: std::future::Future>(
     app: &App,
     queue: &BackupQueue,
@@ -515,7 +516,12 @@ pub async fn drain_alongside<F: std::future::Future>(
         producing.store(false, Ordering::SeqCst);
         out
     };
-    tokio::join!(produce, drain_until(app, queue, progress, Some(&producing)))
+    let drain = async {
+        let report = drain_until(app, queue, progress, Some(&producing)).await;
+        app.backlog_close();
+        report
+    };
+    tokio::join!(produce, drain)
 }
 
 async fn drain_until(
@@ -616,6 +622,7 @@ async fn drain_until(
                 };
                 outstanding.fetch_sub(1, Ordering::SeqCst);
                 settled.notify_one();
+                app.backlog_release();
                 result
             }
         })

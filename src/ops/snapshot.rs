@@ -275,9 +275,11 @@ pub async fn enqueue(
                 .collect(),
         });
     }
+    app.backlog_reserve().await;
     match app.queue.send_text(&request.to_json()).await {
         Ok(()) => Ok(()),
         Err(e) => {
+            app.backlog_release();
             warn!(error = %e, "enqueue failed; removing the snapshot so the change is found again");
             match app
                 .source
