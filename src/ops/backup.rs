@@ -549,56 +549,63 @@ async fn drain_until(
     // to finish (no polling); the stream ends when nothing is ours, the producer is done and the
     // queue is empty (its count includes invisible messages), or when nothing became visible for
     // two minutes (another consumer holds them).
-    let batches = stream::unfold(None::<Instant>, |mut idle_since| {
-        let (receive_error, progress) = (&receive_error, &progress);
-        let (outstanding, settled) = (&outstanding, &settled);
-        async move {
-            loop {
-                let fail = |e: StorageError| {
-                    *receive_error.lock().expect("poisoned") = Some(e);
-                };
-                match queue.receive(32, 300).await {
-                    Ok(batch) if !batch.is_empty() => {
-                        outstanding.fetch_add(batch.len(), Ordering::SeqCst);
-                        if producing.is_some() {
-                            progress.add_total(batch.len() as u64);
+    let batches = stream::unfold(
+        (None::<Instant>, 0u32),
+        |(mut idle_since, mut empty_polls)| {
+            let (receive_error, progress) = (&receive_error, &progress);
+            let (outstanding, settled) = (&outstanding, &settled);
+            async move {
+                loop {
+                    let fail = |e: StorageError| {
+                        *receive_error.lock().expect("poisoned") = Some(e);
+                    };
+                    match queue.receive(32, 300).await {
+                        Ok(batch) if !batch.is_empty() => {
+                            outstanding.fetch_add(batch.len(), Ordering::SeqCst);
+                            if producing.is_some() {
+                                progress.add_total(batch.len() as u64);
+                            }
+                            return Some((batch, (None, 0)));
                         }
-                        return Some((batch, None));
+                        Ok(_) => {}
+                        Err(e) => {
+                            fail(e);
+                            return None;
+                        }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        fail(e);
+                    if outstanding.load(Ordering::SeqCst) > 0 {
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(500), settled.notified())
+                                .await;
+                        continue;
+                    }
+                    if producing.is_some_and(|p| p.load(Ordering::SeqCst)) {
+                        // Nothing queued yet (a no-op run finds nothing): back off 0.1 s -> 0.4 s.
+                        let wait = 100 << empty_polls.min(2);
+                        empty_polls += 1;
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        continue;
+                    }
+                    // The producer is done (read before the count: everything it enqueued counts).
+                    match queue.approximate_count().await {
+                        Ok(0) => return None,
+                        Ok(_) => {}
+                        Err(e) => {
+                            fail(e);
+                            return None;
+                        }
+                    }
+                    // Messages in backoff become visible again shortly.
+                    let idle = idle_since.get_or_insert_with(Instant::now);
+                    if idle.elapsed() > Duration::from_secs(120) {
+                        warn!("messages remain invisible (held by another consumer?); stopping");
                         return None;
                     }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                if outstanding.load(Ordering::SeqCst) > 0 {
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(500), settled.notified()).await;
-                    continue;
-                }
-                if producing.is_some_and(|p| p.load(Ordering::SeqCst)) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                // The producer is done (read before the count: everything it enqueued counts).
-                match queue.approximate_count().await {
-                    Ok(0) => return None,
-                    Ok(_) => {}
-                    Err(e) => {
-                        fail(e);
-                        return None;
-                    }
-                }
-                // Messages in backoff become visible again shortly.
-                let idle = idle_since.get_or_insert_with(Instant::now);
-                if idle.elapsed() > Duration::from_secs(120) {
-                    warn!("messages remain invisible (held by another consumer?); stopping");
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-        }
-    });
+        },
+    );
     // Each message is acknowledged (or put back) as soon as it is done, inside its own task.
     let results = batches
         .flat_map(stream::iter)
