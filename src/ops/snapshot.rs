@@ -14,8 +14,7 @@ use tracing::{info, warn, Instrument};
 use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
 use crate::app::App;
 use crate::core::changes::{ChangeDetector, Decision, Verdict};
-use crate::model::VersionProps;
-use crate::model::{metadata, BackupRequest, BlobEntry, Etag};
+use crate::model::{metadata, BackupRequest, BlobEntry, Etag, VersionProps};
 use crate::storage::blob::{ListOptions, SnapshotTaken};
 use crate::storage::{BlobStore, StorageError};
 
