@@ -262,6 +262,41 @@ pub fn verify_text(r: &crate::ops::verify::VerifyReport) -> String {
     out.trim_end().to_owned()
 }
 
+/// The producer's report for a terminal.
+pub fn snapshot_text(report: &crate::ops::snapshot::SnapshotReport) -> String {
+    format!(
+        "{}: scanned {}, snapshotted {}, enqueued {}, unchanged {}, skipped {}, failed {} in {} ms{}",
+        report.container,
+        report.scanned,
+        report.snapshotted,
+        report.enqueued,
+        report.unchanged,
+        report.skipped,
+        report.failed,
+        report.elapsed_ms,
+        report
+            .failures
+            .iter()
+            .map(|f| format!("\n  failed: {}: {}", f.blob, f.error))
+            .collect::<String>()
+    )
+}
+
+/// The drain's report for a terminal.
+pub fn drain_text(report: &crate::ops::backup::DrainReport) -> String {
+    format!(
+        "{}: processed {}, backed up {}, already backed up {}, superseded {}, poisoned {}, retried {} in {} ms",
+        report.queue,
+        report.processed,
+        report.backed_up,
+        report.already_backed_up,
+        report.superseded,
+        report.poisoned,
+        report.retried,
+        report.elapsed_ms
+    )
+}
+
 /// The restore drill's report for a terminal.
 pub fn drill_text(r: &crate::ops::verify::DrillReport) -> String {
     use std::fmt::Write as _;

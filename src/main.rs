@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use lakeguard::app::App;
-use lakeguard::cli::{Bar, Cli, Command, Output, RestoreFrom};
+use lakeguard::cli::{drain_text, snapshot_text, Bar, Cli, Command, Output, RestoreFrom};
 use lakeguard::ops::{self, OpError};
 use lakeguard::settings::Settings;
 
@@ -273,39 +273,6 @@ fn exit(ok: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-fn snapshot_text(report: &ops::snapshot::SnapshotReport) -> String {
-    format!(
-        "{}: scanned {}, snapshotted {}, enqueued {}, unchanged {}, skipped {}, failed {} in {} ms{}",
-        report.container,
-        report.scanned,
-        report.snapshotted,
-        report.enqueued,
-        report.unchanged,
-        report.skipped,
-        report.failed,
-        report.elapsed_ms,
-        report
-            .failures
-            .iter()
-            .map(|f| format!("\n  failed: {}: {}", f.blob, f.error))
-            .collect::<String>()
-    )
-}
-
-fn drain_text(report: &ops::backup::DrainReport) -> String {
-    format!(
-        "{}: processed {}, backed up {}, already backed up {}, superseded {}, poisoned {}, retried {} in {} ms",
-        report.queue,
-        report.processed,
-        report.backed_up,
-        report.already_backed_up,
-        report.superseded,
-        report.poisoned,
-        report.retried,
-        report.elapsed_ms
-    )
 }
 
 fn print<T: serde::Serialize>(output: Output, value: &T, text: impl FnOnce() -> String) {
