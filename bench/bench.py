@@ -60,6 +60,8 @@ def parse_args(argv=None):
                     help="also run the RSS scaling check (default tool: lakeguard)")
     ap.add_argument("--rss-sizes", default="20000,100000", help="blob counts for --rss-scaling")
     ap.add_argument("--timeout", type=float, default=None, help="per command, seconds")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="rounds of scenarios 2 and 3 and of the floor, median reported (default 3; quick: 1)")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="only re-write the Markdown table and the chart of an existing results JSON")
@@ -70,6 +72,9 @@ def parse_args(argv=None):
             a.rss_sizes = "300,1500"
     if a.timeout is None:
         a.timeout = 300 if a.quick else 3600
+    if a.repeat is None:
+        a.repeat = 1 if a.quick else 3
+    a.repeat = max(1, a.repeat)
     return a
 
 
@@ -90,6 +95,42 @@ def flat_list(az: Azurite, account: str, key: str, container: str, include: str 
         if not m:
             return n
         marker = m.group(1)
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One result from repeated rounds: the numbers of the median round (by wall time; the lower
+    one of an even count), every round's wall time, Azurite CPU, requests and correctness beside
+    them. Wrong or failed in any round = wrong or failed."""
+    ran = [r for r in rounds if "not_runnable" not in r]
+    if not ran:
+        return rounds[0]
+    by_wall = sorted(ran, key=lambda r: r["wall_s"])
+    out = dict(by_wall[(len(by_wall) - 1) // 2])
+    if len(ran) == 1:
+        return out
+    out["rounds"] = [{"wall_s": r["wall_s"], "azurite_cpu_s": r["azurite_cpu_s"],
+                      "requests": r["requests"]["total"], "exit_ok": r["exit_ok"],
+                      "correct": r["correctness"].get("ok")} for r in ran]
+    out["exit_ok"] = all(r["exit_ok"] for r in ran)
+    bad = next((r for r in ran if not r["correctness"].get("ok")), None)
+    if bad:
+        out["correctness"] = bad["correctness"]
+    return out
+
+
+def combine_floor(rounds: list[dict]) -> dict:
+    out = {"containers": rounds[0]["containers"]}
+    for label in ("plain", "with_snapshots_metadata"):
+        by_wall = sorted((r[label] for r in rounds), key=lambda x: x["wall_s"])
+        out[label] = dict(by_wall[(len(by_wall) - 1) // 2])
+        if len(rounds) > 1:
+            out[label]["rounds_wall_s"] = [r[label]["wall_s"] for r in rounds]
+    return out
+
+
+def rotated(tools: list, k: int) -> list:
+    """Round k starts with the k-th tool, so that no tool always runs first after a set-up."""
+    return tools[k % len(tools):] + tools[: k % len(tools)] if tools else tools
 
 
 def measure_floor(az: Azurite, tool: Tool) -> dict:
@@ -129,13 +170,15 @@ def delete_backups(bsvc, tool: Tool, lake: lakemod.Lake, ssvc) -> int:
     return n
 
 
-def run_tool(az, tool: Tool, scenario: int, a, logdir: Path, ssvc, bsvc, lake, extra_verify=None) -> dict:
+def run_tool(az, tool: Tool, scenario: int, a, logdir: Path, ssvc, bsvc, lake, extra_verify=None,
+             label: str = "") -> dict:
     why = tool.scenario_runnable(scenario)
     if why:
         log(f"scenario {scenario} / {tool.name}: NOT RUNNABLE: {why}")
         return {"not_runnable": why}
-    log(f"scenario {scenario} / {tool.name}")
-    res = measure(az, tool.commands(scenario), tool.env(), logdir, f"s{scenario}-{tool.name}", a.timeout)
+    log(f"scenario {scenario} / {tool.name} {label}".rstrip())
+    tag = f"s{scenario}{label}-{tool.name}"
+    res = measure(az, tool.commands(scenario), tool.env(), logdir, tag, a.timeout)
     if scenario == 5:
         res["correctness"] = extra_verify()
     else:
@@ -147,7 +190,7 @@ def run_tool(az, tool: Tool, scenario: int, a, logdir: Path, ssvc, bsvc, lake, e
             )
         except ResourceNotFoundError as e:
             res["correctness"] = {"ok": False, "error": f"backup container missing: {e.reason}"}
-    res["tool_output"] = tool_output(logdir, f"s{scenario}-{tool.name}", len(res["steps"]))
+    res["tool_output"] = tool_output(logdir, tag, len(res["steps"]))
     c = res["correctness"]
     log(
         f"  {tool.name}: {res['wall_s']:.2f}s wall, {res['requests']['total']} req, Azurite CPU "
@@ -321,25 +364,39 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
 
     ran1 = [t for t in tools if results["1"][t.name].get("correctness", {}).get("ok")]
     floor_tool = next((t for t in ran1 if t.name == "lakeguard"), ran1[0] if ran1 else None)
-    try:
-        floor = measure_floor(az, floor_tool) if floor_tool else None
-    except urllib.error.HTTPError as e:
-        log(f"floor not measured: {e}")
-        floor = None
-    if floor:
-        log(f"floor (flat listings of {floor['containers']}): {floor['plain']['wall_s']}s, "
-            f"{floor['plain']['requests']['total']} req")
 
-    # 2. no-op
+    # 2. no-op, and the floor, in `--repeat` rounds (Azurite's timings vary by tens of percent
+    # from one run to the next: one sample per tool would decide close calls by chance).
+    floors, rounds2 = [], {t.name: [] for t in tools}
+    for k in range(a.repeat):
+        if floor_tool:
+            try:
+                floors.append(measure_floor(az, floor_tool))
+                f = floors[-1]
+                log(f"floor round {k + 1} (flat listings of {f['containers']}): {f['plain']['wall_s']}s, "
+                    f"{f['plain']['requests']['total']} req")
+            except urllib.error.HTTPError as e:
+                log(f"floor not measured: {e}")
+        for t in rotated(tools, k):
+            rounds2[t.name].append(run_tool(az, t, 2, a, logdir, ssvc, bsvc, lake, label=f"r{k + 1}"))
+    floor = combine_floor(floors) if floors else None
     for t in tools:
-        results["2"][t.name] = run_tool(az, t, 2, a, logdir, ssvc, bsvc, lake)
+        results["2"][t.name] = combine(rounds2[t.name])
 
-    # 3. 1% changed (same names, same new bytes, in every tool's source container)
-    changed = lake.pick(0.01, "change")
+    # 3. 1% changed (same names, same new bytes, in every tool's source container); every round
+    # changes another seeded 1% to a new version.
+    changed_rounds = []
+    rounds3 = {t.name: [] for t in tools}
+    for k in range(a.repeat):
+        changed = lake.pick(0.01, "change" if k == 0 else f"change-{k}")
+        changed_rounds.append(changed)
+        for t in tools:
+            lakemod.upload(ssvc.get_container_client(t.container), lake, changed, 1 + k)
+        for t in rotated(tools, k):
+            rounds3[t.name].append(run_tool(az, t, 3, a, logdir, ssvc, bsvc, lake, label=f"r{k + 1}"))
     for t in tools:
-        lakemod.upload(ssvc.get_container_client(t.container), lake, changed, 1)
-    for t in tools:
-        results["3"][t.name] = run_tool(az, t, 3, a, logdir, ssvc, bsvc, lake)
+        results["3"][t.name] = combine(rounds3[t.name])
+    changed_names = {b.name for ch in changed_rounds for b in ch}
 
     # 4. 1% of backup blobs deleted
     deleted = {}
@@ -370,7 +427,7 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
         r = run_tool(az, t, 5, a, logdir, ssvc, bsvc, lake, extra_verify=check)
         if "not_runnable" not in r:
             r["restore"] = {"prefix": t.restore_prefix, "at": t.restore_at, "blobs_expected": len(expected),
-                        "changed_under_prefix_since": sum(1 for b in changed if b.name.startswith(t.restore_prefix))}
+                        "changed_under_prefix_since": sum(1 for n in changed_names if n.startswith(t.restore_prefix))}
         results["5"][t.name] = r
 
     rss = None
@@ -386,7 +443,7 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_at_end": os.getloadavg()},
         "data": {"seed": a.seed, "small": a.small, "large": a.large, "blobs": len(lake.blobs),
-                 "changed": len(changed), "backup_deleted": deleted, "upload_s": gen},
+                 "changed": len(changed_rounds[0]), "repeat": a.repeat, "backup_deleted": deleted, "upload_s": gen},
         "versions": versions(paths, lg_bin),
         "scenarios": SCENARIOS,
         "not_runnable": not_runnable,

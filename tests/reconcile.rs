@@ -959,3 +959,87 @@ async fn failing_hops_are_retried_then_poisoned() {
     assert_eq!(poisoned[0].decoded_text().unwrap(), start);
     stack.assert_no_secrets_in(&handler.logs());
 }
+
+/// Reconcile and the producer read listings through `Lister`, which asks for page k+1 while page
+/// k is being worked on: the pages must be exactly the service's, each fetched once, and a page
+/// asked for out of turn must still be the right one.
+#[tokio::test]
+async fn a_listing_fetched_ahead_returns_the_service_pages_each_fetched_once() {
+    use lakeguard::storage::blob::ListOptions;
+    use lakeguard::storage::Lister;
+
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("pages");
+    let names = [
+        "a b.txt", "a#.txt", "a%.txt", "b/ü.txt", "c?.txt", "d.txt", "e.txt",
+    ];
+    seed(&stack, &container, &files(&names)).await;
+    let proxy = stack.blob_proxy();
+    let app = support::app(&stack.env_via_proxy(&proxy));
+    let opts = ListOptions {
+        metadata: true,
+        max_results: Some(2),
+        ..Default::default()
+    };
+    let page_names = |p: &lakeguard::storage::blob::ListPage| {
+        p.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>()
+    };
+
+    // The service's pages, one after the other.
+    let mut expected = Vec::new();
+    let mut marker = None;
+    loop {
+        let p = app
+            .source
+            .list_page(&container, &opts, marker.clone())
+            .await
+            .unwrap();
+        expected.push((marker.take(), page_names(&p), p.next_marker.clone()));
+        match p.next_marker {
+            Some(m) => marker = Some(m),
+            None => break,
+        }
+    }
+    assert_eq!(expected.len(), 4, "{expected:?}");
+
+    proxy.reset();
+    let mut lister = Lister::new(&app.source, &container, opts.clone());
+    let mut got = Vec::new();
+    let mut marker = None;
+    loop {
+        let p = lister.page(marker.clone()).await.unwrap();
+        got.push((marker.take(), page_names(&p), p.next_marker.clone()));
+        match p.next_marker {
+            Some(m) => marker = Some(m),
+            None => break,
+        }
+    }
+    assert_eq!(got, expected);
+    let lists = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.is_list_blobs())
+        .count();
+    assert_eq!(
+        lists,
+        4,
+        "each page once, nothing fetched past the last: {:#?}",
+        proxy.summary()
+    );
+
+    // Out of turn: page 3 while page 2 is on its way.
+    let mut lister = Lister::new(&app.source, &container, opts.clone());
+    let first = lister.page(None).await.unwrap();
+    assert_eq!(page_names(&first), expected[0].1);
+    let third = lister.page(expected[2].0.clone()).await.unwrap();
+    assert_eq!(page_names(&third), expected[2].1);
+    let first_again = lister.page(None).await.unwrap();
+    assert_eq!(page_names(&first_again), expected[0].1);
+
+    // A container that does not exist: an error, or empty where the caller says so.
+    let mut gone = Lister::new(&app.source, "no-such-container", opts.clone());
+    assert!(gone.page(None).await.unwrap_err().is_not_found());
+    let mut gone = Lister::new(&app.source, "no-such-container", opts).missing_is_empty();
+    let empty = gone.page(None).await.unwrap();
+    assert!(empty.entries.is_empty() && empty.next_marker.is_none());
+}

@@ -535,7 +535,12 @@ async fn drain_until(
         queue: queue.name().to_owned(),
         ..Default::default()
     };
-    queue.ensure_exists().await?;
+    if queue.name() == app.queue.name() {
+        // Once per process: `--drain` has its producer create the same queue.
+        app.ensure_queue().await?;
+    } else {
+        queue.ensure_exists().await?;
+    }
     if producing.is_none() {
         progress.add_total(queue.approximate_count().await?);
     }

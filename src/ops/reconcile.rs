@@ -70,8 +70,8 @@ use crate::core::reconcile::{
 };
 use crate::model::metadata::{self, DELETED_AT, SOURCE_ETAG};
 use crate::model::BlobEntry;
-use crate::storage::blob::{ListOptions, ListPage};
-use crate::storage::{BackupQueue, BlobStore, StorageError};
+use crate::storage::blob::ListOptions;
+use crate::storage::{BackupQueue, BlobStore, Lister, StorageError};
 
 /// `kind` of a continuation message.
 pub const MESSAGE_KIND: &str = "reconcile";
@@ -602,26 +602,18 @@ impl Side {
     }
 }
 
-/// One page of a side. A missing container lists as empty: a source container that is gone means
-/// its blobs are gone (each is still confirmed by a HEAD before a tombstone), and a backup
-/// container that does not exist yet holds nothing (the worker creates it on its first copy).
-async fn fetch(
-    store: &BlobStore,
-    container: &str,
-    marker: Option<String>,
-    page_size: Option<u32>,
-) -> Result<ListPage, StorageError> {
+/// A side's listing: flat, base blobs with metadata, the next page fetched ahead. A missing
+/// container lists as empty: a source container that is gone means its blobs are gone (each is
+/// still confirmed by a HEAD before a tombstone), and a backup container that does not exist yet
+/// holds nothing (the worker creates it on its first copy).
+fn lister(store: &BlobStore, container: &str, page_size: Option<u32>) -> Lister {
     let opts = ListOptions {
         prefix: None,
         snapshots: false,
         metadata: true,
         max_results: page_size,
     };
-    match store.list_page(container, &opts, marker).await {
-        Ok(p) => Ok(p),
-        Err(e) if e.is_not_found() => Ok(ListPage::default()),
-        Err(e) => Err(e),
-    }
+    Lister::new(store, container, opts).missing_is_empty()
 }
 
 /// Walks one container from `from`, carrying out actions page by page.
@@ -638,6 +630,13 @@ async fn walk_container(
     let mut join = ReconcileJoin::new(order);
     let mut source = Side::new(&from.source);
     let mut backup = Side::new(&from.backup);
+    let mut source_pages = lister(&ctx.app.source, container, page_size);
+    let mut backup_pages = lister(&ctx.app.backup, container, page_size);
+    for (side, pages) in [(&source, &mut source_pages), (&backup, &mut backup_pages)] {
+        if side.next != Cursor::End {
+            pages.prefetch(side.next.marker());
+        }
+    }
     if source.next == Cursor::End {
         join.end_source();
     }
@@ -705,12 +704,12 @@ async fn walk_container(
                 &done_name,
             ));
         }
-        let (side, store) = if asking_source {
-            (&mut source, &ctx.app.source)
+        let (side, pages) = if asking_source {
+            (&mut source, &mut source_pages)
         } else {
-            (&mut backup, &ctx.app.backup)
+            (&mut backup, &mut backup_pages)
         };
-        let page = match fetch(store, container, side.next.marker(), page_size).await {
+        let page = match pages.page(side.next.marker()).await {
             Ok(p) => p,
             Err(e) => {
                 record_scanned(tally, order, &source, &backup, &done_name);

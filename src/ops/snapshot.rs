@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::core::changes::{ChangeDetector, Decision, Verdict};
 use crate::model::{metadata, BackupRequest, BlobEntry, Etag, VersionProps};
 use crate::storage::blob::{ListOptions, SnapshotTaken};
-use crate::storage::{BlobStore, StorageError};
+use crate::storage::{BlobStore, Lister, StorageError};
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SnapshotReport {
@@ -75,12 +75,10 @@ pub async fn run(
         max_results: None,
     };
     let mut detector = ChangeDetector::new();
+    let mut pages = Lister::new(&app.source, container, opts);
     let mut marker = None;
     loop {
-        let page = app
-            .source
-            .list_page(container, &opts, marker.take())
-            .await?;
+        let page = pages.page(marker.take()).await?;
         let last_name = page.entries.last().map(|e| e.name.clone());
         for entry in page.entries {
             detector.push(entry);

@@ -4,6 +4,7 @@
 pub mod blob;
 pub mod connection;
 pub mod error;
+pub mod listing;
 pub mod queue;
 pub mod sas;
 pub mod shared_key;
@@ -23,6 +24,7 @@ use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions
 pub use blob::BlobStore;
 pub use connection::{Connection, Credential};
 pub use error::StorageError;
+pub use listing::Lister;
 pub use queue::BackupQueue;
 
 use crate::settings::Settings;
