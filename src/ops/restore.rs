@@ -57,7 +57,7 @@ use crate::core::restore::{
 use crate::model::{metadata, Etag};
 use crate::storage::blob::{ListOptions, ListPage, TargetCondition};
 use crate::storage::sas::DelegationKeyCache;
-use crate::storage::{BlobStore, StorageError};
+use crate::storage::{BlobStore, Lister, StorageError};
 
 /// Container of the backup account reserved for restore bookkeeping: status documents
 /// (`<id>/status.json`) and undo copies of deleted blobs (`<id>/undo/<container>/<name>`).
@@ -360,17 +360,16 @@ fn same_account(a: &BlobStore, b: &BlobStore) -> bool {
         && ua.path() == ub.path()
 }
 
-/// One listing page; a missing container lists as empty when `missing_ok`.
-async fn page_or_empty(
+/// One listing page (fetched ahead by `pages`); a missing history container is an error that
+/// names the account (the target's lister lists a missing container as empty).
+async fn next_page(
+    pages: &mut Lister,
     store: &BlobStore,
     container: &str,
-    opts: &ListOptions,
     marker: Option<String>,
-    missing_ok: bool,
 ) -> Result<ListPage, OpError> {
-    match store.list_page(container, opts, marker).await {
+    match pages.page(marker).await {
         Ok(p) => Ok(p),
-        Err(e) if e.is_not_found() && missing_ok => Ok(ListPage::default()),
         Err(e) if e.is_not_found() => Err(OpError::ContainerNotFound(format!(
             "{container}` in account `{}",
             store.account()
@@ -432,6 +431,11 @@ pub async fn plan(app: &App, req: &RestoreRequest) -> Result<Plan, OpError> {
         max_results: None,
     };
     let mut groups = NameGroups::new(order, "history");
+    let mut history_pages = Lister::new(ends.history, &req.container, history_opts);
+    let mut target_pages =
+        Lister::new(ends.target, ends.target_container, target_opts).missing_is_empty();
+    history_pages.prefetch(None);
+    target_pages.prefetch(None);
     let mut history_marker: Option<String> = None;
     let mut target_marker: Option<String> = None;
     let mut spool = Spool::new(&id).map_err(spool_error)?;
@@ -472,12 +476,11 @@ pub async fn plan(app: &App, req: &RestoreRequest) -> Result<Plan, OpError> {
                 }
             }
             PlanStep::NeedStates => {
-                let page = page_or_empty(
+                let page = next_page(
+                    &mut history_pages,
                     ends.history,
                     &req.container,
-                    &history_opts,
                     history_marker.take(),
-                    false,
                 )
                 .await?;
                 groups.push(page.entries).map_err(plan_error)?;
@@ -497,12 +500,11 @@ pub async fn plan(app: &App, req: &RestoreRequest) -> Result<Plan, OpError> {
                 }
             }
             PlanStep::NeedTarget => {
-                let page = page_or_empty(
+                let page = next_page(
+                    &mut target_pages,
                     ends.target,
                     ends.target_container,
-                    &target_opts,
                     target_marker.take(),
-                    true,
                 )
                 .await?;
                 let last = page.next_marker.is_none();

@@ -41,7 +41,7 @@ use crate::core::reconcile::{decide_snapshot, SnapshotDecision};
 use crate::core::restore::{PlanItem, Version};
 use crate::model::{metadata, BlobEntry, Etag};
 use crate::storage::blob::ListOptions;
-use crate::storage::{BlobStore, StorageError};
+use crate::storage::{BlobStore, Lister, StorageError};
 
 /// Names kept in reports per category; counts stay exact.
 const MAX_LISTED: usize = 100;
@@ -264,6 +264,11 @@ pub async fn run(
     let mut left: SortedInput<SourceName> = SortedInput::new("source");
     let mut right: SortedInput<BlobEntry> = SortedInput::new("backup");
     let (mut source_marker, mut backup_marker) = (None::<String>, None::<String>);
+    let mut source_pages = Lister::new(&app.source, container, source_opts);
+    // No backup container at all: everything is missing.
+    let mut backup_pages = Lister::new(&app.backup, container, backup_opts).missing_is_empty();
+    source_pages.prefetch(None);
+    backup_pages.prefetch(None);
     let mut jobs: Vec<DeepJob> = Vec::new();
     let mut covered_seen = 0u64;
     progress.message("listing");
@@ -271,10 +276,7 @@ pub async fn run(
         let step = join_step(order, &mut left, &mut right);
         match step {
             JoinStep::NeedLeft => {
-                let page = app
-                    .source
-                    .list_page(container, &source_opts, source_marker.take())
-                    .await?;
+                let page = source_pages.page(source_marker.take()).await?;
                 groups.push(page.entries).map_err(join_error)?;
                 let last = page.next_marker.is_none();
                 if last {
@@ -292,16 +294,7 @@ pub async fn run(
                 }
             }
             JoinStep::NeedRight => {
-                let page = match app
-                    .backup
-                    .list_page(container, &backup_opts, backup_marker.take())
-                    .await
-                {
-                    Ok(p) => p,
-                    // No backup container at all: everything is missing.
-                    Err(e) if e.is_not_found() => Default::default(),
-                    Err(e) => return Err(e.into()),
-                };
+                let page = backup_pages.page(backup_marker.take()).await?;
                 let last = page.next_marker.is_none();
                 right.push(order, page.entries).map_err(join_error)?;
                 if last {
