@@ -164,7 +164,12 @@ def delete_backups(bsvc, tool: Tool, lake: lakemod.Lake, ssvc) -> int:
     for b in lake.pick(0.01, "delete-backup"):
         for cand in tool.backup_names(b.name, src[b.name]):
             if cand in existing:
-                cc.delete_blob(cand, delete_snapshots="include")
+                try:
+                    cc.delete_blob(cand, delete_snapshots="include")
+                except ResourceNotFoundError:
+                    # The SDK retried a delete that Azurite finished after the client timed out
+                    # (it takes ~1 s per blob at the default size): gone either way.
+                    pass
                 n += 1
                 break
     return n
@@ -398,6 +403,8 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
         results["3"][t.name] = combine(rounds3[t.name])
     changed_names = {b.name for ch in changed_rounds for b in ch}
 
+    save_partial(a, started, results)
+
     # 4. 1% of backup blobs deleted
     deleted = {}
     for t in tools:
@@ -468,6 +475,14 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
     if wrong:
         log(f"incorrect or failed runs: {', '.join(wrong)}")
     return 0
+
+
+def save_partial(a, started, results: dict) -> None:
+    """What has been measured so far, in case a later phase fails (a run takes an hour)."""
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"{started.strftime('%Y-%m-%d')}.partial.json"
+    path.write_text(json.dumps({"started": started.isoformat(), "results": results}, indent=1, default=str))
+    log(f"partial results in {path}")
 
 
 def versions(paths, lg_bin) -> dict:
