@@ -4,7 +4,9 @@
 //! every page costs the service's time to build it *plus* ours to parse and act on it (a page of
 //! 5,000 backup rows is ~6 MB of XML). Asking for page k+1 as soon as page k arrives overlaps the
 //! two, at the price of one more page in memory per listing: still bounded by a page, never by the
-//! container. At most one request per listing is in flight, so this adds no load on the service.
+//! container. At most one request per listing is in flight; the only extra request is a page
+//! fetched ahead that is then not used (the caller stopped early: a reconcile budget spent, an
+//! error elsewhere), at most one per listing.
 
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -35,8 +37,8 @@ impl Lister {
         }
     }
 
-    /// Reconcile's sides: a source container that is gone means its blobs are gone, and a backup
-    /// container not created yet holds nothing.
+    /// For callers to whom a missing container means "no blobs" (reconcile's and verify's sides,
+    /// a restore target); everyone else gets the real 404 as an error.
     pub fn missing_is_empty(mut self) -> Self {
         self.missing_is_empty = true;
         self
