@@ -61,7 +61,7 @@ def parse_args(argv=None):
     ap.add_argument("--rss-sizes", default="20000,100000", help="blob counts for --rss-scaling")
     ap.add_argument("--timeout", type=float, default=None, help="per command, seconds")
     ap.add_argument("--repeat", type=int, default=None,
-                    help="rounds of scenarios 2 and 3 and of the floor, median reported (default 3; quick: 1)")
+                    help="rounds of scenarios 2, 3 and 4 and of the floor, median reported (default 3; quick: 1)")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="only re-write the Markdown table and the chart of an existing results JSON")
@@ -155,20 +155,21 @@ def ensure_container(svc, name: str) -> None:
             raise
 
 
-def delete_backups(bsvc, tool: Tool, lake: lakemod.Lake, ssvc) -> int:
-    """Delete the tool's current backup of 1% of the source blobs (with the backup's snapshots)."""
+def delete_backups(bsvc, tool: Tool, lake: lakemod.Lake, ssvc, salt: str) -> int:
+    """Delete the tool's current backup of a seeded 1% of the source blobs (with the backup's
+    snapshots)."""
     cc = bsvc.get_container_client(tool.backup_container)
     src = lakemod.listing(ssvc.get_container_client(tool.container))
     existing = set(lakemod.listing(cc))
     n = 0
-    for b in lake.pick(0.01, "delete-backup"):
+    for b in lake.pick(0.01, salt):
         for cand in tool.backup_names(b.name, src[b.name]):
             if cand in existing:
                 try:
                     cc.delete_blob(cand, delete_snapshots="include")
                 except ResourceNotFoundError:
-                    # The SDK retried a delete that Azurite finished after the client timed out
-                    # (it takes ~1 s per blob at the default size): gone either way.
+                    # The SDK retried a delete that Azurite finished after the client timed out:
+                    # gone either way.
                     pass
                 n += 1
                 break
@@ -405,12 +406,17 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
 
     save_partial(a, started, results)
 
-    # 4. 1% of backup blobs deleted
-    deleted = {}
+    # 4. 1% of backup blobs deleted; every round deletes another seeded 1%.
+    deleted = {t.name: [] for t in tools}
+    rounds4 = {t.name: [] for t in tools}
+    for k in range(a.repeat):
+        for t in tools:
+            salt = "delete-backup" if k == 0 else f"delete-backup-{k}"
+            deleted[t.name].append(delete_backups(bsvc, t, lake, ssvc, salt))
+        for t in rotated(tools, k):
+            rounds4[t.name].append(run_tool(az, t, 4, a, logdir, ssvc, bsvc, lake, label=f"r{k + 1}"))
     for t in tools:
-        deleted[t.name] = delete_backups(bsvc, t, lake, ssvc)
-    for t in tools:
-        results["4"][t.name] = run_tool(az, t, 4, a, logdir, ssvc, bsvc, lake)
+        results["4"][t.name] = combine(rounds4[t.name])
 
     # 5. restore of a prefix to restore_at (version 0), lakeguard only
     for t in tools:
