@@ -63,6 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--repeat", type=int, default=None,
                     help="rounds of scenarios 2, 3 and 4 and of the floor, median reported (default 3; quick: 1)")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless every lakeguard run was correct and its no-op made no per-blob "
+                         "request (what CI runs with --quick)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="only re-write the Markdown table and the chart of an existing results JSON")
     a = ap.parse_args(argv)
@@ -480,7 +483,42 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
              if "not_runnable" not in r and not r["correctness"].get("ok")]
     if wrong:
         log(f"incorrect or failed runs: {', '.join(wrong)}")
+    if a.check:
+        failures = check_lakeguard(results, not_runnable)
+        for f in failures:
+            log(f"CHECK FAILED: {f}")
+        if failures:
+            return 1
+        log("check passed: every lakeguard run correct, its no-op listed and nothing else")
     return 0
+
+
+# Blob-service operations a no-op may make: the listings, and the existence check of the container
+# it was asked to reconcile. Anything else on the blob service is a per-blob request.
+NOOP_BLOB_OPS = {"Container_ListBlobFlatSegment", "Container_GetProperties"}
+
+
+def check_lakeguard(results: dict, not_runnable: dict) -> list[str]:
+    """What `--check` fails on: a lakeguard run that failed or left a backup wrong, or a no-op that
+    made a blob request other than a listing. Peers are reported, never checked: their failures
+    on the emulator are not ours to gate on."""
+    out = []
+    for s, per in results.items():
+        r = per.get("lakeguard")
+        if r is None or "not_runnable" in r:
+            why = (r or {}).get("not_runnable") or not_runnable.get("lakeguard", "not selected (--tools)")
+            out.append(f"scenario {s}: lakeguard did not run: {why}")
+            continue
+        if not r["exit_ok"]:
+            out.append(f"scenario {s}: lakeguard exited with an error (logs: {r.get('logs')})")
+        if not r["correctness"].get("ok"):
+            out.append(f"scenario {s}: lakeguard's result is wrong: {r['correctness']}")
+    noop = results.get("2", {}).get("lakeguard", {})
+    extra = {op: n for op, n in noop.get("requests", {}).get("by_operation", {}).items()
+             if not op.startswith(("Queue_", "Messages_", "MessageId_")) and op not in NOOP_BLOB_OPS}
+    if extra:
+        out.append(f"scenario 2: the no-op made per-blob requests: {extra}")
+    return out
 
 
 def save_partial(a, started, results: dict) -> None:
