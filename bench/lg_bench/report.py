@@ -53,8 +53,10 @@ def _wall(r: dict) -> str:
 
 def _correct(r: dict) -> str:
     c = r.get("correctness", {})
+    lost = c.get("history_destroyed_by_setup")
+    lost_note = f"; {lost} whose history scenario 4 deleted, correctly not restored" if lost else ""
     if c.get("ok"):
-        return f"yes ({c.get('verified_equal')}/{c.get('source_blobs')})"
+        return f"yes ({c.get('verified_equal')}/{c.get('source_blobs')}{lost_note})"
     if "error" in c:
         return f"**NO**: {c['error']}"
     return f"**NO**: {c.get('missing')} missing, {c.get('wrong_content')} wrong of {c.get('source_blobs')}"
