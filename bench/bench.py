@@ -553,9 +553,9 @@ def versions(paths, lg_bin) -> dict:
             return f"unavailable ({e.__class__.__name__})"
 
     v = {"azurite": setup_env.AZURITE_VERSION + f" (bench copy, {setup_env.SHIM_MARKER})", "node": out(["node", "--version"])}
-    if paths.get("azcopy"):
+    if isinstance(paths.get("azcopy"), Path):
         v["azcopy"] = out([str(paths["azcopy"]), "--version"])
-    if paths.get("rclone"):
+    if isinstance(paths.get("rclone"), Path):
         v["rclone"] = out([str(paths["rclone"]), "version"])
     v["lakeguard"] = out([str(lg_bin), "--version"]) if Path(lg_bin).exists() else "not built"
     import azure.storage.blob as asb

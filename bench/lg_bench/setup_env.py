@@ -225,8 +225,21 @@ def ensure_azcopy() -> Path:
 
 def ensure_all(need_peers: bool = True) -> dict[str, Path | None]:
     probes = {"rclone": "rclone", "libsecret-1-0": "/usr/lib/x86_64-linux-gnu/libsecret-1.so.0", "time": "/usr/bin/time"}
-    ensure_debian(["time"] + (["rclone", "libsecret-1-0"] if need_peers else []), probes)
-    out: dict[str, Path | None] = {"azurite": ensure_bench_azurite()}
-    out["azcopy"] = ensure_azcopy() if need_peers else None
-    out["rclone"] = Path(shutil.which("rclone")) if need_peers and shutil.which("rclone") else None
+    ensure_debian(["time"], probes)  # lakeguard's own measurement needs it: fatal
+    out: dict[str, Path | str | None] = {"azurite": ensure_bench_azurite()}
+    out["azcopy"] = out["rclone"] = None
+    if need_peers:
+        # A peer that cannot be installed here (no root, no network) is reported as not runnable
+        # with the reason, and the rest of the benchmark runs.
+        try:
+            ensure_debian(["rclone", "libsecret-1-0"], probes)
+            out["rclone"] = Path(shutil.which("rclone"))
+        except (SystemExit, subprocess.CalledProcessError, TypeError) as e:
+            out["rclone"] = f"could not install rclone: {e}"
+            log(out["rclone"])
+        try:
+            out["azcopy"] = ensure_azcopy()
+        except (subprocess.CalledProcessError, OSError) as e:
+            out["azcopy"] = f"could not install AzCopy: {e}"
+            log(out["azcopy"])
     return out

@@ -70,11 +70,13 @@ class Tool:
 class AzCopy(Tool):
     name = "azcopy"
 
-    def __init__(self, az, work, binary: Path | None):
+    def __init__(self, az, work, binary: Path | str | None):  # str: why it is not installed
         super().__init__(az, work)
         self.binary = binary
 
     def runnable(self):
+        if isinstance(self.binary, str):
+            return self.binary
         return None if self.binary and self.binary.exists() else "azcopy binary not installed"
 
     def env(self):
@@ -96,12 +98,14 @@ class AzCopy(Tool):
 class Rclone(Tool):
     name = "rclone"
 
-    def __init__(self, az, work, binary: Path | None):
+    def __init__(self, az, work, binary: Path | str | None):  # str: why it is not installed
         super().__init__(az, work)
         self.binary = binary
         self.conf = self.work / "rclone.conf"
 
     def runnable(self):
+        if isinstance(self.binary, str):
+            return self.binary
         return None if self.binary else "rclone not installed"
 
     def commands(self, scenario):
