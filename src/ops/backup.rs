@@ -510,10 +510,14 @@ pub async fn drain_alongside<F: std::future::Future>(
     progress: Arc<dyn Progress>,
     producer: F,
 ) -> (F::Output, Result<DrainReport, StorageError>) {
-    let producing = AtomicBool::new(true);
+    let producing = Producing {
+        running: AtomicBool::new(true),
+        done: Notify::new(),
+    };
     let produce = async {
         let out = producer.await;
-        producing.store(false, Ordering::SeqCst);
+        producing.running.store(false, Ordering::SeqCst);
+        producing.done.notify_one();
         out
     };
     let drain = async {
@@ -524,11 +528,19 @@ pub async fn drain_alongside<F: std::future::Future>(
     tokio::join!(produce, drain)
 }
 
+/// A producer running beside the drain. `done` holds a permit once it has finished, so the drain's
+/// back-off between empty receives ends the moment the producer does (a no-op run would otherwise
+/// wait out up to one back-off step after its last listing page).
+struct Producing {
+    running: AtomicBool,
+    done: Notify,
+}
+
 async fn drain_until(
     app: &App,
     queue: &BackupQueue,
     progress: Arc<dyn Progress>,
-    producing: Option<&AtomicBool>,
+    producing: Option<&Producing>,
 ) -> Result<DrainReport, StorageError> {
     let started = Instant::now();
     let mut report = DrainReport {
@@ -584,11 +596,12 @@ async fn drain_until(
                                 .await;
                         continue;
                     }
-                    if producing.is_some_and(|p| p.load(Ordering::SeqCst)) {
-                        // Nothing queued yet (a no-op run finds nothing): back off 0.1 s -> 0.4 s.
-                        let wait = 100 << empty_polls.min(2);
+                    if let Some(p) = producing.filter(|p| p.running.load(Ordering::SeqCst)) {
+                        // Nothing queued yet (a no-op run finds nothing): back off 0.1 s -> 0.4 s,
+                        // or less if the producer finishes meanwhile.
+                        let wait = Duration::from_millis(100 << empty_polls.min(2));
                         empty_polls += 1;
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        let _ = tokio::time::timeout(wait, p.done.notified()).await;
                         continue;
                     }
                     // The producer is done (read before the count: everything it enqueued counts).
