@@ -233,8 +233,9 @@ def ensure_all(need_peers: bool = True) -> dict[str, Path | None]:
         # with the reason, and the rest of the benchmark runs.
         try:
             ensure_debian(["rclone", "libsecret-1-0"], probes)
-            out["rclone"] = Path(shutil.which("rclone"))
-        except (SystemExit, subprocess.CalledProcessError, TypeError) as e:
+            found = shutil.which("rclone")
+            out["rclone"] = Path(found) if found else "rclone installed but not on PATH"
+        except (SystemExit, subprocess.CalledProcessError) as e:
             out["rclone"] = f"could not install rclone: {e}"
             log(out["rclone"])
         try:
