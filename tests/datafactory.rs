@@ -226,7 +226,7 @@ fn job(blob: &str, etag: &str, content_len: u64) -> CopyJob {
     CopyJob {
         source_container: "raw".into(),
         source_blob: blob.into(),
-        source_snapshot: SNAP.into(),
+        source_snapshot: Some(SNAP.into()),
         source_etag: Etag::new(etag),
         snapshot_etag: Some(Etag::new(etag)),
         target_container: "raw".into(),
@@ -1478,7 +1478,7 @@ async fn end_to_end(mode: support::Mode) {
     let job = CopyJob {
         source_container: c.clone(),
         source_blob: b.into(),
-        source_snapshot: snap.clone(),
+        source_snapshot: Some(snap.clone()),
         source_etag: v1.clone(),
         snapshot_etag: Some(snap_props.etag.clone()),
         target_container: c.clone(),

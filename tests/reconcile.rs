@@ -257,8 +257,9 @@ async fn noop_reconcile_costs_only_flat_listings() {
 }
 
 /// Lost backups with an empty queue: nothing can be pending, so reconcile does not list each
-/// blob's snapshots; the repair costs the two flat listings plus one snapshot and one message per
-/// lost backup, and `reconcile --drain` copies them in the same command.
+/// blob's snapshots, and an unchanged blob needs no new snapshot (its version is live, and the
+/// copy reads it under `source-if-match`): the repair costs the two flat listings plus one
+/// message and one copy per lost backup, and `reconcile --drain` copies them in the same command.
 #[tokio::test]
 async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;
@@ -286,7 +287,7 @@ async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
     assert!(ok, "{both:#}");
     let r = &both["reconcile"];
     assert_eq!(n(r, "requests_enqueued"), lost.len() as u64, "{r:#}");
-    assert_eq!(n(r, "snapshots_made"), lost.len() as u64, "{r:#}");
+    assert_eq!(n(r, "snapshots_made"), 0, "{r:#}");
     assert_eq!(
         n(&both["backup"], "backed_up"),
         lost.len() as u64,
@@ -302,7 +303,22 @@ async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
         .iter()
         .filter(|r| r.method == "PUT" && r.comp().as_deref() == Some("snapshot"))
         .count();
-    assert_eq!(snapshots, lost.len(), "{:#?}", proxy.summary());
+    assert_eq!(snapshots, 0, "{:#?}", proxy.summary());
+    let copies = requests
+        .iter()
+        .filter(|r| {
+            r.method == "PUT"
+                && r.query("restype").is_none()
+                && !r.is_azurite_self()
+                && r.target.starts_with("/backupacct/")
+        })
+        .count();
+    assert_eq!(
+        copies,
+        lost.len(),
+        "one write per repair: {:#?}",
+        proxy.summary()
+    );
     assert!(stack.queues().peek_messages(&stack.queue).await.is_empty());
     assert_full_coverage(&stack, &container).await;
 }
@@ -341,7 +357,9 @@ async fn one_reconcile_and_drain_restore_full_coverage_and_tombstone_deletions()
     assert!(ok, "{r:#}");
     assert_eq!(n(&r, "missing"), 2, "a.txt and the new blob: {r:#}");
     assert_eq!(n(&r, "changed"), 1, "{r:#}");
-    assert_eq!(n(&r, "snapshots_made"), 3, "{r:#}");
+    // Only the changed blob is snapshotted: a.txt (backup lost) and the new blob are live
+    // versions with nothing queued, copied from the base blob under `source-if-match`.
+    assert_eq!(n(&r, "snapshots_made"), 1, "{r:#}");
     assert_eq!(n(&r, "requests_enqueued"), 3, "{r:#}");
     assert_eq!(n(&r, "tombstones_written"), 2, "{r:#}");
     assert_eq!(n(&r, "in_sync"), 4, "{r:#}");
@@ -466,7 +484,16 @@ async fn a_pending_request_is_not_enqueued_twice_and_dry_run_writes_nothing() {
     let (ok, r) = reconcile_cli(&env, &[]).await;
     assert!(ok, "{r:#}");
     assert_eq!(n(&r, "requests_enqueued"), 3, "{r:#}");
-    // The worker has not run: a second (and third) run sees the fresh pending markers.
+    // The queue was empty and the blobs unchanged: requests for the live versions, no snapshot,
+    // so no pending marker either. The worker has not run: the second run (queue not empty)
+    // requests each once more, this time with a marked snapshot...
+    assert_eq!(n(&r, "snapshots_made"), 0, "{r:#}");
+    let (ok, r) = reconcile_cli(&env, &[]).await;
+    assert!(ok, "{r:#}");
+    assert_eq!(n(&r, "already_pending"), 0, "{r:#}");
+    assert_eq!(n(&r, "requests_enqueued"), 3, "{r:#}");
+    assert_eq!(n(&r, "snapshots_made"), 3, "{r:#}");
+    // ...and every later run sees the fresh pending markers: at most two requests per version.
     for _ in 0..2 {
         let (ok, r) = reconcile_cli(&env, &[]).await;
         assert!(ok, "{r:#}");
@@ -479,7 +506,7 @@ async fn a_pending_request_is_not_enqueued_twice_and_dry_run_writes_nothing() {
             "pending changes count in the RPO lag"
         );
     }
-    assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 3);
+    assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 6);
     let snaps = stack
         .source()
         .list_blobs(&container, None)
@@ -525,7 +552,7 @@ async fn a_pending_request_is_not_enqueued_twice_and_dry_run_writes_nothing() {
     assert!(ok, "{r:#}");
     assert_eq!(n(&r, "requests_enqueued"), 0, "{r:#}");
     assert_eq!(n(&r, "already_pending"), 4, "{r:#}");
-    assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 4);
+    assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 7);
 }
 
 fn fixture(name: &str) -> Value {
@@ -546,7 +573,7 @@ async fn timer_payloads_drive_reconcile_on_serve() {
         lakeguard::handler::reconcile::TIMER_BINDING
     );
 
-    let mut first = true;
+    let mut runs = 0;
     for name in [
         "timer_first_run.json",
         "timer_status_null.json",
@@ -569,9 +596,11 @@ async fn timer_payloads_drive_reconcile_on_serve() {
             r.logs().iter().any(|l| l.contains("reconcile")),
             "{name}: {body:#}"
         );
-        if first {
+        if runs < 2 {
+            // The first run requests the live versions (no marker); the second, with requests
+            // queued, requests them once more with marked snapshots.
             assert_eq!(n(report, "requests_enqueued"), 2, "{name}: {body:#}");
-            first = false;
+            runs += 1;
         } else {
             assert_eq!(n(report, "already_pending"), 2, "{name}: {body:#}");
             assert_eq!(n(report, "requests_enqueued"), 0, "{name}: {body:#}");
@@ -639,8 +668,10 @@ async fn reconcile_now_over_forwarded_http() {
     assert_eq!(r.status.as_u16(), 200, "{}", r.body);
     let v = r.json();
     assert_eq!(n(&v["report"], "containers"), 2, "{v:#}");
-    assert_eq!(n(&v["report"], "requests_enqueued"), 1, "{v:#}");
-    assert_eq!(n(&v["report"], "already_pending"), 2, "{v:#}");
+    // The other container's blob, and the first container's two once more: their first
+    // requests were for the live versions (no pending marker), these come with marked snapshots.
+    assert_eq!(n(&v["report"], "requests_enqueued"), 3, "{v:#}");
+    assert_eq!(n(&v["report"], "snapshots_made"), 3, "{v:#}");
 
     for (path, status) in [
         ("/api/reconcile?container=Bad_Name!", 400),
@@ -864,6 +895,13 @@ async fn managed_identity_deleted_source_container_is_tombstoned() {
     assert!(!bases["foreign.txt"]
         .metadata
         .contains_key("lakeguard_deleted_at"));
+
+    // l1.csv was requested as a live version (empty queue, no marker); with that request still
+    // queued the next run asks once more, with a marked snapshot.
+    let (ok, r) = reconcile_cli(&env, &[]).await;
+    assert!(ok, "{r:#}");
+    assert_eq!(n(&r, "requests_enqueued"), 1, "{r:#}");
+    assert_eq!(n(&r, "snapshots_made"), 1, "{r:#}");
 
     // Nothing left to do; and a no-op run only lists (access log: same account-level view).
     let before = stack.azurite.blob_requests().await.len();

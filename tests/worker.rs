@@ -805,3 +805,126 @@ async fn a_recreated_blob_keeps_its_old_backup_as_history() {
         b"first life"
     );
 }
+
+/// A request that names no snapshot but carries `props` (reconcile's repair of a lost backup whose
+/// version is still live) is copied from the base blob, and only while the base blob is that
+/// version: no snapshot is made for it. A blob rewritten after the request is never backed up
+/// under the requested version: the same delivery falls back to a snapshot of that version, or
+/// reports the request superseded when none exists.
+#[tokio::test]
+async fn a_live_request_copies_the_base_blob_only_while_it_is_that_version() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("live");
+    let src = stack.source();
+    let backup = stack.backup();
+    let queues = stack.queues();
+    src.create_container(&c).await.ok("create");
+    let created = queues.create_queue(&stack.queue).await;
+    assert!(created.is_success() || created.status == 409);
+    let handler = stack.handler().await;
+    let trigger = stack.trigger(&queues, handler.port());
+    let request = |name: &str, etag: &str, len: usize| {
+        json!({
+            "v": 1, "container": c, "blob": name, "etag": etag, "backup_absent": true,
+            "props": {"snapshot_etag": etag, "length": len,
+                      "last_modified": "2026-11-30T10:00:00Z", "metadata": {"owner": "team-x"}},
+        })
+        .to_string()
+    };
+    let etag_of = |r: support::rest::RestResponse| r.header("etag").expect("etag");
+
+    // 1. Unchanged since the request: backed up from the live blob, nothing snapshotted.
+    let live = "live #1 ü%.txt";
+    let e1 = etag_of(
+        src.put_blob(&c, live, b"live one", &[("owner", "team-x")])
+            .await
+            .ok("put"),
+    );
+    queues
+        .send_message(&stack.queue, &b64(&request(live, &e1, 8)))
+        .await
+        .ok("send");
+    let report = trigger.drain(5).await;
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (1, 0),
+        "{:?}",
+        report.deliveries
+    );
+    assert!(
+        format!("{:?}", report.deliveries).contains("backed_up"),
+        "{:?}",
+        report.deliveries
+    );
+    assert_eq!(content(&backup, &c, live, None).await, b"live one");
+    let props = backup.blob_properties(&c, live, None).await.ok("head");
+    assert_eq!(props.header("x-ms-meta-owner").as_deref(), Some("team-x"));
+    assert_eq!(
+        props.header("x-ms-meta-lakeguard_source_etag").as_deref(),
+        Some(e1.as_str())
+    );
+    assert!(
+        props
+            .header("x-ms-meta-lakeguard_source_snapshot")
+            .is_none(),
+        "no snapshot was named or made"
+    );
+    let listed = src.list_blobs(&c, Some(live)).await;
+    assert!(
+        listed.iter().all(|b| b.snapshot.is_none()),
+        "the live copy made a source snapshot: {listed:#?}"
+    );
+
+    // 2. Rewritten after the request, an older snapshot of the version exists: backed up from
+    //    it, in the same delivery, never with the new bytes.
+    let kept = "kept.txt";
+    let k1 = etag_of(src.put_blob(&c, kept, b"kept one", &[]).await.ok("put"));
+    let snap = src.snapshot_blob(&c, kept).await.ok("snapshot");
+    let snap = snap.header("x-ms-snapshot").expect("snapshot id");
+    src.put_blob(&c, kept, b"kept two, newer", &[])
+        .await
+        .ok("rewrite");
+    queues
+        .send_message(&stack.queue, &b64(&request(kept, &k1, 8)))
+        .await
+        .ok("send");
+    let report = trigger.drain(5).await;
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (1, 0),
+        "{:?}",
+        report.deliveries
+    );
+    assert_eq!(content(&backup, &c, kept, None).await, b"kept one");
+    let props = backup.blob_properties(&c, kept, None).await.ok("head");
+    assert_eq!(
+        props
+            .header("x-ms-meta-lakeguard_source_snapshot")
+            .as_deref(),
+        Some(snap.as_str())
+    );
+
+    // 3. Rewritten after the request, no snapshot of the version anywhere: superseded, and no
+    //    backup is written under that version.
+    let gone = "gone.txt";
+    let g1 = etag_of(src.put_blob(&c, gone, b"gone one", &[]).await.ok("put"));
+    src.put_blob(&c, gone, b"gone two", &[]).await.ok("rewrite");
+    queues
+        .send_message(&stack.queue, &b64(&request(gone, &g1, 8)))
+        .await
+        .ok("send");
+    let report = trigger.drain(5).await;
+    assert_eq!(
+        (report.succeeded, report.failed),
+        (1, 0),
+        "{:?}",
+        report.deliveries
+    );
+    assert!(
+        format!("{:?}", report.deliveries).contains("superseded"),
+        "{:?}",
+        report.deliveries
+    );
+    assert_eq!(backup.blob_properties(&c, gone, None).await.status, 404);
+    stack.assert_no_secrets_in(&handler.logs());
+}

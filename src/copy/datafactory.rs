@@ -368,7 +368,7 @@ impl DataFactoryEngine {
             "sourceBlobEndpoint": endpoint_str(&self.config.source_blob_endpoint),
             "sourceContainer": job.source_container,
             "sourceBlob": job.source_blob,
-            "sourceSnapshot": job.source_snapshot,
+            "sourceSnapshot": job.source_snapshot.as_deref().unwrap_or_default(),
             "sourceEtag": job.source_etag.quoted(),
             // The snapshot's own ETag when the worker read it; a snapshot taken by lakeguard
             // carries its base's ETag otherwise.
@@ -799,6 +799,12 @@ impl CopyEngine for DataFactoryEngine {
             blob = %job.source_blob,
             etag = %job.source_etag.as_str(),
         );
+        if job.source_snapshot.is_none() {
+            // `copies_live_source` is false, so the worker never builds such a job for this engine.
+            return Err(CopyError::Permanent(
+                "the Data Factory engine copies source snapshots only".into(),
+            ));
+        }
         self.copy_inner(job).instrument(span).await
     }
 }
@@ -817,7 +823,7 @@ fn param<'a>(run: &'a Value, name: &str) -> Option<&'a str> {
 fn run_matches(run: &Value, job: &CopyJob) -> bool {
     let same = param(run, "sourceContainer") == Some(job.source_container.as_str())
         && param(run, "sourceBlob") == Some(job.source_blob.as_str())
-        && param(run, "sourceSnapshot") == Some(job.source_snapshot.as_str())
+        && param(run, "sourceSnapshot") == job.source_snapshot.as_deref()
         && param(run, "targetContainer") == Some(job.target_container.as_str())
         && param(run, "targetBlob") == Some(job.target_blob.as_str());
     same && param(run, "sourceEtag").is_none_or(|e| Etag::new(e) == job.source_etag)

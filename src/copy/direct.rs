@@ -205,6 +205,10 @@ impl CopyEngine for DirectCopy {
         true
     }
 
+    fn copies_live_source(&self) -> bool {
+        true
+    }
+
     async fn copy(&self, job: &CopyJob) -> Result<CopyOutcome, CopyError> {
         let condition = match &job.expected_target {
             Some(e) => TargetCondition::Matches(e.clone()),
@@ -216,7 +220,7 @@ impl CopyEngine for DirectCopy {
                 keys: &self.keys,
                 container: &job.source_container,
                 blob: &job.source_blob,
-                snapshot: Some(&job.source_snapshot),
+                snapshot: job.source_snapshot.as_deref(),
                 if_match: job.snapshot_etag.clone(),
                 content_length: job.content_length,
                 content_type: job.content_type.as_deref(),

@@ -1,4 +1,5 @@
-//! Copy engines: how one exact source version (a snapshot) becomes a blob in the backup account.
+//! Copy engines: how one exact source version (a snapshot, or the live blob while its ETag is
+//! the version's) becomes a blob in the backup account.
 //!
 //! The worker decides *whether* to copy (idempotency, staleness, keeping the previous backup
 //! version); an engine only performs the copy it is given and reports how it went.
@@ -11,13 +12,16 @@ use async_trait::async_trait;
 
 use crate::model::Etag;
 
-/// One copy to perform: exactly `source_snapshot` of the source blob into the backup account.
+/// One copy to perform: exactly one version of the source blob into the backup account.
 #[derive(Clone, Debug)]
 pub struct CopyJob {
     pub source_container: String,
     pub source_blob: String,
-    /// Snapshot id of the version to copy; engines never read the live base blob.
-    pub source_snapshot: String,
+    /// Snapshot id of the version to copy. `None` = the live base blob, read only under
+    /// `source-if-match` = `snapshot_etag` (= the version's ETag), so a blob that changed fails the
+    /// copy instead of being backed up under the wrong version. Only engines whose
+    /// [`CopyEngine::copies_live_source`] is true are given such a job.
+    pub source_snapshot: Option<String>,
     /// ETag of the version (the snapshot's base ETag at snapshot time).
     pub source_etag: Etag,
     /// The snapshot's own ETag as read by the worker: the copy's `source-if-match`.
@@ -76,6 +80,11 @@ pub trait CopyEngine: Send + Sync {
     /// Whether a conditional write that fails costs only one request (not a pipeline run): then
     /// the worker may write optimistically on a hint and look only if the condition fails.
     fn optimistic_writes(&self) -> bool {
+        false
+    }
+    /// Whether the engine can copy the live base blob under a source ETag condition (a job with
+    /// `source_snapshot: None`). The Data Factory pipeline copies snapshots only.
+    fn copies_live_source(&self) -> bool {
         false
     }
     async fn copy(&self, job: &CopyJob) -> Result<CopyOutcome, CopyError>;

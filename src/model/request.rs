@@ -22,7 +22,8 @@ pub struct BackupRequest {
     pub container: String,
     pub blob: String,
     pub etag: Etag,
-    /// The source snapshot holding exactly `etag`. `None` only for legacy messages.
+    /// The source snapshot holding exactly `etag`. `None` for legacy messages, and for requests
+    /// of the live version (reconcile's repairs: `props` present, see [`BackupRequest::live`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,6 +106,15 @@ impl BackupRequest {
         }
     }
 
+    /// A request for the live blob while its ETag is `etag` (no snapshot named): the worker
+    /// copies the base blob under `source-if-match`, or looks for a snapshot of the version.
+    pub fn live(container: &str, blob: &str, etag: &Etag) -> Self {
+        BackupRequest {
+            snapshot: None,
+            ..Self::new(container, blob, etag, "")
+        }
+    }
+
     pub fn with_backup_absent(mut self, absent: bool) -> Self {
         self.backup_absent = absent;
         self
@@ -179,11 +189,15 @@ impl BackupRequest {
                 problem: "empty".into(),
             });
         }
-        if self.props.is_some() && self.snapshot.is_none() {
-            return Err(RequestError::Field {
-                field: "props",
-                problem: "given without the snapshot it describes".into(),
-            });
+        // Without a snapshot, props describe the live blob at `etag` (reconcile's repairs), so
+        // the ETag they carry for the copy's `source-if-match` must be that one.
+        if let (Some(p), None) = (&self.props, &self.snapshot) {
+            if p.snapshot_etag != self.etag {
+                return Err(RequestError::Field {
+                    field: "props",
+                    problem: "without a snapshot, props describe the live version: their snapshot_etag must equal etag".into(),
+                });
+            }
         }
         if let Some(s) = &self.snapshot {
             if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
@@ -246,7 +260,20 @@ mod tests {
         // Without hints the message is the plain v1 schema.
         let plain = BackupRequest::new("raw", "a", &Etag::new("1"), "2026-11-22T03:08:15Z");
         assert!(!plain.to_json().contains("props") && !plain.to_json().contains("absent"));
-        // Props describe a snapshot: without one they are refused, as are unknown props fields.
+        // Without a snapshot, props describe the live version: they round-trip when their ETag
+        // is the request's, and are refused when it is another (as are unknown props fields).
+        let live = BackupRequest::live("raw", "a b.csv", &Etag::new("0x8D1"))
+            .with_props(VersionProps {
+                snapshot_etag: Etag::new("\"0x8D1\""),
+                length: 1,
+                content_type: None,
+                last_modified: OffsetDateTime::from_unix_timestamp(1_795_000_000).unwrap(),
+                metadata: BTreeMap::new(),
+            })
+            .with_backup_absent(true);
+        let text = live.to_json();
+        assert!(!text.contains("snapshot\""), "{text}");
+        assert_eq!(BackupRequest::parse(&text).unwrap(), live);
         let err = BackupRequest::parse(
             r#"{"v":1,"container":"raw","blob":"a","etag":"x","props":{"snapshot_etag":"y","length":1,"last_modified":"2026-11-22T03:08:15Z"}}"#,
         )

@@ -252,8 +252,9 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
                 && !t.metadata.contains_key(metadata::DELETED_AT)
             {
                 return Ok(superseded(format!(
-                    "the backup already holds a newer version ({}); this one stays in source snapshot {snapshot}",
-                    t.metadata.get(metadata::SOURCE_ETAG).map(String::as_str).unwrap_or("?")
+                    "the backup already holds a newer version ({}); this one stays in source snapshot {}",
+                    t.metadata.get(metadata::SOURCE_ETAG).map(String::as_str).unwrap_or("?"),
+                    snapshot.as_deref().unwrap_or("(none: it was live)")
                 )));
             }
         }
@@ -277,7 +278,7 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         match copy_version(
             app,
             req,
-            &snapshot,
+            snapshot.as_deref(),
             &snap_props,
             version_time,
             expected_target,
@@ -286,7 +287,11 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
         .await
         {
             Ok(_) => {
-                info!(engine = app.engine.name(), snapshot = %snapshot, "backed up");
+                info!(
+                    engine = app.engine.name(),
+                    snapshot = snapshot.as_deref().unwrap_or("live"),
+                    "backed up"
+                );
                 return Ok(Outcome::BackedUp {
                     container: c.into(),
                     blob: b.into(),
@@ -294,7 +299,7 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
                 });
             }
             Err(CopyError::SourceGone(e) | CopyError::TargetChanged(e)) if hinted => {
-                info!(snapshot = %snapshot, error = %e, "a hint of the request did not hold; reading source and backup");
+                info!(snapshot = snapshot.as_deref().unwrap_or("live"), error = %e, "a hint of the request did not hold; reading source and backup");
                 trust_hints = false;
             }
             Err(CopyError::SourceGone(e)) => {
@@ -317,7 +322,7 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
 async fn copy_version(
     app: &App,
     req: &BackupRequest,
-    snapshot: &str,
+    snapshot: Option<&str>,
     snap_props: &BlobProperties,
     version_time: OffsetDateTime,
     expected_target: Option<Etag>,
@@ -331,7 +336,9 @@ async fn copy_version(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     meta.insert(metadata::SOURCE_ETAG.into(), req.etag.quoted());
-    meta.insert(metadata::SOURCE_SNAPSHOT.into(), snapshot.to_owned());
+    if let Some(s) = snapshot {
+        meta.insert(metadata::SOURCE_SNAPSHOT.into(), s.to_owned());
+    }
     meta.insert(metadata::SOURCE_LAST_MODIFIED.into(), rfc3339(version_time));
     meta.insert(
         metadata::BACKED_UP_AT.into(),
@@ -340,7 +347,7 @@ async fn copy_version(
     let job = CopyJob {
         source_container: c.into(),
         source_blob: b.into(),
-        source_snapshot: snapshot.to_owned(),
+        source_snapshot: snapshot.map(str::to_owned),
         source_etag: req.etag.clone(),
         snapshot_etag: Some(snap_props.etag.clone()),
         target_container: c.into(),
@@ -396,18 +403,22 @@ async fn needs_history_snapshot(
     Ok(!(newest.is_some() && same(metadata::SOURCE_ETAG) && same(metadata::DELETED_AT)))
 }
 
-/// Finds the source snapshot holding exactly the requested version.
+/// Finds the source snapshot holding exactly the requested version; `Some((None, _))` = the live
+/// blob, trusted from a request that names no snapshot but carries `props` (reconcile's repair of
+/// a lost backup whose version is still live): the copy reads it with `source-if-match` on the
+/// version's ETag, and if it has changed the next round reads the snapshots instead.
 async fn resolve_snapshot(
     app: &App,
     req: &BackupRequest,
     trust_props: bool,
-) -> Result<Option<(String, BlobProperties)>, StorageError> {
+) -> Result<Option<(Option<String>, BlobProperties)>, StorageError> {
     let (c, b) = (req.container.as_str(), req.blob.as_str());
-    if let (true, Some(s), Some(p)) = (trust_props, &req.snapshot, &req.props) {
+    let live_ok = req.snapshot.is_some() || app.engine.copies_live_source();
+    if let (true, true, Some(p)) = (trust_props, live_ok, &req.props) {
         let mut metadata = p.metadata.clone();
         metadata.insert(metadata::SOURCE_ETAG.into(), req.etag.quoted());
         return Ok(Some((
-            s.clone(),
+            req.snapshot.clone(),
             BlobProperties {
                 etag: p.snapshot_etag.clone(),
                 last_modified: p.last_modified,
@@ -426,7 +437,7 @@ async fn resolve_snapshot(
                 .map(Etag::new)
                 .unwrap_or_else(|| p.etag.clone());
             if version == req.etag {
-                return Ok(Some((s.clone(), p)));
+                return Ok(Some((Some(s.clone()), p)));
             }
             warn!(snapshot = %s, holds = %version, "the named snapshot holds another version; looking for the right one");
         }
@@ -446,7 +457,7 @@ async fn resolve_snapshot(
     }
     if let Some(s) = best {
         let p = head(&app.source, c, b, Some(&s)).await?;
-        return Ok(p.map(|p| (s, p)));
+        return Ok(p.map(|p| (Some(s), p)));
     }
     if live_matches {
         // The version is still live but has no snapshot: make one, conditionally.
@@ -465,7 +476,7 @@ async fn resolve_snapshot(
         match app.source.create_snapshot(c, b, &req.etag, &meta).await {
             Ok(taken) => {
                 let p = head(&app.source, c, b, Some(&taken.id)).await?;
-                return Ok(p.map(|p| (taken.id, p)));
+                return Ok(p.map(|p| (Some(taken.id), p)));
             }
             Err(e) if e.is_precondition_failed() || e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),

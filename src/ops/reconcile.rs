@@ -777,6 +777,8 @@ fn join_error(e: JoinError) -> String {
 enum Done {
     Pending,
     Enqueued,
+    /// A request for the live version (no snapshot made).
+    EnqueuedLive,
     /// Snapshot made but the request could not be queued (the snapshot was removed again).
     EnqueueFailed(String),
     Tombstoned,
@@ -826,6 +828,7 @@ async fn execute(
                 report.snapshots_made += 1;
                 report.requests_enqueued += 1;
             }
+            Done::EnqueuedLive => report.requests_enqueued += 1,
             Done::EnqueueFailed(e) => report.error(container, Some(&name), e),
             Done::Tombstoned => report.tombstones_written += 1,
             Done::WouldEnqueue => report.would_enqueue += 1,
@@ -886,6 +889,16 @@ async fn needs_backup(
         SnapshotDecision::SnapshotAndEnqueue { .. } => {
             if let Err(e) = app.ensure_queue().await {
                 return (Some(decision), Done::Failed(format!("backup queue: {e}")));
+            }
+            // A lost backup of an unchanged blob, with nothing pending: the version needs no new
+            // snapshot (see `snapshot::enqueue_live`). With requests queued, the snapshot's
+            // `lakeguard_requested_at` is what keeps the next run from asking twice: take one.
+            if backup_absent && ctx.pending_ttl.is_zero() && app.engine.copies_live_source() {
+                let done = match snapshot::enqueue_live(app, container, &source).await {
+                    Ok(()) => Done::EnqueuedLive,
+                    Err(e) => Done::Failed(e),
+                };
+                return (Some(decision), done);
             }
             match snapshot::snapshot_current(&app.source, container, source).await {
                 Ok(Some((taken, blob))) => {

@@ -259,18 +259,7 @@ pub async fn enqueue(
     let mut request = BackupRequest::new(container, &blob.name, &blob.etag, &snapshot.id)
         .with_backup_absent(backup_absent);
     if let Some(etag) = &snapshot.etag {
-        request = request.with_props(VersionProps {
-            snapshot_etag: etag.clone(),
-            length: blob.content_length,
-            content_type: blob.content_type.clone(),
-            last_modified: blob.last_modified,
-            metadata: blob
-                .metadata
-                .iter()
-                .filter(|(k, _)| !metadata::is_lakeguard_key(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        });
+        request = request.with_props(version_props(blob, etag));
     }
     app.backlog_reserve().await;
     match app.queue.send_text(&request.to_json()).await {
@@ -288,4 +277,38 @@ pub async fn enqueue(
             }
         }
     }
+}
+
+/// What the listing knew of the version, for the worker's first delivery (`props`).
+fn version_props(blob: &BlobEntry, source_etag: &Etag) -> VersionProps {
+    VersionProps {
+        snapshot_etag: source_etag.clone(),
+        length: blob.content_length,
+        content_type: blob.content_type.clone(),
+        last_modified: blob.last_modified,
+        metadata: blob
+            .metadata
+            .iter()
+            .filter(|(k, _)| !metadata::is_lakeguard_key(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// Queues a request for the live version `blob` (no snapshot of it is made): the worker copies
+/// the base blob with `source-if-match` on the listed ETag. For reconcile's repair of a backup
+/// that is gone while its source is unchanged, where the version is in all likelihood already
+/// kept by the snapshot its first backup was made from, and a new snapshot would only add a
+/// duplicate to the source's history. If the blob changes before the copy, the worker falls back
+/// to that older snapshot (or reports the request superseded: the new version is a change, which
+/// the producer or the next reconcile requests).
+pub async fn enqueue_live(app: &App, container: &str, blob: &BlobEntry) -> Result<(), String> {
+    let request = BackupRequest::live(container, &blob.name, &blob.etag)
+        .with_backup_absent(true)
+        .with_props(version_props(blob, &blob.etag));
+    app.backlog_reserve().await;
+    app.queue.send_text(&request.to_json()).await.map_err(|e| {
+        app.backlog_release();
+        format!("enqueue: {e}")
+    })
 }
