@@ -13,7 +13,10 @@
 //!   `lakeguard_requested_at` on a snapshot of the current version means a request is already
 //!   queued (counted, not enqueued again); otherwise a conditional snapshot (If-Match the listed
 //!   ETag; on 412 the new version is taken, as the producer does) and a request, whose failed
-//!   enqueue removes the snapshot again ([`snapshot::enqueue`]).
+//!   enqueue removes the snapshot again ([`snapshot::enqueue`]). With an empty backup queue the
+//!   listing is skipped, and a blob whose backup is missing gets a request for its live version
+//!   instead of a new snapshot ([`snapshot::enqueue_live`]; engines that copy the live blob under
+//!   `source-if-match` only): no marker then, so a run overlapping that request asks once more.
 //! - `Tombstone`: a HEAD of the source (only a real 404 counts as gone; any other error is an
 //!   error, never "deleted"), then the backup's current version is kept as a backup snapshot
 //!   (If-Match its listed ETag) and `lakeguard_deleted_at` is added to its metadata (If-Match
