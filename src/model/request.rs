@@ -110,8 +110,13 @@ impl BackupRequest {
     /// copies the base blob under `source-if-match`, or looks for a snapshot of the version.
     pub fn live(container: &str, blob: &str, etag: &Etag) -> Self {
         BackupRequest {
+            v: 1,
+            container: container.to_owned(),
+            blob: blob.to_owned(),
+            etag: etag.clone(),
             snapshot: None,
-            ..Self::new(container, blob, etag, "")
+            props: None,
+            backup_absent: false,
         }
     }
 

@@ -279,10 +279,12 @@ pub async fn enqueue(
     }
 }
 
-/// What the listing knew of the version, for the worker's first delivery (`props`).
-fn version_props(blob: &BlobEntry, source_etag: &Etag) -> VersionProps {
+/// What the listing knew of the version, for the worker's first delivery (`props`);
+/// `copy_etag` is what the copy reads under `source-if-match`: the snapshot's ETag, or for a live
+/// request the blob's own.
+fn version_props(blob: &BlobEntry, copy_etag: &Etag) -> VersionProps {
     VersionProps {
-        snapshot_etag: source_etag.clone(),
+        snapshot_etag: copy_etag.clone(),
         length: blob.content_length,
         content_type: blob.content_type.clone(),
         last_modified: blob.last_modified,
