@@ -36,6 +36,10 @@ pub enum Command {
         container: String,
         #[arg(long)]
         prefix: Option<String>,
+        /// List every snapshot even when the previous complete run left a watermark (which
+        /// otherwise limits the listing to base blobs).
+        #[arg(long)]
+        full: bool,
         /// Also process the backup queue while snapshotting, until both are done ("back up this
         /// container now"; like the queue trigger, it takes any request on the queue).
         #[arg(long)]
@@ -265,7 +269,7 @@ pub fn verify_text(r: &crate::ops::verify::VerifyReport) -> String {
 /// The producer's report for a terminal.
 pub fn snapshot_text(report: &crate::ops::snapshot::SnapshotReport) -> String {
     format!(
-        "{}: scanned {}, snapshotted {}, enqueued {}, unchanged {}, skipped {}, failed {} in {} ms{}",
+        "{}: scanned {}, snapshotted {}, enqueued {}, unchanged {}, skipped {}, failed {} in {} ms\n  listing: {}; state: {}{}",
         report.container,
         report.scanned,
         report.snapshotted,
@@ -274,6 +278,8 @@ pub fn snapshot_text(report: &crate::ops::snapshot::SnapshotReport) -> String {
         report.skipped,
         report.failed,
         report.elapsed_ms,
+        report.listing,
+        report.state,
         report
             .failures
             .iter()

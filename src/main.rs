@@ -57,13 +57,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Snapshot {
             container,
             prefix,
+            full,
             drain,
             output,
         } => {
             if drain {
                 let app = backlog_limited(app);
                 let (bar, dbar) = Bar::pair("snapshot", "backup", output);
-                let run = ops::snapshot::run(&app, &container, prefix.as_deref(), bar.clone());
+                let run =
+                    ops::snapshot::run_with(&app, &container, prefix.as_deref(), full, bar.clone());
                 let (report, drained) =
                     ops::backup::drain_alongside(&app, &app.queue, dbar.clone(), run).await;
                 bar.finish();
@@ -77,7 +79,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             let bar = Bar::new("snapshot", output);
             let report =
-                ops::snapshot::run(&app, &container, prefix.as_deref(), bar.clone()).await?;
+                ops::snapshot::run_with(&app, &container, prefix.as_deref(), full, bar.clone())
+                    .await?;
             bar.finish();
             print(output, &report, || snapshot_text(&report));
             Ok(exit(report.is_complete()))

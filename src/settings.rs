@@ -103,13 +103,17 @@ impl fmt::Debug for Settings {
 /// Container of the backup account reserved for restore bookkeeping (status documents and undo
 /// copies of blobs a restore deleted).
 pub const RESTORES_CONTAINER: &str = "lakeguard-restores";
+/// Container of the backup account holding the producer's watermarks (`ops::watermark`).
+pub const STATE_CONTAINER: &str = "lakeguard-state";
 /// Name prefix of the backup account's scratch containers of restore drills.
 pub const DRILL_CONTAINER_PREFIX: &str = "lakeguard-drill-";
 
 /// Containers lakeguard itself keeps in the backup account: never backed up, reconciled,
 /// verified or used as a restore target.
 pub fn is_reserved_container(name: &str) -> bool {
-    name == RESTORES_CONTAINER || name.starts_with(DRILL_CONTAINER_PREFIX)
+    name == RESTORES_CONTAINER
+        || name == STATE_CONTAINER
+        || name.starts_with(DRILL_CONTAINER_PREFIX)
 }
 
 /// A connection given on the command line or in a request: a connection string (it contains

@@ -356,31 +356,42 @@ async fn unreachable_queue_fails_before_any_snapshot() {
 }
 
 /// The enqueue fails after the snapshot was taken (the queue vanished): the run reports a partial
-/// failure, removes the snapshots it could not announce, and the next run finds the same blobs
-/// again. Nothing is lost.
+/// failure, removes the snapshots it could not announce and the watermark of the previous run (so
+/// that the next run lists in full), and the next run finds the same blobs again. Nothing is lost.
 #[tokio::test]
 async fn failed_enqueue_is_found_again_by_the_next_run() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;
     let container = unique_name("enq");
-    seed(
-        &stack,
-        &container,
-        &["a.csv".to_string(), "b/c.csv".to_string()],
-    )
-    .await;
-    let empty = unique_name("empty");
-    stack.source().create_container(&empty).await.ok("create");
+    let names = ["a.csv".to_string(), "b/c.csv".to_string()];
+    seed(&stack, &container, &names).await;
     let handler = stack.handler().await;
-    // First run creates the queue (once per process)...
-    let (status, _) = call(
+    // A complete first run creates the queue (once per process) and leaves a watermark...
+    let (status, body) = call(
         handler.port(),
         "GET",
-        &format!("/api/snapshot?container={empty}"),
+        &format!("/api/snapshot?container={container}"),
         None,
     )
     .await;
-    assert_eq!(status, 200);
-    // ...which then disappears.
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["report"]["state"], "saved");
+    let state = lakeguard::ops::watermark::blob_name(&container, None);
+    assert_eq!(
+        stack
+            .backup()
+            .get_blob("lakeguard-state", &state, None)
+            .await
+            .status,
+        200
+    );
+    for n in &names {
+        stack
+            .source()
+            .put_blob(&container, n, b"version 2", &[])
+            .await
+            .ok("rewrite");
+    }
+    // ...then the queue disappears.
     stack
         .queues()
         .delete_queue(&stack.queue)
@@ -400,14 +411,20 @@ async fn failed_enqueue_is_found_again_by_the_next_run() {
     assert_eq!(body["status"], "partial_failure");
     assert_eq!(body["report"]["failed"], 2);
     assert_eq!(body["report"]["enqueued"], 0);
-    assert!(
+    assert_eq!(
+        snapshots_per_name(&stack.source().list_blobs(&container, None).await),
+        names.iter().map(|n| (n.clone(), 1)).collect(),
+        "unannounced snapshots were removed; the first run's remain"
+    );
+    assert_eq!(
         stack
-            .source()
-            .list_blobs(&container, None)
+            .backup()
+            .get_blob("lakeguard-state", &state, None)
             .await
-            .iter()
-            .all(|b| b.snapshot.is_none()),
-        "unannounced snapshots were removed"
+            .status,
+        404,
+        "a run with failures removes the watermark: {}",
+        body["report"]["state"]
     );
 
     stack
@@ -423,6 +440,233 @@ async fn failed_enqueue_is_found_again_by_the_next_run() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    assert!(
+        body["report"]["listing"]
+            .as_str()
+            .unwrap()
+            .starts_with("full (no state"),
+        "{body}"
+    );
     assert_eq!(body["report"]["enqueued"], 2);
     assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 2);
+}
+
+fn snapshots_per_name(listing: &[support::rest::ListedBlob]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for b in listing.iter().filter(|b| b.snapshot.is_some()) {
+        *out.entry(b.name.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// After a complete run, the next run lists base blobs only (no snapshot rows) and decides by
+/// Last-Modified against the watermark, plus the set of versions handled inside its window: every
+/// rewrite and every new blob is found (odd names included), and a version already handled is
+/// never taken twice, even though every blob here was written within the window.
+#[tokio::test]
+async fn the_watermark_lists_base_blobs_only_and_misses_nothing() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("mark");
+    let names = odd_names();
+    seed(&stack, &container, &names).await;
+    let proxy = stack.blob_proxy();
+    let app = support::app(&stack.env_via_proxy(&proxy));
+    let run = |full: bool| {
+        let app = app.clone();
+        let container = container.clone();
+        async move {
+            lakeguard::ops::snapshot::run_with(
+                &app,
+                &container,
+                None,
+                full,
+                lakeguard::ops::no_progress(),
+            )
+            .await
+            .expect("run")
+        }
+    };
+    let listings_with_snapshots = |proxy: &support::CountingProxy| {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.is_list_blobs())
+            .map(|r| r.query("include").unwrap_or_default().contains("snapshots"))
+            .collect::<Vec<bool>>()
+    };
+
+    let first = run(false).await;
+    assert!(first.listing.starts_with("full (no state"), "{first:?}");
+    assert_eq!(first.state, "saved", "{first:?}");
+    assert_eq!(first.enqueued, names.len() as u64);
+    assert_eq!(listings_with_snapshots(&proxy), vec![true]);
+    let state_name = lakeguard::ops::watermark::blob_name(&container, None);
+    let state = stack
+        .backup()
+        .get_blob("lakeguard-state", &state_name, None)
+        .await
+        .ok("the state is kept in the backup account");
+    let state: Value = serde_json::from_slice(state.body.as_ref()).unwrap();
+    assert_eq!(state["container"], container.as_str());
+    assert_eq!(
+        state["handled"].as_array().unwrap().len(),
+        names.len(),
+        "every version written inside the window is remembered: {state}"
+    );
+
+    // Nothing changed: base blobs only, nothing per blob, nothing enqueued.
+    proxy.reset();
+    let second = run(false).await;
+    assert_eq!(
+        second.listing, "since the previous complete run",
+        "{second:?}"
+    );
+    assert!(second.since.is_some());
+    assert_eq!(second.enqueued, 0, "{second:?}");
+    assert_eq!(second.unchanged, names.len() as u64);
+    assert_eq!(second.skipped, 1, "the placeholder");
+    assert_eq!(listings_with_snapshots(&proxy), vec![false]);
+    let per_blob: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| !r.is_list_blobs() && !r.target.contains("lakeguard-state"))
+        .filter(|r| !(r.restype().as_deref() == Some("container") && r.method == "GET"))
+        .collect();
+    assert!(per_blob.is_empty(), "{per_blob:#?}");
+
+    // A rewrite of an odd name, a metadata-only change and a new blob: exactly those three.
+    let src = stack.source();
+    src.put_blob(&container, "dir/#hash.txt", b"v2", &[])
+        .await
+        .ok("rewrite");
+    src.put_blob(
+        &container,
+        "ünïcødé/données €/😀.json",
+        b"v2",
+        &[("owner", "someone-else")],
+    )
+    .await
+    .ok("rewrite with metadata");
+    src.put_blob(&container, "new/100% fresh?.csv", b"new", &[])
+        .await
+        .ok("new blob");
+    proxy.reset();
+    let third = run(false).await;
+    assert_eq!(third.listing, "since the previous complete run");
+    assert_eq!(third.enqueued, 3, "{third:?}");
+    assert_eq!(third.failed, 0);
+    assert_eq!(listings_with_snapshots(&proxy), vec![false]);
+    let snaps = snapshots_per_name(&src.list_blobs(&container, None).await);
+    assert_eq!(snaps["dir/#hash.txt"], 2);
+    assert_eq!(snaps["ünïcødé/données €/😀.json"], 2);
+    assert_eq!(snaps["new/100% fresh?.csv"], 1);
+    assert_eq!(snaps["plain.csv"], 1);
+
+    // Again nothing: the three new versions are in the handled set, not taken again.
+    let fourth = run(false).await;
+    assert_eq!(fourth.enqueued, 0, "{fourth:?}");
+    // A full listing, asked for, agrees with the watermark.
+    proxy.reset();
+    let full = run(true).await;
+    assert_eq!(full.listing, "full (asked for)");
+    assert_eq!(full.enqueued, 0, "{full:?}");
+    assert_eq!(listings_with_snapshots(&proxy), vec![true]);
+    assert_eq!(
+        stack.queues().peek_messages(&stack.queue).await.len(),
+        names.len() + 3,
+        "one request per version, no duplicates"
+    );
+}
+
+/// A state that cannot be read is never trusted (the run lists in full) and is replaced; one
+/// scoped to another prefix is not used for this one.
+#[tokio::test]
+async fn a_damaged_or_foreign_watermark_means_a_full_listing() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("bad");
+    seed(
+        &stack,
+        &container,
+        &["a.csv".to_string(), "p/b.csv".to_string()],
+    )
+    .await;
+    let app = support::app(&stack.env());
+    let name = lakeguard::ops::watermark::blob_name(&container, None);
+    stack.backup().create_container("lakeguard-state").await;
+    stack
+        .backup()
+        .put_blob("lakeguard-state", &name, b"{not json", &[])
+        .await
+        .ok("damage");
+    let r = lakeguard::ops::snapshot::run(&app, &container, None, lakeguard::ops::no_progress())
+        .await
+        .unwrap();
+    assert!(
+        r.listing.starts_with("full (the state is not readable"),
+        "{r:?}"
+    );
+    assert_eq!(r.enqueued, 2);
+    assert_eq!(
+        r.state, "saved",
+        "replaced under If-Match on the damaged blob"
+    );
+
+    // The whole-container state does not serve a prefix run: it lists in full, finds nothing new.
+    let p =
+        lakeguard::ops::snapshot::run(&app, &container, Some("p/"), lakeguard::ops::no_progress())
+            .await
+            .unwrap();
+    assert!(p.listing.starts_with("full (no state"), "{p:?}");
+    assert_eq!(p.enqueued, 0);
+    let again =
+        lakeguard::ops::snapshot::run(&app, &container, Some("p/"), lakeguard::ops::no_progress())
+            .await
+            .unwrap();
+    assert_eq!(again.listing, "since the previous complete run");
+    assert_eq!(again.enqueued, 0);
+}
+
+/// Two runs overlap: the one that saves second finds the state changed since it read it, and
+/// keeps the other's (If-Match), which is as valid as its own.
+#[tokio::test]
+async fn a_watermark_saved_meanwhile_by_another_run_is_kept() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("race");
+    seed(&stack, &container, &["a.csv".to_string()]).await;
+    let app = support::app(&stack.env());
+    let first =
+        lakeguard::ops::snapshot::run(&app, &container, None, lakeguard::ops::no_progress())
+            .await
+            .unwrap();
+    assert_eq!(first.state, "saved");
+    let now = time::OffsetDateTime::now_utc();
+    let loaded = lakeguard::ops::watermark::load(&app, &container, None, now).await;
+    assert!(loaded.since.is_some() && loaded.etag.is_some());
+    // The other run saves first.
+    let other = lakeguard::core::watermark::StateBuilder::new(&container, None, now)
+        .finish()
+        .unwrap();
+    let other_saved = lakeguard::ops::watermark::save(&app, &loaded, &other).await;
+    assert_eq!(other_saved, "saved");
+    let ours = lakeguard::core::watermark::StateBuilder::new(&container, None, now)
+        .finish()
+        .unwrap();
+    let outcome = lakeguard::ops::watermark::save(&app, &loaded, &ours).await;
+    assert_eq!(outcome, "kept the state another run saved meanwhile");
+    // A first state raced the same way (If-None-Match: *).
+    let fresh = lakeguard::ops::watermark::load(&app, &container, Some("x/"), now).await;
+    assert!(fresh.etag.is_none());
+    assert_eq!(
+        lakeguard::ops::watermark::save(&app, &fresh, &ours).await,
+        "saved"
+    );
+    assert_eq!(
+        lakeguard::ops::watermark::save(&app, &fresh, &ours).await,
+        "kept the state another run saved meanwhile"
+    );
+    // Discarding is conditional too: a newer state is not removed.
+    assert_eq!(
+        lakeguard::ops::watermark::discard(&app, &loaded).await,
+        "kept the state another run saved meanwhile"
+    );
 }

@@ -781,7 +781,18 @@ async fn a_recreated_blob_keeps_its_old_backup_as_history() {
     src.put_blob(&c, "r.csv", b"second life", &[])
         .await
         .ok("again");
-    produce(handler.port(), &c).await;
+    // A full listing sees that no snapshot is left: new (a watermark run cannot tell, and says
+    // nothing about the backup).
+    let r = forwarded_http(
+        handler.port(),
+        "GET",
+        &format!("/api/snapshot?container={c}&full=true"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.body);
+    assert_eq!(r.json()["report"]["listing"], "full (asked for)");
     let msg = queues.peek_messages(&stack.queue).await.remove(0);
     assert_eq!(unb64(&msg.text)["backup_absent"], true);
     let report = trigger.drain(5).await;

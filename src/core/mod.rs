@@ -5,6 +5,7 @@ pub mod changes;
 pub mod join;
 pub mod reconcile;
 pub mod restore;
+pub mod watermark;
 
 pub use join::{group_by_name, JoinError, NameGroups, NameOrder};
 

@@ -1,5 +1,6 @@
 //! SnapshotProducer (HTTP, forwarded): called as the last activity of a Data Factory pipeline.
-//! Parameters `container` (required) and `prefix` (optional), from the query string or a JSON body.
+//! Parameters `container` (required), `prefix` and `full` (optional), from the query string or a
+//! JSON body.
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -18,6 +19,8 @@ use crate::ops::{self, OpError};
 pub struct Params {
     pub container: Option<String>,
     pub prefix: Option<String>,
+    /// `true`: list every snapshot even when a watermark exists.
+    pub full: Option<bool>,
 }
 
 /// Merges query and body parameters (query wins); a body that is present but not a JSON object is
@@ -38,6 +41,7 @@ pub fn params(query: Params, body: &[u8]) -> Result<Params, OpError> {
             .prefix
             .or(body_params.prefix)
             .filter(|p| !p.is_empty()),
+        full: query.full.or(body_params.full),
     })
 }
 
@@ -57,9 +61,15 @@ pub async fn handle(
         ));
     };
     let span = tracing::info_span!("SnapshotProducer", invocation_id = %invocation_id(&headers), container = %container);
-    let result = ops::snapshot::run(&app, &container, p.prefix.as_deref(), ops::no_progress())
-        .instrument(span)
-        .await;
+    let result = ops::snapshot::run_with(
+        &app,
+        &container,
+        p.prefix.as_deref(),
+        p.full.unwrap_or(false),
+        ops::no_progress(),
+    )
+    .instrument(span)
+    .await;
     match result {
         Ok(report) if report.is_complete() => (
             StatusCode::OK,

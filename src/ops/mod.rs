@@ -7,6 +7,7 @@ pub mod reconcile;
 pub mod restore;
 pub mod snapshot;
 pub mod verify;
+pub mod watermark;
 
 use std::sync::Arc;
 

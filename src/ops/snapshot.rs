@@ -11,9 +11,10 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tracing::{info, warn, Instrument};
 
-use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
+use super::{watermark, BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
 use crate::app::App;
 use crate::core::changes::{ChangeDetector, Decision, Verdict};
+use crate::core::watermark::StateBuilder;
 use crate::model::{metadata, BackupRequest, BlobEntry, Etag, VersionProps};
 use crate::storage::blob::{ListOptions, SnapshotTaken};
 use crate::storage::{BlobStore, Lister, StorageError};
@@ -31,6 +32,14 @@ pub struct SnapshotReport {
     pub skipped: u64,
     pub failed: u64,
     pub failures: Vec<BlobFailure>,
+    /// `since the previous complete run` (base blobs only, against the watermark) or
+    /// `full (<why>)` (every snapshot listed).
+    pub listing: String,
+    /// The watermark's `from` when one was used.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub since: Option<OffsetDateTime>,
+    /// What became of the watermark for the next run.
+    pub state: String,
     pub elapsed_ms: u128,
 }
 
@@ -42,7 +51,8 @@ impl SnapshotReport {
 
 /// Outcome for one blob.
 enum One {
-    Enqueued,
+    /// The version snapshotted and queued (it may be newer than the listed one).
+    Enqueued(Etag, OffsetDateTime),
     Skipped,
     Failed(String),
 }
@@ -57,6 +67,17 @@ pub async fn run(
     prefix: Option<&str>,
     progress: Arc<dyn Progress>,
 ) -> Result<SnapshotReport, OpError> {
+    run_with(app, container, prefix, false, progress).await
+}
+
+/// `full`: list every snapshot even when a usable watermark exists (the operator's `--full`).
+pub async fn run_with(
+    app: &App,
+    container: &str,
+    prefix: Option<&str>,
+    full: bool,
+    progress: Arc<dyn Progress>,
+) -> Result<SnapshotReport, OpError> {
     let started = Instant::now();
     crate::settings::validate_container_name(container).map_err(OpError::InvalidInput)?;
     if !app.source.container_exists(container).await? {
@@ -68,33 +89,93 @@ pub async fn run(
         prefix: prefix.map(str::to_owned),
         ..Default::default()
     };
+    let mut loaded = watermark::load(app, container, prefix, OffsetDateTime::now_utc()).await;
+    if full {
+        loaded.since = None;
+        loaded.why_full = Some("asked for".into());
+    }
+    report.since = loaded.since.as_ref().map(|s| s.from());
+    report.listing = match &loaded.why_full {
+        None => "since the previous complete run".into(),
+        Some(why) => format!("full ({why})"),
+    };
     let opts = ListOptions {
         prefix: prefix.map(str::to_owned),
-        snapshots: true,
+        // With a watermark, Last-Modified says what changed: no snapshot rows at all.
+        snapshots: loaded.since.is_none(),
         metadata: true,
         max_results: None,
     };
+    let mut next_state = StateBuilder::new(container, prefix, OffsetDateTime::now_utc());
     let mut detector = ChangeDetector::new();
     let mut pages = Lister::new(&app.source, container, opts);
     let mut marker = None;
+    let mut first = true;
     loop {
         let page = pages.page(marker.take()).await?;
-        let last_name = page.entries.last().map(|e| e.name.clone());
-        for entry in page.entries {
-            detector.push(entry);
+        if std::mem::take(&mut first) {
+            if let Some(date) = page.served_at {
+                next_state.served_at(date);
+            }
         }
         marker = page.next_marker;
-        // Names sort; snapshots of one name are adjacent. Every name before the page's last one is
-        // complete, so memory stays bounded by a page.
-        let ready = match (&marker, &last_name) {
-            (Some(_), Some(last)) => detector.drain_before(last),
-            _ => std::mem::take(&mut detector).finish(),
+        let ready = match &loaded.since {
+            Some(since) => page
+                .entries
+                .into_iter()
+                .filter(|e| !e.is_snapshot())
+                .map(|blob| {
+                    let verdict = if blob.is_directory_placeholder() {
+                        Verdict::Placeholder
+                    } else if since.needs_look(&blob) {
+                        // Whether a snapshot of it exists is unknown: not "new".
+                        Verdict::Changed {
+                            previous: Etag::new(""),
+                        }
+                    } else {
+                        Verdict::Unchanged
+                    };
+                    Decision { blob, verdict }
+                })
+                .collect(),
+            None => {
+                let last_name = page.entries.last().map(|e| e.name.clone());
+                for entry in page.entries {
+                    detector.push(entry);
+                }
+                // Names sort; snapshots of one name are adjacent. Every name before the page's
+                // last one is complete, so memory stays bounded by a page.
+                match (&marker, &last_name) {
+                    (Some(_), Some(last)) => detector.drain_before(last),
+                    _ => std::mem::take(&mut detector).finish(),
+                }
+            }
         };
-        process(app, container, ready, &mut report, &progress).await;
+        process(
+            app,
+            container,
+            ready,
+            &mut report,
+            &mut next_state,
+            &progress,
+        )
+        .await;
         if marker.is_none() {
             break;
         }
     }
+    // Only a run that handled everything may vouch for the versions before its `from`.
+    report.state = match (report.failed, next_state.finish()) {
+        (0, Some(state)) => watermark::save(app, &loaded, &state).await,
+        (0, None) => format!(
+            "too many recent versions to remember; {}",
+            watermark::discard(app, &loaded).await
+        ),
+        (_, _) => format!(
+            "not saved (the run had failures); {}",
+            watermark::discard(app, &loaded).await
+        ),
+    };
     report.elapsed_ms = started.elapsed().as_millis();
     info!(
         container,
@@ -104,6 +185,8 @@ pub async fn run(
         unchanged = report.unchanged,
         skipped = report.skipped,
         failed = report.failed,
+        listing = %report.listing,
+        state = %report.state,
         elapsed_ms = report.elapsed_ms as u64,
         "snapshot run finished"
     );
@@ -115,6 +198,7 @@ async fn process(
     container: &str,
     decisions: Vec<Decision>,
     report: &mut SnapshotReport,
+    next_state: &mut StateBuilder,
     progress: &Arc<dyn Progress>,
 ) {
     report.scanned += decisions.len() as u64;
@@ -124,6 +208,7 @@ async fn process(
         match d.verdict {
             Verdict::Unchanged => {
                 report.unchanged += 1;
+                next_state.handled(&d.blob.name, &d.blob.etag, d.blob.last_modified);
                 progress.inc(1);
             }
             Verdict::Placeholder => {
@@ -150,7 +235,8 @@ async fn process(
     for (name, one) in results {
         progress.inc(1);
         match one {
-            One::Enqueued => {
+            One::Enqueued(etag, last_modified) => {
+                next_state.handled(&name, &etag, last_modified);
                 report.snapshotted += 1;
                 report.enqueued += 1;
             }
@@ -239,7 +325,7 @@ async fn snapshot_and_enqueue(app: &App, container: &str, blob: BlobEntry, new: 
         Err(e) => return One::Failed(format!("snapshot: {e}")),
     };
     match enqueue(app, container, &blob, &snapshot, new).await {
-        Ok(()) => One::Enqueued,
+        Ok(()) => One::Enqueued(blob.etag, blob.last_modified),
         Err(e) => One::Failed(e),
     }
 }

@@ -36,6 +36,8 @@ use crate::model::{BlobEntry, Etag};
 pub struct ListPage {
     pub entries: Vec<BlobEntry>,
     pub next_marker: Option<String>,
+    /// The service's `Date` on the response: its clock, which also sets Last-Modified.
+    pub served_at: Option<OffsetDateTime>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -230,6 +232,10 @@ impl BlobStore {
         let Some(page) = page else {
             return Ok(ListPage::default());
         };
+        let served_at = page
+            .headers()
+            .get_optional_str(&azure_core::http::headers::HeaderName::from_static("date"))
+            .and_then(|d| azure_core::time::parse_rfc7231(d).ok());
         let body = page
             .into_model()
             .map_err(|e| StorageError::from_azure(&what, e))?;
@@ -245,6 +251,7 @@ impl BlobStore {
         Ok(ListPage {
             entries,
             next_marker: body.next_marker.filter(|m| !m.is_empty()),
+            served_at,
         })
     }
 
@@ -498,8 +505,32 @@ impl BlobStore {
         content_type: Option<&str>,
         metadata: &BTreeMap<String, String>,
     ) -> Result<Etag, StorageError> {
+        self.upload_if(
+            container,
+            blob,
+            data,
+            content_type,
+            metadata,
+            &TargetCondition::Any,
+        )
+        .await
+    }
+
+    /// [`upload`](Self::upload) under a condition on the blob it replaces.
+    pub async fn upload_if(
+        &self,
+        container: &str,
+        blob: &str,
+        data: Vec<u8>,
+        content_type: Option<&str>,
+        metadata: &BTreeMap<String, String>,
+        cond: &TargetCondition,
+    ) -> Result<Etag, StorageError> {
         let what = format!("upload {container}/{blob}");
+        let (if_match, if_none_match) = cond.headers();
         let options = BlockBlobClientUploadOptions {
+            if_match,
+            if_none_match,
             blob_content_type: content_type.map(str::to_owned),
             metadata: Some(
                 metadata
@@ -542,6 +573,35 @@ impl BlobStore {
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
         Ok(body.to_vec())
+    }
+
+    /// Downloads a small blob with the ETag of what was read (for a later If-Match write).
+    pub async fn download_versioned(
+        &self,
+        container: &str,
+        blob: &str,
+    ) -> Result<(Vec<u8>, Etag), StorageError> {
+        let what = format!("download {container}/{blob}");
+        let rsp = self
+            .blob(container, blob, None)?
+            .download(None)
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        let etag =
+            rsp.properties
+                .etag
+                .as_ref()
+                .map(Etag::new)
+                .ok_or_else(|| StorageError::Permanent {
+                    what: what.clone(),
+                    detail: "no ETag".into(),
+                })?;
+        let body = rsp
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::from_azure(&what, e))?;
+        Ok((body.to_vec(), etag))
     }
 
     /// Streams a blob or snapshot through `sink` chunk by chunk (bounded memory), e.g. to hash it.
