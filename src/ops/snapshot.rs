@@ -1,5 +1,12 @@
 //! SnapshotProducer: snapshot every new or changed blob of a container and queue one backup
 //! request per snapshot.
+//!
+//! Two ways to find them. Without a usable watermark, the listing includes snapshots and
+//! [`ChangeDetector`] compares each base blob with its newest snapshot: exact, but the listing
+//! grows with the snapshot history. With one ([`crate::core::watermark`], kept by
+//! [`super::watermark`]), only base blobs are listed and Last-Modified decides. Only a run that
+//! handled every blob it listed may leave a watermark; any failure removes it, so a blob whose
+//! snapshot or request failed is found again by the next (full) run.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
