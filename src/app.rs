@@ -26,6 +26,16 @@ pub struct App {
     /// is the bottleneck then) and makes every queue operation dearer (on the emulator each one
     /// scans the queue).
     backlog: Option<Arc<tokio::sync::Semaphore>>,
+    /// Set only for `reconcile --drain`: requests for live versions go straight to the drain in
+    /// this process instead of through the queue ([`App::hand_off`]).
+    handoff: Option<Arc<Handoff>>,
+}
+
+/// The in-process path from reconcile to the drain beside it.
+#[derive(Default)]
+struct Handoff {
+    tx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
 }
 
 impl App {
@@ -58,6 +68,7 @@ impl App {
             queue_ready: Default::default(),
             backup_containers: Default::default(),
             backlog: None,
+            handoff: None,
         })
     }
 
@@ -65,6 +76,47 @@ impl App {
     pub fn with_backlog_limit(mut self, requests: usize) -> Self {
         self.backlog = Some(Arc::new(tokio::sync::Semaphore::new(requests.max(1))));
         self
+    }
+
+    /// This app with an in-process handoff for live-version requests; for `reconcile --drain`.
+    ///
+    /// Such a request carries no pending marker and is derived from the two listings alone, so if
+    /// this process dies before the copy, the next reconcile derives it again: nothing is lost,
+    /// and the queue round trip (send, receive, delete) would buy nothing. A request that fails
+    /// here is put on the queue (see `ops::backup`), where retries and the poison queue apply.
+    pub fn with_handoff(mut self) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.handoff = Some(Arc::new(Handoff {
+            tx: std::sync::Mutex::new(Some(tx)),
+            rx: std::sync::Mutex::new(Some(rx)),
+        }));
+        self
+    }
+
+    /// Gives a request to the drain in this process; `Err` hands the text back (no handoff, or
+    /// the drain is gone): queue it instead. Bounded by the backlog like a queued request.
+    pub fn hand_off(&self, text: String) -> Result<(), String> {
+        let Some(h) = &self.handoff else {
+            return Err(text);
+        };
+        match h.tx.lock().expect("poisoned").as_ref() {
+            Some(tx) => tx.send(text).map_err(|e| e.0),
+            None => Err(text),
+        }
+    }
+
+    /// The receiving end, for the drain (once).
+    pub(crate) fn take_handoff(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        self.handoff
+            .as_ref()
+            .and_then(|h| h.rx.lock().expect("poisoned").take())
+    }
+
+    /// The producer is done: no more handoffs (the drain's stream of them ends).
+    pub(crate) fn close_handoff(&self) {
+        if let Some(h) = &self.handoff {
+            h.tx.lock().expect("poisoned").take();
+        }
     }
 
     /// Waits for room in the backlog before a request is enqueued (no-op without a limit).

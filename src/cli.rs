@@ -291,7 +291,7 @@ pub fn snapshot_text(report: &crate::ops::snapshot::SnapshotReport) -> String {
 /// The drain's report for a terminal.
 pub fn drain_text(report: &crate::ops::backup::DrainReport) -> String {
     format!(
-        "{}: processed {}, backed up {}, already backed up {}, superseded {}, poisoned {}, retried {} in {} ms",
+        "{}: processed {}, backed up {}, already backed up {}, superseded {}, poisoned {}, retried {}{} in {} ms",
         report.queue,
         report.processed,
         report.backed_up,
@@ -299,6 +299,11 @@ pub fn drain_text(report: &crate::ops::backup::DrainReport) -> String {
         report.superseded,
         report.poisoned,
         report.retried,
+        if report.unqueued > 0 {
+            format!(", FAILED AND NOT QUEUED {} (see the log)", report.unqueued)
+        } else {
+            String::new()
+        },
         report.elapsed_ms
     )
 }

@@ -75,7 +75,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 print(output, &both, || {
                     format!("{}\n{}", snapshot_text(&report), drain_text(&drained))
                 });
-                return Ok(exit(report.is_complete() && drained.poisoned == 0));
+                return Ok(exit(
+                    report.is_complete() && drained.poisoned == 0 && drained.unqueued == 0,
+                ));
             }
             let bar = Bar::new("snapshot", output);
             let report =
@@ -213,7 +215,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     budget: budget_secs.map(std::time::Duration::from_secs),
                 };
                 if drain {
-                    let app = backlog_limited(app.clone());
+                    let app = backlog_limited(app.clone()).with_handoff();
                     let (bar, dbar) = Bar::pair("reconcile", "backup", output);
                     let run = ops::reconcile::run(&app, &opts, bar.clone());
                     let (report, d) =
@@ -234,7 +236,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 print(output, &both, || {
                     format!("{}\n{}", report.summary(), drain_text(&d))
                 });
-                return Ok(exit(report.errors == 0 && d.poisoned == 0));
+                return Ok(exit(
+                    report.errors == 0 && d.poisoned == 0 && d.unqueued == 0,
+                ));
             }
             print(output, &report, || {
                 let errors: String = report

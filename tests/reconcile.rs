@@ -258,8 +258,10 @@ async fn noop_reconcile_costs_only_flat_listings() {
 
 /// Lost backups with an empty queue: nothing can be pending, so reconcile does not list each
 /// blob's snapshots, and an unchanged blob needs no new snapshot (its version is live, and the
-/// copy reads it under `source-if-match`): the repair costs the two flat listings plus one
-/// message and one copy per lost backup, and `reconcile --drain` copies them in the same command.
+/// copy reads it under `source-if-match`): the repair costs the two flat listings plus one copy
+/// per lost backup. `reconcile --drain` copies them in the same command, and hands them to its
+/// drain in process: such a request has no marker and is derived from the listings alone, so the
+/// queue (send, receive, delete) is not used at all.
 #[tokio::test]
 async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;
@@ -282,6 +284,7 @@ async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
     let proxy = stack.blob_proxy();
     let mut via_proxy = stack.env_via_proxy(&proxy);
     via_proxy.push(("LAKEGUARD_LIST_PAGE_SIZE".into(), PAGE.into()));
+    let queue_log_before = stack.azurite.queue_requests().await.len();
     // `--drain`: the repair is copied by the same command.
     let (ok, both) = reconcile_cli(&via_proxy, &["--drain"]).await;
     assert!(ok, "{both:#}");
@@ -319,6 +322,55 @@ async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
         "one write per repair: {:#?}",
         proxy.summary()
     );
+    assert!(stack.queues().peek_messages(&stack.queue).await.is_empty());
+    let messages_sent: Vec<_> = stack.azurite.queue_requests().await[queue_log_before..]
+        .iter()
+        .filter(|r| r.method == "POST" && r.path().ends_with("/messages"))
+        .cloned()
+        .collect();
+    assert!(
+        messages_sent.is_empty(),
+        "live repairs go to the drain in process: {messages_sent:#?}"
+    );
+    assert_eq!(n(&both["backup"], "unqueued"), 0);
+    assert_full_coverage(&stack, &container).await;
+}
+
+/// A repair handed over in process that fails (the service is busy) is not dropped: it goes onto
+/// the queue, and the same drain copies it from there.
+#[tokio::test]
+async fn a_failed_in_process_repair_is_queued_not_dropped() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("busy");
+    let blobs = files(NAMES);
+    seed(&stack, &container, &blobs).await;
+    let handler = stack.handler().await;
+    producer(handler.port(), &container).await;
+    assert_eq!(drain_backups(&stack, &handler).await, NAMES.len());
+    stack
+        .backup()
+        .delete_blob(&container, "z")
+        .await
+        .ok("delete backup");
+    let proxy = stack.blob_proxy();
+    let mut via_proxy = stack.env_via_proxy(&proxy);
+    via_proxy.push(("LAKEGUARD_MAX_RETRIES".into(), "0".into()));
+    let copy_of_z = format!("/backupacct/{container}/z");
+    proxy.fail_next(1, move |method, target| {
+        method == "PUT" && target.split('?').next() == Some(copy_of_z.as_str())
+    });
+    let queue_log_before = stack.azurite.queue_requests().await.len();
+    let (ok, both) = reconcile_cli(&via_proxy, &["--drain"]).await;
+    assert!(ok, "{both:#}");
+    let b = &both["backup"];
+    assert_eq!(n(b, "retried"), 1, "{both:#}");
+    assert_eq!(n(b, "backed_up"), 1, "copied from the queue: {both:#}");
+    assert_eq!(n(b, "unqueued"), 0);
+    let sent = stack.azurite.queue_requests().await[queue_log_before..]
+        .iter()
+        .filter(|r| r.method == "POST" && r.path().ends_with("/messages"))
+        .count();
+    assert_eq!(sent, 1, "exactly the failed repair went onto the queue");
     assert!(stack.queues().peek_messages(&stack.queue).await.is_empty());
     assert_full_coverage(&stack, &container).await;
 }

@@ -22,7 +22,7 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
-use tracing::{info, warn, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 use super::Progress;
 use crate::app::App;
@@ -493,8 +493,12 @@ pub struct DrainReport {
     pub already_backed_up: u64,
     pub superseded: u64,
     pub poisoned: u64,
-    /// Deliveries that failed and were put back for another attempt.
+    /// Deliveries that failed and were put back for another attempt (a request handed over in
+    /// process that failed is put on the queue: counted here).
     pub retried: u64,
+    /// Requests handed over in process that failed and could not be queued either (logged as
+    /// errors; the next reconcile requests them again).
+    pub unqueued: u64,
     pub elapsed_ms: u128,
 }
 
@@ -507,7 +511,7 @@ pub async fn drain(
     queue: &BackupQueue,
     progress: Arc<dyn Progress>,
 ) -> Result<DrainReport, StorageError> {
-    drain_until(app, queue, progress, None).await
+    drain_until(app, queue, progress, None, None).await
 }
 
 /// Runs `producer` (a snapshot or reconcile run) and drains the queue at the same time, the way
@@ -525,14 +529,16 @@ pub async fn drain_alongside<F: std::future::Future>(
         running: AtomicBool::new(true),
         done: Notify::new(),
     };
+    let local = app.take_handoff();
     let produce = async {
         let out = producer.await;
+        app.close_handoff();
         producing.running.store(false, Ordering::SeqCst);
         producing.done.notify_one();
         out
     };
     let drain = async {
-        let report = drain_until(app, queue, progress, Some(&producing)).await;
+        let report = drain_until(app, queue, progress, Some(&producing), local).await;
         app.backlog_close();
         report
     };
@@ -547,11 +553,24 @@ struct Producing {
     done: Notify,
 }
 
+/// One unit of the drain's work: a queue message, or a request handed over in process.
+enum Work {
+    Queued(crate::storage::queue::Received),
+    Local(String),
+}
+
+/// How a unit of work that did not finish ended.
+enum Unsettled {
+    Retried,
+    Unqueued,
+}
+
 async fn drain_until(
     app: &App,
     queue: &BackupQueue,
     progress: Arc<dyn Progress>,
     producing: Option<&Producing>,
+    local: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
 ) -> Result<DrainReport, StorageError> {
     let started = Instant::now();
     let mut report = DrainReport {
@@ -635,26 +654,58 @@ async fn drain_until(
             }
         },
     );
+    // Requests handed over in process count as outstanding from the moment they are taken, so
+    // the queue's receiver waits for them instead of polling.
+    let handed_over = stream::unfold(local, |rx| {
+        let (outstanding, progress) = (&outstanding, &progress);
+        async move {
+            let mut rx = rx?;
+            let text = rx.recv().await?;
+            outstanding.fetch_add(1, Ordering::SeqCst);
+            progress.add_total(1);
+            Some((vec![Work::Local(text)], Some(rx)))
+        }
+    });
+    let queued = batches.map(|b| b.into_iter().map(Work::Queued).collect::<Vec<_>>());
     // Each message is acknowledged (or put back) as soon as it is done, inside its own task.
-    let results = batches
+    let results = stream::select(queued, handed_over)
         .flat_map(stream::iter)
-        .map(|msg| {
+        .map(|work| {
             let (outstanding, settled) = (&outstanding, &settled);
             async move {
-                let result = match process_message(app, &msg.text, msg.dequeue_count).await {
-                    Ok(outcome) => {
-                        if let Err(e) = queue.delete(&msg).await {
-                            // Already deleted or taken over: the next delivery is idempotent.
-                            warn!(error = %e, "could not delete a processed message");
+                let result = match work {
+                    Work::Queued(msg) => {
+                        match process_message(app, &msg.text, msg.dequeue_count).await {
+                            Ok(outcome) => {
+                                if let Err(e) = queue.delete(&msg).await {
+                                    // Already deleted or taken over: the next delivery is
+                                    // idempotent.
+                                    warn!(error = %e, "could not delete a processed message");
+                                }
+                                Ok(outcome)
+                            }
+                            Err(Retry(e)) => {
+                                warn!(error = %e, dequeue_count = msg.dequeue_count, "will retry");
+                                let backoff = 2i32.pow(msg.dequeue_count.min(4));
+                                let _ = queue.extend(&msg, backoff).await;
+                                Err(Unsettled::Retried)
+                            }
                         }
-                        Ok(outcome)
                     }
-                    Err(Retry(e)) => {
-                        warn!(error = %e, dequeue_count = msg.dequeue_count, "will retry");
-                        let backoff = 2i32.pow(msg.dequeue_count.min(4));
-                        let _ = queue.extend(&msg, backoff).await;
-                        Err(())
-                    }
+                    Work::Local(text) => match process_message(app, &text, 1).await {
+                        Ok(outcome) => Ok(outcome),
+                        // Onto the queue, where the retries and the poison queue apply.
+                        Err(Retry(e)) => match queue.send_text(&text).await {
+                            Ok(()) => {
+                                warn!(error = %e, "failed in process; queued for another attempt");
+                                Err(Unsettled::Retried)
+                            }
+                            Err(q) => {
+                                error!(error = %e, queue_error = %q, "failed in process and could not be queued; the next reconcile requests it again");
+                                Err(Unsettled::Unqueued)
+                            }
+                        },
+                    },
                 };
                 outstanding.fetch_sub(1, Ordering::SeqCst);
                 settled.notify_one();
@@ -676,7 +727,8 @@ async fn drain_until(
                 }
                 progress.inc(1);
             }
-            Err(()) => report.retried += 1,
+            Err(Unsettled::Retried) => report.retried += 1,
+            Err(Unsettled::Unqueued) => report.unqueued += 1,
         }
     }
     let failed = receive_error.lock().expect("poisoned").take();

@@ -402,7 +402,11 @@ pub async fn enqueue_live(app: &App, container: &str, blob: &BlobEntry) -> Resul
         .with_backup_absent(true)
         .with_props(version_props(blob, &blob.etag));
     app.backlog_reserve().await;
-    app.queue.send_text(&request.to_json()).await.map_err(|e| {
+    // In `reconcile --drain`, straight to the drain beside us (see `App::with_handoff`).
+    let Err(text) = app.hand_off(request.to_json()) else {
+        return Ok(());
+    };
+    app.queue.send_text(&text).await.map_err(|e| {
         app.backlog_release();
         format!("enqueue: {e}")
     })

@@ -55,9 +55,13 @@ impl ProxiedRequest {
     }
 }
 
+/// Which requests to answer with 503 instead of forwarding, and how many more times.
+type Fault = (Box<dyn Fn(&str, &str) -> bool + Send + Sync>, usize);
+
 struct Shared {
     upstream: SocketAddr,
     log: Mutex<Vec<ProxiedRequest>>,
+    fault: Mutex<Option<Fault>>,
 }
 
 /// The proxy; stops on drop.
@@ -72,6 +76,7 @@ impl CountingProxy {
         let shared = Arc::new(Shared {
             upstream: SocketAddr::from(([127, 0, 0, 1], upstream_port)),
             log: Mutex::new(Vec::new()),
+            fault: Mutex::new(None),
         });
         let app = Router::new()
             .fallback(forward)
@@ -93,6 +98,16 @@ impl CountingProxy {
 
     pub fn requests(&self) -> Vec<ProxiedRequest> {
         self.shared.log.lock().unwrap().clone()
+    }
+
+    /// Answers the next `times` requests for which `matches(method, target)` holds with
+    /// `503 ServerBusy` (not forwarded), as a throttled service would.
+    pub fn fail_next(
+        &self,
+        times: usize,
+        matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
+    ) {
+        *self.shared.fault.lock().unwrap() = Some((Box::new(matches), times));
     }
 
     /// Forgets everything counted so far (e.g. after a set-up phase).
@@ -145,6 +160,25 @@ async fn forward(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             user_agent: user_agent.clone(),
         });
     };
+    let injected = {
+        let mut fault = shared.fault.lock().unwrap();
+        match fault.as_mut() {
+            Some((matches, left)) if *left > 0 && matches(&method, &target) => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        }
+    };
+    if injected {
+        record(503);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("x-ms-error-code", "ServerBusy")],
+            "injected by the test proxy",
+        )
+            .into_response();
+    }
     let upstream = match tokio::net::TcpStream::connect(shared.upstream).await {
         Ok(s) => s,
         Err(e) => {
