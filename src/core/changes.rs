@@ -20,6 +20,9 @@ pub enum Verdict {
     New,
     /// The newest snapshot holds another version.
     Changed { previous: Etag },
+    /// Modified since the previous complete run's watermark and not among the versions it
+    /// handled ([`super::watermark::Since`]); whether a snapshot of it exists is not known.
+    Modified,
     /// The newest snapshot already holds this version.
     Unchanged,
     /// HNS directory placeholder: not data.
@@ -34,7 +37,10 @@ pub struct Decision {
 
 impl Decision {
     pub fn needs_snapshot(&self) -> bool {
-        matches!(self.verdict, Verdict::New | Verdict::Changed { .. })
+        matches!(
+            self.verdict,
+            Verdict::New | Verdict::Changed { .. } | Verdict::Modified
+        )
     }
 }
 

@@ -27,13 +27,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use super::changes::{Decision, Verdict};
 use crate::model::{BlobEntry, Etag};
 
 /// How far before its first listing request a run's `from` lies: covers the skew between the
 /// service's front ends and our clock, and a listing query evaluated before its response's `Date`.
 pub const MARGIN: time::Duration = time::Duration::minutes(5);
 
-/// Most fingerprints a state keeps (22 bytes each in JSON: ~5 MiB). A run that handles more
+/// Most fingerprints a state keeps (16 bytes each in memory, 25 in JSON: ~5 MiB). A run that handles more
 /// versions inside its window keeps no state.
 pub const MAX_HANDLED: usize = 200_000;
 
@@ -58,15 +59,22 @@ pub struct ProducerState {
     pub handled: Vec<String>,
 }
 
-/// `(name, ETag)` as 128 bits of SHA-256, base64: names are up to 1,024 characters, and a false
-/// match (which would skip a change) is as likely as a SHA-256 collision on 128 bits.
-pub fn fingerprint(name: &str, etag: &Etag) -> String {
+/// `(name, ETag)` as 128 bits of SHA-256 (16 bytes in memory, 22 characters of base64 in the
+/// state): names are up to 1,024 characters, and a false match (which would skip a change) is as
+/// likely as a SHA-256 collision on 128 bits.
+pub type Fingerprint = [u8; 16];
+
+pub fn fingerprint(name: &str, etag: &Etag) -> Fingerprint {
     let mut h = Sha256::new();
     h.update(name.as_bytes());
     h.update([0]);
     h.update(etag.as_str().as_bytes());
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(&h.finalize()[..16])
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize()[..16]);
+    out
 }
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD_NO_PAD;
 
 /// Why a stored state cannot be used; the run lists in full.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -82,13 +90,15 @@ pub enum Unusable {
     TooOld(OffsetDateTime),
     #[error("its `from` lies in the future ({0})")]
     Future(OffsetDateTime),
+    #[error("fingerprint {0:?} is not 16 bytes of base64")]
+    Fingerprint(String),
 }
 
 /// A stored state, checked and ready to answer [`Since::needs_look`].
 #[derive(Debug)]
 pub struct Since {
     from: OffsetDateTime,
-    handled: HashSet<String>,
+    handled: HashSet<Fingerprint>,
 }
 
 impl Since {
@@ -113,9 +123,20 @@ impl Since {
         if state.from > now + MARGIN {
             return Err(Unusable::Future(state.from));
         }
+        let mut handled = HashSet::with_capacity(state.handled.len());
+        for text in state.handled {
+            match B64
+                .decode(&text)
+                .ok()
+                .and_then(|b| Fingerprint::try_from(b).ok())
+            {
+                Some(f) => handled.insert(f),
+                None => return Err(Unusable::Fingerprint(text)),
+            };
+        }
         Ok(Since {
             from: state.from,
-            handled: state.handled.into_iter().collect(),
+            handled,
         })
     }
 
@@ -128,6 +149,18 @@ impl Since {
         blob.last_modified >= self.from
             && !self.handled.contains(&fingerprint(&blob.name, &blob.etag))
     }
+
+    /// The producer's decision for one base blob of a base-only listing.
+    pub fn decide(&self, blob: BlobEntry) -> Decision {
+        let verdict = if blob.is_directory_placeholder() {
+            Verdict::Placeholder
+        } else if self.needs_look(&blob) {
+            Verdict::Modified
+        } else {
+            Verdict::Unchanged
+        };
+        Decision { blob, verdict }
+    }
 }
 
 /// Collects, during a run, what the next run needs.
@@ -136,7 +169,7 @@ pub struct StateBuilder {
     container: String,
     prefix: Option<String>,
     from: OffsetDateTime,
-    handled: Vec<String>,
+    handled: Vec<Fingerprint>,
     overflow: bool,
 }
 
@@ -178,7 +211,7 @@ impl StateBuilder {
             container: self.container,
             prefix: self.prefix,
             from: self.from,
-            handled: self.handled,
+            handled: self.handled.iter().map(|f| B64.encode(f)).collect(),
         })
     }
 }
@@ -222,6 +255,24 @@ mod tests {
         assert!(s.needs_look(&blob("new", "n1", T0 + time::Duration::seconds(1))));
         // Exactly at `from` counts as inside the window.
         assert!(s.needs_look(&blob("edge", "x", T0 - MARGIN)));
+    }
+
+    #[test]
+    fn decisions_of_a_base_only_listing() {
+        let mut b = StateBuilder::new("c", None, T0);
+        b.handled("seen", &Etag::new("s1"), T0);
+        let s = since(b.finish().unwrap());
+        let mut dir = blob("dir", "d", T0 + time::Duration::minutes(1));
+        dir.metadata.insert("hdi_isfolder".into(), "true".into());
+        assert_eq!(s.decide(dir).verdict, Verdict::Placeholder);
+        assert_eq!(s.decide(blob("seen", "s1", T0)).verdict, Verdict::Unchanged);
+        assert_eq!(s.decide(blob("seen", "s2", T0)).verdict, Verdict::Modified);
+        assert_eq!(
+            s.decide(blob("old", "o", T0 - time::Duration::hours(2)))
+                .verdict,
+            Verdict::Unchanged
+        );
+        assert!(s.decide(blob("new", "n", T0)).needs_snapshot());
     }
 
     #[test]
@@ -291,7 +342,17 @@ mod tests {
             fingerprint("ab", &Etag::new("c")),
             fingerprint("a", &Etag::new("bc"))
         );
-        assert_eq!(fingerprint("a b/ü?#%", &Etag::new("\"0x1\"")).len(), 22);
+        let mut b = StateBuilder::new("c", None, T0);
+        b.handled("a b/ü?#%", &Etag::new("\"0x1\""), T0);
+        let state = b.finish().unwrap();
+        assert_eq!(state.handled[0].len(), 22);
+        let mut damaged = state.clone();
+        damaged.handled.push("not base64!".into());
+        assert!(matches!(
+            Since::new(damaged, "c", None, T0),
+            Err(Unusable::Fingerprint(_))
+        ));
+        assert!(!since(state).needs_look(&blob("a b/ü?#%", "\"0x1\"", T0)));
     }
 
     proptest! {

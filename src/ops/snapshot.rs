@@ -131,19 +131,7 @@ pub async fn run_with(
                 .entries
                 .into_iter()
                 .filter(|e| !e.is_snapshot())
-                .map(|blob| {
-                    let verdict = if blob.is_directory_placeholder() {
-                        Verdict::Placeholder
-                    } else if since.needs_look(&blob) {
-                        // Whether a snapshot of it exists is unknown: not "new".
-                        Verdict::Changed {
-                            previous: Etag::new(""),
-                        }
-                    } else {
-                        Verdict::Unchanged
-                    };
-                    Decision { blob, verdict }
-                })
+                .map(|blob| since.decide(blob))
                 .collect(),
             None => {
                 let last_name = page.entries.last().map(|e| e.name.clone());
@@ -224,7 +212,8 @@ async fn process(
             }
             // A blob never snapshotted before has, in all likelihood, no backup yet.
             Verdict::New => todo.push((d.blob, true)),
-            Verdict::Changed { .. } => todo.push((d.blob, false)),
+            // A watermark run cannot tell new from changed: it claims nothing about the backup.
+            Verdict::Changed { .. } | Verdict::Modified => todo.push((d.blob, false)),
         }
     }
     let results: Vec<(String, One)> = stream::iter(todo)
