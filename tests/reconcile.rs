@@ -256,6 +256,33 @@ async fn noop_reconcile_costs_only_flat_listings() {
     stack.assert_no_secrets_in(&handler.logs());
 }
 
+/// A container of `NAMES`, fully backed up by the producer and the worker, whose backups of
+/// `lost` were then deleted.
+async fn backed_up_then_lost(stack: &Stack, prefix: &str, lost: &[&str]) -> String {
+    let container = unique_name(prefix);
+    seed(stack, &container, &files(NAMES)).await;
+    let handler = stack.handler().await;
+    producer(handler.port(), &container).await;
+    assert_eq!(drain_backups(stack, &handler).await, NAMES.len());
+    for name in lost {
+        assert!(NAMES.contains(name));
+        stack
+            .backup()
+            .delete_blob(&container, name)
+            .await
+            .ok("delete backup");
+    }
+    container
+}
+
+/// Put Message requests in Azurite's queue access log after its first `from` entries.
+async fn messages_sent_since(stack: &Stack, from: usize) -> usize {
+    stack.azurite.queue_requests().await[from..]
+        .iter()
+        .filter(|r| r.method == "POST" && r.path().ends_with("/messages"))
+        .count()
+}
+
 /// Lost backups with an empty queue: nothing can be pending, so reconcile does not list each
 /// blob's snapshots, and an unchanged blob needs no new snapshot (its version is live, and the
 /// copy reads it under `source-if-match`): the repair costs the two flat listings plus one copy
@@ -265,21 +292,8 @@ async fn noop_reconcile_costs_only_flat_listings() {
 #[tokio::test]
 async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;
-    let container = unique_name("repair");
-    let blobs = files(NAMES);
-    seed(&stack, &container, &blobs).await;
-    let handler = stack.handler().await;
-    producer(handler.port(), &container).await;
-    assert_eq!(drain_backups(&stack, &handler).await, NAMES.len());
     let lost = ["a/b c.csv", "z"];
-    for name in lost {
-        assert!(NAMES.contains(&name));
-        stack
-            .backup()
-            .delete_blob(&container, name)
-            .await
-            .ok("delete backup");
-    }
+    let container = backed_up_then_lost(&stack, "repair", &lost).await;
 
     let proxy = stack.blob_proxy();
     let mut via_proxy = stack.env_via_proxy(&proxy);
@@ -323,14 +337,10 @@ async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
         proxy.summary()
     );
     assert!(stack.queues().peek_messages(&stack.queue).await.is_empty());
-    let messages_sent: Vec<_> = stack.azurite.queue_requests().await[queue_log_before..]
-        .iter()
-        .filter(|r| r.method == "POST" && r.path().ends_with("/messages"))
-        .cloned()
-        .collect();
-    assert!(
-        messages_sent.is_empty(),
-        "live repairs go to the drain in process: {messages_sent:#?}"
+    assert_eq!(
+        messages_sent_since(&stack, queue_log_before).await,
+        0,
+        "live repairs go to the drain in process"
     );
     assert_eq!(n(&both["backup"], "unqueued"), 0);
     assert_full_coverage(&stack, &container).await;
@@ -341,17 +351,7 @@ async fn repair_with_an_empty_queue_lists_no_snapshots_per_blob() {
 #[tokio::test]
 async fn a_failed_in_process_repair_is_queued_not_dropped() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;
-    let container = unique_name("busy");
-    let blobs = files(NAMES);
-    seed(&stack, &container, &blobs).await;
-    let handler = stack.handler().await;
-    producer(handler.port(), &container).await;
-    assert_eq!(drain_backups(&stack, &handler).await, NAMES.len());
-    stack
-        .backup()
-        .delete_blob(&container, "z")
-        .await
-        .ok("delete backup");
+    let container = backed_up_then_lost(&stack, "busy", &["z"]).await;
     let proxy = stack.blob_proxy();
     let mut via_proxy = stack.env_via_proxy(&proxy);
     via_proxy.push(("LAKEGUARD_MAX_RETRIES".into(), "0".into()));
@@ -366,11 +366,11 @@ async fn a_failed_in_process_repair_is_queued_not_dropped() {
     assert_eq!(n(b, "retried"), 1, "{both:#}");
     assert_eq!(n(b, "backed_up"), 1, "copied from the queue: {both:#}");
     assert_eq!(n(b, "unqueued"), 0);
-    let sent = stack.azurite.queue_requests().await[queue_log_before..]
-        .iter()
-        .filter(|r| r.method == "POST" && r.path().ends_with("/messages"))
-        .count();
-    assert_eq!(sent, 1, "exactly the failed repair went onto the queue");
+    assert_eq!(
+        messages_sent_since(&stack, queue_log_before).await,
+        1,
+        "exactly the failed repair went onto the queue"
+    );
     assert!(stack.queues().peek_messages(&stack.queue).await.is_empty());
     assert_full_coverage(&stack, &container).await;
 }

@@ -562,6 +562,8 @@ enum Work {
 /// How a unit of work that did not finish ended.
 enum Unsettled {
     Retried,
+    /// A handed-over request now on the queue: it stays in the backlog until that copy is done.
+    Requeued,
     Unqueued,
 }
 
@@ -698,7 +700,7 @@ async fn drain_until(
                         Err(Retry(e)) => match queue.send_text(&text).await {
                             Ok(()) => {
                                 warn!(error = %e, "failed in process; queued for another attempt");
-                                Err(Unsettled::Retried)
+                                Err(Unsettled::Requeued)
                             }
                             Err(q) => {
                                 error!(error = %e, queue_error = %q, "failed in process and could not be queued; the next reconcile requests it again");
@@ -709,7 +711,9 @@ async fn drain_until(
                 };
                 outstanding.fetch_sub(1, Ordering::SeqCst);
                 settled.notify_one();
-                app.backlog_release();
+                if !matches!(result, Err(Unsettled::Requeued)) {
+                    app.backlog_release();
+                }
                 result
             }
         })
@@ -727,7 +731,7 @@ async fn drain_until(
                 }
                 progress.inc(1);
             }
-            Err(Unsettled::Retried) => report.retried += 1,
+            Err(Unsettled::Retried | Unsettled::Requeued) => report.retried += 1,
             Err(Unsettled::Unqueued) => report.unqueued += 1,
         }
     }
