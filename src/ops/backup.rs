@@ -593,6 +593,10 @@ async fn drain_until(
     // one of them is (a stored permit, so no wake-up is lost).
     let outstanding = AtomicUsize::new(0);
     let settled = Notify::new();
+    // Every request handed over in process has been taken (and counted as outstanding): until
+    // then, "nothing outstanding and the queue is empty" does not mean done, because a handed-over
+    // request that fails goes onto the queue after the receiver has looked at it.
+    let handoffs_taken = AtomicBool::new(local.is_none());
     // Batches are received as workers free up, so the next receive overlaps with the end of the
     // previous batch. While our own messages are in flight an empty receive waits for one of them
     // to finish (no polling); the stream ends when nothing is ours, the producer is done and the
@@ -602,7 +606,7 @@ async fn drain_until(
         (None::<Instant>, 0u32),
         |(mut idle_since, mut empty_polls)| {
             let (receive_error, progress) = (&receive_error, &progress);
-            let (outstanding, settled) = (&outstanding, &settled);
+            let (outstanding, settled, handoffs_taken) = (&outstanding, &settled, &handoffs_taken);
             async move {
                 loop {
                     let fail = |e: StorageError| {
@@ -636,7 +640,20 @@ async fn drain_until(
                         let _ = tokio::time::timeout(wait, p.done.notified()).await;
                         continue;
                     }
-                    // The producer is done (read before the count: everything it enqueued counts).
+                    // The producer is done (read before the count: everything it enqueued
+                    // counts). Then, in this order: every handed-over request taken (each counted
+                    // as outstanding before the flag is set), none outstanding (one put onto the
+                    // queue was sent before it stopped being outstanding), so the count that
+                    // follows includes every requeued one.
+                    if !handoffs_taken.load(Ordering::SeqCst) {
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(500), settled.notified())
+                                .await;
+                        continue;
+                    }
+                    if outstanding.load(Ordering::SeqCst) > 0 {
+                        continue;
+                    }
                     match queue.approximate_count().await {
                         Ok(0) => return None,
                         Ok(_) => {}
@@ -660,9 +677,14 @@ async fn drain_until(
     // the queue's receiver waits for them instead of polling.
     let handed_over = stream::unfold(local, |rx| {
         let (outstanding, progress) = (&outstanding, &progress);
+        let (settled, handoffs_taken) = (&settled, &handoffs_taken);
         async move {
             let mut rx = rx?;
-            let text = rx.recv().await?;
+            let Some(text) = rx.recv().await else {
+                handoffs_taken.store(true, Ordering::SeqCst);
+                settled.notify_one();
+                return None;
+            };
             outstanding.fetch_add(1, Ordering::SeqCst);
             progress.add_total(1);
             Some((vec![Work::Local(text)], Some(rx)))
