@@ -626,6 +626,72 @@ async fn a_damaged_or_foreign_watermark_means_a_full_listing() {
     assert_eq!(again.enqueued, 0);
 }
 
+/// A watermark that cannot be read (the service is busy) is neither used nor replaced: the run
+/// lists in full, and the state stays exactly as it was (it is sound, only older).
+#[tokio::test]
+async fn an_unreadable_watermark_is_neither_used_nor_replaced() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("busy");
+    seed(&stack, &container, &["a.csv".to_string()]).await;
+    let first = lakeguard::ops::snapshot::run(
+        &support::app(&stack.env()),
+        &container,
+        None,
+        lakeguard::ops::no_progress(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.state, "saved");
+    let name = lakeguard::ops::watermark::blob_name(&container, None);
+    let (backup, state_name) = (stack.backup(), name.clone());
+    let etag_of_state = move || {
+        let (backup, state_name) = (backup.clone(), state_name.clone());
+        async move {
+            backup
+                .blob_properties("lakeguard-state", &state_name, None)
+                .await
+                .ok("state")
+                .header("etag")
+        }
+    };
+    let before = etag_of_state().await;
+
+    let proxy = stack.blob_proxy();
+    let mut env = stack.env_via_proxy(&proxy);
+    env.push(("LAKEGUARD_MAX_RETRIES".into(), "0".into()));
+    let state_path = format!("/backupacct/lakeguard-state/{name}");
+    proxy.fail_next(1, move |method, target| {
+        method == "GET" && target.split('?').next() == Some(state_path.as_str())
+    });
+    let r = lakeguard::ops::snapshot::run(
+        &support::app(&env),
+        &container,
+        None,
+        lakeguard::ops::no_progress(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.listing.starts_with("full (reading the state failed"),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.enqueued, 0,
+        "a full listing finds a.csv snapshotted: {r:?}"
+    );
+    assert_eq!(
+        r.state,
+        "not saved: the state this run could not read is kept"
+    );
+    assert_eq!(etag_of_state().await, before);
+    assert_eq!(
+        proxy.requests().iter().filter(|q| q.status == 503).count(),
+        1,
+        "{:#?}",
+        proxy.summary()
+    );
+}
+
 /// Two runs overlap: the one that saves second finds the state changed since it read it, and
 /// keeps the other's (If-Match), which is as valid as its own.
 #[tokio::test]

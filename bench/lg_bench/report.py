@@ -57,9 +57,14 @@ def _correct(r: dict) -> str:
     lost_note = f"; {lost} whose history scenario 4 deleted, correctly not restored" if lost else ""
     if c.get("ok"):
         return f"yes ({c.get('verified_equal')}/{c.get('source_blobs')}{lost_note})"
+    # A row of several rounds shows the median round's numbers but is wrong if any round was:
+    # name the round(s), so the reader does not pin the failure on the median one.
+    rounds = r.get("rounds") or []
+    bad = [str(i + 1) for i, x in enumerate(rounds) if not (x.get("correct") and x.get("exit_ok"))]
+    where = f" in round {', '.join(bad)} of {len(rounds)}" if bad else ""
     if "error" in c:
-        return f"**NO**: {c['error']}"
-    return f"**NO**: {c.get('missing')} missing, {c.get('wrong_content')} wrong of {c.get('source_blobs')}"
+        return f"**NO**{where}: {c['error']}"
+    return f"**NO**{where}: {c.get('missing')} missing, {c.get('wrong_content')} wrong of {c.get('source_blobs')}"
 
 
 def markdown(doc: dict, png_name: str) -> str:

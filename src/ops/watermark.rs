@@ -45,6 +45,9 @@ pub struct Loaded {
     pub etag: Option<Etag>,
     /// Why there is no usable state (for the report and the log).
     pub why_full: Option<String>,
+    /// Reading failed (not "not found"): a state may be there that this run neither uses nor
+    /// replaces.
+    pub unread: bool,
 }
 
 pub async fn load(app: &App, container: &str, prefix: Option<&str>, now: OffsetDateTime) -> Loaded {
@@ -57,6 +60,7 @@ pub async fn load(app: &App, container: &str, prefix: Option<&str>, now: OffsetD
                 since: None,
                 etag: None,
                 why_full: Some("no state of a previous complete run".into()),
+                unread: false,
             }
         }
         Err(e) => {
@@ -67,6 +71,7 @@ pub async fn load(app: &App, container: &str, prefix: Option<&str>, now: OffsetD
                 since: None,
                 etag: None,
                 why_full: Some(format!("reading the state failed: {e}")),
+                unread: true,
             };
         }
     };
@@ -81,6 +86,7 @@ pub async fn load(app: &App, container: &str, prefix: Option<&str>, now: OffsetD
             since: Some(since),
             etag: Some(etag),
             why_full: None,
+            unread: false,
         },
         Err(why) => {
             info!(why, "listing in full");
@@ -89,6 +95,7 @@ pub async fn load(app: &App, container: &str, prefix: Option<&str>, now: OffsetD
                 since: None,
                 etag: Some(etag),
                 why_full: Some(why),
+                unread: false,
             }
         }
     }
@@ -140,6 +147,12 @@ pub async fn save(app: &App, loaded: &Loaded, state: &ProducerState) -> String {
     }
     match attempt {
         Ok(_) => "saved".into(),
+        // If-None-Match `*` lost to the state this run could not read: older than ours but
+        // sound, since it vouches only for what its own run handled (the next run may look at
+        // some of this run's blobs again, and finds them snapshotted).
+        Err(e) if is_lost_race(&e) && loaded.unread => {
+            "not saved: the state this run could not read is kept".into()
+        }
         Err(e) if is_lost_race(&e) => {
             info!("another run replaced the producer state meanwhile; keeping its state");
             "kept the state another run saved meanwhile".into()
@@ -156,7 +169,11 @@ pub async fn save(app: &App, loaded: &Loaded, state: &ProducerState) -> String {
 /// lists in full instead of taking again what this run did.
 pub async fn discard(app: &App, loaded: &Loaded) -> String {
     let Some(etag) = &loaded.etag else {
-        return "no state kept".into();
+        return if loaded.unread {
+            "the state this run could not read is kept (it vouches only for what it saw)".into()
+        } else {
+            "no state kept".into()
+        };
     };
     match app
         .backup
