@@ -643,18 +643,7 @@ async fn an_unreadable_watermark_is_neither_used_nor_replaced() {
     .unwrap();
     assert_eq!(first.state, "saved");
     let name = lakeguard::ops::watermark::blob_name(&container, None);
-    let (backup, state_name) = (stack.backup(), name.clone());
-    let etag_of_state = move || {
-        let (backup, state_name) = (backup.clone(), state_name.clone());
-        async move {
-            backup
-                .blob_properties("lakeguard-state", &state_name, None)
-                .await
-                .ok("state")
-                .header("etag")
-        }
-    };
-    let before = etag_of_state().await;
+    let before = state_etag(&stack, &name).await;
 
     let proxy = stack.blob_proxy();
     let mut env = stack.env_via_proxy(&proxy);
@@ -683,13 +672,22 @@ async fn an_unreadable_watermark_is_neither_used_nor_replaced() {
         r.state,
         "not saved: the state this run could not read is kept"
     );
-    assert_eq!(etag_of_state().await, before);
+    assert_eq!(state_etag(&stack, &name).await, before);
     assert_eq!(
         proxy.requests().iter().filter(|q| q.status == 503).count(),
         1,
         "{:#?}",
         proxy.summary()
     );
+}
+
+async fn state_etag(stack: &Stack, name: &str) -> Option<String> {
+    stack
+        .backup()
+        .blob_properties("lakeguard-state", name, None)
+        .await
+        .ok("state")
+        .header("etag")
 }
 
 /// Two runs overlap: the one that saves second finds the state changed since it read it, and
