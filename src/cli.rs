@@ -136,10 +136,14 @@ pub enum Command {
 /// `--from`: where the history is read.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum RestoreFrom {
-    /// The backup account (base blobs, snapshots and tombstones).
+    /// The backup account (base blobs, snapshots and tombstones), with the source's snapshots
+    /// and live blobs filling in versions not yet backed up.
     #[default]
     Backup,
-    /// The source account's own snapshots (fast, same account; only while they exist).
+    /// The backup account alone (the source account is lost or unreachable).
+    BackupOnly,
+    /// The source account's own snapshots (fast, same account; blind to blobs deleted together
+    /// with their snapshots).
     Snapshots,
 }
 

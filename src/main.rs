@@ -130,6 +130,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             req.prefix = prefix.filter(|p| !p.is_empty());
             req.from = match from {
                 RestoreFrom::Backup => lakeguard::core::restore::HistoryFrom::Backup,
+                RestoreFrom::BackupOnly => lakeguard::core::restore::HistoryFrom::BackupOnly,
                 RestoreFrom::Snapshots => lakeguard::core::restore::HistoryFrom::SourceSnapshots,
             };
             req.dry_run = dry_run;

@@ -518,7 +518,8 @@ async fn restore_from_source_snapshots_and_unavailable_versions() {
     assert!(!truth1.contains_key("d.txt"));
     assert_eq!(contents(&stack.source(), c).await, expected);
 
-    // A version whose copy never completed (no lakeguard_backed_up_at) is unavailable, not guessed.
+    // A version whose copy never completed (no lakeguard_backed_up_at) is not in the backup.
+    // The backup alone cannot restore it: unavailable, not guessed.
     let p = app.backup.properties(c, "c.json", None).await.unwrap();
     let mut meta = p.metadata.clone();
     meta.remove(metadata::BACKED_UP_AT);
@@ -526,20 +527,27 @@ async fn restore_from_source_snapshots_and_unavailable_versions() {
         .set_metadata(c, "c.json", &meta, &p.etag)
         .await
         .unwrap();
-    let (t3, _) = &h.points[2];
-    let report = restore::run(
-        &app,
-        &elsewhere(&app, c, *t3, &unique_name("unavail")),
-        no_progress(),
-    )
-    .await
-    .unwrap();
+    let (t3, truth3) = &h.points[2];
+    let mut req = elsewhere(&app, c, *t3, &unique_name("unavail"));
+    req.from = HistoryFrom::BackupOnly;
+    let report = restore::run(&app, &req, no_progress()).await.unwrap();
     assert_eq!(report.plan.unavailable, 1, "{report:#?}");
     assert!(report
         .items
         .iter()
         .any(|i| matches!(i, PlanItem::Unavailable { name, .. } if name == "c.json")));
     assert!(!report.is_complete());
+    // With the source's rows (the default), the version is still held by its source snapshot
+    // and restored from there.
+    let target = unique_name("fallback");
+    let report = restore::run(&app, &elsewhere(&app, c, *t3, &target), no_progress())
+        .await
+        .unwrap();
+    assert!(report.is_complete(), "{report:#?}");
+    assert!(report.items.iter().any(|i| matches!(i,
+        PlanItem::Restore { name, version, .. } if name == "c.json"
+            && version.content.as_ref().is_some_and(|c| c.side == lakeguard::core::restore::Side::Source))));
+    assert_eq!(contents(&stack.backup(), &target).await, *truth3);
 }
 
 /// The HTTP function: without `confirm` it only plans; with it, 202 and a status to follow.
@@ -883,4 +891,134 @@ async fn killed_restore_resumes_without_doing_anything_twice() {
         r["execution"]
     );
     assert_eq!(contents(&backup, &target).await, truth);
+}
+
+/// Issue 15, defect 1: v1 snapshotted with its backup request still queued, v2 (corrupt)
+/// written after T. The old in-place restore saw no backup row at T, called the blob absent
+/// and deleted it *with the snapshot holding v1*. Now the source snapshot is history too (v1 is
+/// restored from it), a blob is deleted only when proven absent, and a deleted blob's snapshots
+/// whose versions the backup does not hold are copied to the undo area first.
+#[tokio::test]
+async fn in_place_restore_never_destroys_a_version_the_backup_lacks() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let env = stack.env();
+    let app = support::app(&env);
+    let src = stack.source();
+    let c = unique_name("backlog");
+    src.create_container(&c).await.ok("create container");
+    let mut truth = Truth::new();
+    put(&src, &c, "f.csv", b"version 1, good", &mut truth).await;
+    // The producer snapshots and queues; nobody drains: v1 is only in its source snapshot.
+    let r = ops::snapshot::run(&app, &c, None, no_progress())
+        .await
+        .unwrap();
+    assert_eq!(r.enqueued, 1, "{r:?}");
+    let t = mark().await;
+    put(&src, &c, "f.csv", b"version 2, CORRUPT", &mut truth).await;
+    // Created after T: one never seen by lakeguard, one snapshotted (its request queued too).
+    put(&src, &c, "new.csv", b"garbage", &mut truth).await;
+    put(&src, &c, "snapped.csv", b"garbage, snapshotted", &mut truth).await;
+    let r = ops::snapshot::run(&app, &c, Some("snapped"), no_progress())
+        .await
+        .unwrap();
+    assert_eq!(r.enqueued, 1, "{r:?}");
+    let snapshots_of = |rows: &[support::rest::ListedBlob], name: &str| {
+        rows.iter()
+            .filter(|b| b.name == name && b.snapshot.is_some())
+            .count()
+    };
+    let before = src.list_blobs(&c, None).await;
+    assert_eq!(snapshots_of(&before, "f.csv"), 1);
+
+    // Without a coverage record nothing proves the new blobs absent at T: they are left alone.
+    app.backup
+        .delete(
+            lakeguard::settings::STATE_CONTAINER,
+            &format!("coverage/{c}.json"),
+            None,
+            None,
+            false,
+        )
+        .await
+        .expect("remove the coverage record");
+    let mut req = RestoreRequest::new(c.as_str(), t);
+    req.force = true;
+    req.dry_run = true;
+    let plan = restore::run(&app, &req, no_progress()).await.unwrap();
+    assert_eq!(
+        (plan.plan.restore, plan.plan.delete, plan.plan.unavailable),
+        (1, 0, 2),
+        "{plan:#?}"
+    );
+    assert!(plan.history.coverage_since.is_none());
+
+    // With coverage (a complete producer pass before T), the new blobs are proven absent.
+    lakeguard::ops::state::record_coverage(&app, &c, t - time::Duration::minutes(5))
+        .await
+        .unwrap();
+    req.dry_run = false;
+    let report = restore::run(&app, &req, no_progress()).await.unwrap();
+    assert!(report.is_complete(), "{report:#?}");
+    let exec = report.execution.as_ref().unwrap();
+    assert_eq!((exec.restored, exec.deleted), (1, 2), "{report:#?}");
+    assert_eq!(exec.undo_snapshot_copies, 1, "{report:#?}");
+    // f.csv holds v1 again, read from the source snapshot; that snapshot still exists.
+    let f = src.get_blob(&c, "f.csv", None).await.ok("get f").body;
+    assert_eq!(f, b"version 1, good");
+    let after = src.list_blobs(&c, None).await;
+    assert!(snapshots_of(&after, "f.csv") >= 1, "{after:?}");
+    assert!(after
+        .iter()
+        .all(|b| b.name != "new.csv" && b.name != "snapped.csv"));
+    // The deleted blobs and the snapshot holding a version the backup lacked were copied first.
+    let undo = stack.backup().list_blobs(RESERVED_CONTAINER, None).await;
+    let kept = |part: &str| {
+        undo.iter()
+            .filter(|b| b.name.starts_with(&report.id) && b.name.contains(part))
+            .count()
+    };
+    assert_eq!(kept(&format!("/undo/{c}/new.csv")), 1, "{undo:?}");
+    assert_eq!(kept(&format!("/undo/{c}/snapped.csv")), 1, "{undo:?}");
+    assert_eq!(kept("/undo-snapshots/"), 1, "{undo:?}");
+    let copy = undo
+        .iter()
+        .find(|b| b.name.contains("/undo-snapshots/"))
+        .unwrap();
+    assert_eq!(
+        stack
+            .backup()
+            .get_blob(RESERVED_CONTAINER, &copy.name, None)
+            .await
+            .ok("undo snapshot copy")
+            .body,
+        b"garbage, snapshotted"
+    );
+    // The queued requests still run: v1's is kept in the backup's history.
+    let d = ops::backup::drain(&app, &app.queue, no_progress())
+        .await
+        .unwrap();
+    assert_eq!(d.poisoned, 0, "{d:?}");
+}
+
+#[tokio::test]
+async fn restore_times_in_the_future_or_unwritable_are_invalid_input() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let env = stack.env();
+    let c = unique_name("times");
+    stack.source().create_container(&c).await.ok("create");
+    let future = metadata::format_time(OffsetDateTime::now_utc() + time::Duration::hours(1));
+    for at in [future.as_str(), "0000-01-01T00:00:00+01:00"] {
+        let out = run_cli(
+            &["restore", "--container", &c, "--at", at, "--dry-run"],
+            &env,
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{at}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            stderr.contains("future") || stderr.contains("years 1-9999"),
+            "{at}: {stderr}"
+        );
+    }
 }

@@ -924,3 +924,81 @@ async fn deliver_one(
     );
     format!("{:?}", report.deliveries)
 }
+
+/// Issue 15, defect 3: two versions written within one second (the same Last-Modified), the
+/// older request processed last. The newer must stay the backup's current blob, and a restore
+/// must give it, whatever the order of processing.
+#[tokio::test]
+async fn same_second_versions_processed_in_reverse_order_keep_the_newer_on_top() {
+    use lakeguard::model::BackupRequest;
+    use lakeguard::ops;
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let env = stack.env();
+    let app = support::app(&env);
+    let c = unique_name("tie");
+    let src = stack.source();
+    src.create_container(&c).await.ok("create");
+    // Two writes and their snapshots inside one second (retried until Azurite agrees).
+    let snap = |name: String| {
+        let app = &app;
+        let c = &c;
+        async move {
+            let p = app.source.properties(c, &name, None).await.unwrap();
+            let meta = lakeguard::ops::snapshot::snapshot_metadata(
+                &p.metadata,
+                &p.etag,
+                p.last_modified,
+                time::OffsetDateTime::now_utc(),
+            );
+            let s = app
+                .source
+                .create_snapshot(c, &name, &p.etag, &meta)
+                .await
+                .unwrap();
+            (p, s.id)
+        }
+    };
+    let mut found = None;
+    for attempt in 0..10 {
+        // Start early in a second, so that both writes fit in it.
+        while time::OffsetDateTime::now_utc().millisecond() > 300 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let name = format!("f{attempt}.csv");
+        src.put_blob(&c, &name, b"older", &[]).await.ok("v1");
+        let (p1, s1) = snap(name.clone()).await;
+        src.put_blob(&c, &name, b"newer", &[]).await.ok("v2");
+        let (p2, s2) = snap(name.clone()).await;
+        if p1.last_modified == p2.last_modified {
+            found = Some((name, p1, s1, p2, s2));
+            break;
+        }
+    }
+    let (name, p1, s1, p2, s2) = found.expect("two writes within one second");
+    assert!(s1 < s2);
+    let newer = BackupRequest::new(&c, &name, &p2.etag, &s2).to_json();
+    let older = BackupRequest::new(&c, &name, &p1.etag, &s1).to_json();
+    let o = ops::backup::process_message(&app, &newer, 1).await.unwrap();
+    assert!(matches!(o, ops::backup::Outcome::BackedUp { .. }), "{o:?}");
+    let o = ops::backup::process_message(&app, &older, 1).await.unwrap();
+    assert!(
+        matches!(&o, ops::backup::Outcome::Superseded { why, .. } if why.contains("newer")),
+        "{o:?}"
+    );
+    let backup = stack.backup();
+    assert_eq!(content(&backup, &c, &name, None).await, b"newer");
+    // And the restore's history agrees.
+    let target = unique_name("tie-restore");
+    let mut req = ops::restore::RestoreRequest::new(c.as_str(), time::OffsetDateTime::now_utc());
+    req.prefix = Some(name.clone());
+    req.from = lakeguard::core::restore::HistoryFrom::BackupOnly;
+    req.to = Some(ops::restore::TargetSpec {
+        store: app.backup.clone(),
+        container: target.clone(),
+    });
+    let r = ops::restore::run(&app, &req, ops::no_progress())
+        .await
+        .unwrap();
+    assert!(r.is_complete(), "{r:#?}");
+    assert_eq!(content(&backup, &target, &name, None).await, b"newer");
+}

@@ -255,6 +255,10 @@ impl NameGroups {
     }
 
     /// The next complete group (all rows of one name, in no particular order).
+    pub fn order(&self) -> NameOrder {
+        self.order
+    }
+
     pub fn pop(&mut self) -> Option<Vec<BlobEntry>> {
         self.complete.pop_front()
     }

@@ -2,6 +2,7 @@
 //! decision is unit- and property-tested without a storage account.
 
 pub mod changes;
+pub mod history;
 pub mod join;
 pub mod reconcile;
 pub mod restore;

@@ -1,354 +1,48 @@
-//! The time machine and restore planning (issue 5).
+//! Restore planning: each name's state at T (from [`super::history`]) joined with the target
+//! container's listing into a plan.
 //!
-//! A name's history is rebuilt from the rows that hold its versions: in the backup account the
-//! base blob and its snapshots (before a backup blob is overwritten or tombstoned it is
-//! snapshotted, so base + snapshots = every version received), or in the source account the base
-//! blob and its snapshots. [`state_at`] answers "what was current at T" for one name, and
-//! [`RestorePlanner`] joins those answers with the target container's listing into a plan.
-//!
-//! What can and cannot be proven. A row says: version `E` became current at
-//! `lakeguard_source_last_modified` (L), was observed deleted at `lakeguard_deleted_at` (D), and
-//! its content was copied (`lakeguard_backed_up_at` present). Nothing records a version's
-//! predecessor, so versions the backup never received are invisible; the version current at T is
-//! the latest one received with L <= T, as in every backup catalogue. What *is* provable and
-//! therefore reported as unknown instead of guessed:
-//! - a version that was current at T whose content the backup does not hold (a row with the
-//!   version's metadata but no `lakeguard_backed_up_at`: a copy that never finished);
-//! - a row that cannot be placed in time (no or unreadable `lakeguard_*` metadata): the name's
-//!   history has a hole of unknown position, so no time is answered for that name;
-//! - from source snapshots: a blob whose base is gone was deleted at an unknown time after its
-//!   last snapshot.
-
-use std::collections::BTreeMap;
+//! What a restore may do, by construction of the plan:
+//! - write a version only over a blob whose ETag it checked (the overwritten state is kept as an
+//!   undo snapshot by the I/O layer);
+//! - delete only when the history proves the name absent at T (a tombstone covering T, or T
+//!   before every version while lakeguard's coverage of the container had begun) — never because
+//!   the history is silent;
+//! - skip a blob as "unchanged" on its Last-Modified alone only where the history says nothing
+//!   against it (an ADLS rename onto a path or an undelete brings back an old Last-Modified).
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::join::{join_step, JoinError, JoinStep, NameOrder, Named, SortedInput};
-use super::reconcile::snapshot_version_etag;
-use crate::model::metadata::{
-    self, BACKED_UP_AT, DELETED_AT, RESTORED_FROM_ETAG, SOURCE_ETAG, SOURCE_LAST_MODIFIED,
+pub use super::history::{
+    before_history, history_from, history_from_backup, history_from_source_snapshots, start_by,
+    state_at, AtT, ContentRef, History, Side, UnknownSpan, Version,
 };
+use super::join::{join_step, JoinError, JoinStep, NameOrder, Named, SortedInput};
+use crate::model::metadata::RESTORED_FROM_ETAG;
 use crate::model::{BlobEntry, Etag};
-
-/// Where a version's content can be read: a blob (base or snapshot) of the backup account for
-/// `history_from_backup`, of the source account for `history_from_source_snapshots`. Copy from it
-/// with a source `If-Match: etag`, so that a base blob replaced since the listing is not copied
-/// in place of the version.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContentRef {
-    pub name: String,
-    /// `None`: the base blob (mutable); a snapshot id otherwise (immutable, preferred).
-    pub snapshot: Option<String>,
-    pub etag: Etag,
-}
-
-/// One version of one name, as it was in the source.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Version {
-    /// The source ETag of the version: what a restored blob records as
-    /// `lakeguard_restored_from_etag`, and what an untouched source blob still carries.
-    pub source_etag: Etag,
-    /// When the version became current in the source (its Last-Modified there).
-    #[serde(with = "time::serde::rfc3339")]
-    pub source_last_modified: OffsetDateTime,
-    /// When the source was observed without this version's blob (tombstone); the real deletion
-    /// happened at or before this time.
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub deleted_at: Option<OffsetDateTime>,
-    /// `None`: the version is known but its content is not held (see the module docs).
-    pub content: Option<ContentRef>,
-    pub content_length: u64,
-    pub content_type: Option<String>,
-    pub content_md5: Option<Vec<u8>>,
-    /// The source's user metadata of the version (`lakeguard_*` keys removed).
-    pub user_metadata: BTreeMap<String, String>,
-}
-
-/// A time range in which the history cannot tell what was current. Bounds are inclusive; `None`
-/// is unbounded.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnknownSpan {
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub from: Option<OffsetDateTime>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub until: Option<OffsetDateTime>,
-    pub why: String,
-}
-
-impl UnknownSpan {
-    fn contains(&self, t: OffsetDateTime) -> bool {
-        self.from.is_none_or(|f| f <= t) && self.until.is_none_or(|u| t <= u)
-    }
-}
-
-/// Everything known about one name.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct History {
-    pub name: String,
-    /// One per source ETag, ordered by `source_last_modified` (ties: in the order received).
-    pub versions: Vec<Version>,
-    pub unknown: Vec<UnknownSpan>,
-}
-
-/// One row's reading, before versions holding the same ETag are merged.
-struct Observation {
-    etag: Etag,
-    became_current: OffsetDateTime,
-    deleted_at: Option<OffsetDateTime>,
-    has_content: bool,
-    /// Order in which the backup received the states: snapshot time, the base blob last.
-    received: (bool, Option<OffsetDateTime>),
-    row: BlobEntry,
-}
-
-fn user_metadata(row: &BlobEntry) -> BTreeMap<String, String> {
-    row.metadata
-        .iter()
-        .filter(|(k, _)| !metadata::is_lakeguard_key(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
-/// Merges observations of the same ETag into versions and orders them.
-fn build_versions(name: &str, mut obs: Vec<Observation>) -> Vec<Version> {
-    obs.sort_by_key(|o| o.received);
-    // ETag -> index of the version, keeping first-received order for ties of L.
-    let mut index: BTreeMap<Etag, usize> = BTreeMap::new();
-    let mut merged: Vec<(Version, usize, bool)> = Vec::new(); // (version, first received, content from snapshot)
-    for (i, o) in obs.into_iter().enumerate() {
-        let content = o.has_content.then(|| ContentRef {
-            name: name.to_owned(),
-            snapshot: o.row.snapshot.clone(),
-            etag: o.row.etag.clone(),
-        });
-        match index.get(&o.etag) {
-            None => {
-                index.insert(o.etag.clone(), merged.len());
-                let from_snapshot = o.row.snapshot.is_some();
-                merged.push((
-                    Version {
-                        source_etag: o.etag,
-                        source_last_modified: o.became_current,
-                        deleted_at: o.deleted_at,
-                        content,
-                        content_length: o.row.content_length,
-                        content_type: o.row.content_type.clone(),
-                        content_md5: o.row.content_md5.clone(),
-                        user_metadata: user_metadata(&o.row),
-                    },
-                    i,
-                    from_snapshot,
-                ));
-            }
-            Some(&k) => {
-                let (v, _, from_snapshot) = &mut merged[k];
-                v.source_last_modified = v.source_last_modified.min(o.became_current);
-                // The latest state received decides: a tombstone followed by a live state of the
-                // same ETag was a tombstone written in error, and is undone.
-                v.deleted_at = o.deleted_at;
-                // Prefer content in an immutable snapshot over the mutable base blob.
-                if content.is_some() && (v.content.is_none() || !*from_snapshot) {
-                    *from_snapshot = o.row.snapshot.is_some();
-                    v.content = content;
-                    v.content_length = o.row.content_length;
-                    v.content_type = o.row.content_type.clone();
-                    v.content_md5 = o.row.content_md5.clone();
-                    v.user_metadata = user_metadata(&o.row);
-                }
-            }
-        }
-    }
-    merged.sort_by_key(|m| (m.0.source_last_modified, m.1));
-    merged.into_iter().map(|(v, _, _)| v).collect()
-}
-
-fn unplaced(row: &BlobEntry, what: &str) -> UnknownSpan {
-    UnknownSpan {
-        from: None,
-        until: None,
-        why: format!(
-            "{} of {:?} {what}: a version of unknown time",
-            row.snapshot
-                .as_deref()
-                .map_or_else(|| "base blob".to_owned(), |s| format!("snapshot {s}")),
-            row.name
-        ),
-    }
-}
-
-/// Rebuilds the history of `name` from backup rows (base + snapshots, any order). Rows of other
-/// names are ignored (exact comparison: `a.txt.bak` is not `a.txt`), as are directory placeholders.
-pub fn history_from_backup(name: &str, rows: &[BlobEntry]) -> History {
-    let mut obs = Vec::new();
-    let mut unknown = Vec::new();
-    for row in rows
-        .iter()
-        .filter(|r| r.name == name && !r.is_directory_placeholder())
-    {
-        let received = match &row.snapshot {
-            None => (true, None),
-            Some(id) => match metadata::parse_time(id) {
-                Some(t) => (false, Some(t)),
-                None => {
-                    unknown.push(unplaced(row, "has an unreadable snapshot id"));
-                    continue;
-                }
-            },
-        };
-        let Some(etag) = row.meta(SOURCE_ETAG).map(Etag::new) else {
-            unknown.push(unplaced(row, "has no lakeguard_source_etag"));
-            continue;
-        };
-        let Some(became_current) = row
-            .meta(SOURCE_LAST_MODIFIED)
-            .and_then(metadata::parse_time)
-        else {
-            unknown.push(unplaced(
-                row,
-                "has no readable lakeguard_source_last_modified",
-            ));
-            continue;
-        };
-        let deleted_at = match row.meta(DELETED_AT) {
-            None => None,
-            Some(v) => match metadata::parse_time(v) {
-                Some(t) => Some(t),
-                None => {
-                    unknown.push(unplaced(row, "has an unreadable lakeguard_deleted_at"));
-                    continue;
-                }
-            },
-        };
-        obs.push(Observation {
-            etag,
-            became_current,
-            deleted_at,
-            has_content: row.meta(BACKED_UP_AT).is_some(),
-            received,
-            row: row.clone(),
-        });
-    }
-    History {
-        name: name.to_owned(),
-        versions: build_versions(name, obs),
-        unknown,
-    }
-}
-
-/// Rebuilds the history of `name` from the source account's own rows (base + snapshots, any
-/// order): the fast `--from snapshots` mode. Snapshots made by lakeguard name their version in
-/// metadata; others are read by their own ETag and Last-Modified (a snapshot keeps its base's).
-/// Without a base blob the name was deleted at a time no row records: unknown after the last
-/// snapshot's creation (the last moment it provably existed).
-pub fn history_from_source_snapshots(name: &str, rows: &[BlobEntry]) -> History {
-    let mut obs = Vec::new();
-    let mut unknown = Vec::new();
-    let mut has_base = false;
-    let mut last_seen: Option<OffsetDateTime> = None;
-    for row in rows
-        .iter()
-        .filter(|r| r.name == name && !r.is_directory_placeholder())
-    {
-        let received = match &row.snapshot {
-            None => {
-                has_base = true;
-                (true, None)
-            }
-            Some(id) => match metadata::parse_time(id) {
-                Some(t) => {
-                    last_seen = last_seen.max(Some(t));
-                    (false, Some(t))
-                }
-                None => {
-                    unknown.push(unplaced(row, "has an unreadable snapshot id"));
-                    continue;
-                }
-            },
-        };
-        let (etag, became_current) = if row.snapshot.is_some() {
-            let lm = row
-                .meta(SOURCE_LAST_MODIFIED)
-                .and_then(metadata::parse_time)
-                .unwrap_or(row.last_modified);
-            (snapshot_version_etag(row), lm)
-        } else {
-            (row.etag.clone(), row.last_modified)
-        };
-        obs.push(Observation {
-            etag,
-            became_current,
-            deleted_at: None,
-            has_content: true,
-            received,
-            row: row.clone(),
-        });
-    }
-    if !has_base && !obs.is_empty() {
-        unknown.push(UnknownSpan {
-            from: last_seen,
-            until: None,
-            why: format!("{name:?} was deleted from the source at an unknown time"),
-        });
-    }
-    History {
-        name: name.to_owned(),
-        versions: build_versions(name, obs),
-        unknown,
-    }
-}
-
-/// The state of one name at one time.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
-pub enum AtT {
-    Present {
-        version: Version,
-    },
-    Absent,
-    /// The history cannot tell; never guessed.
-    Unknown {
-        why: String,
-    },
-}
-
-/// What was current at `t`: the latest version with `source_last_modified <= t` (a version
-/// counts from the instant it became current), absent before the first version and from a
-/// tombstone's `deleted_at` until the next version; unknown in an [`UnknownSpan`] or when the
-/// current version's content is not held.
-pub fn state_at(history: &History, t: OffsetDateTime) -> AtT {
-    if let Some(span) = history.unknown.iter().find(|s| s.contains(t)) {
-        return AtT::Unknown {
-            why: span.why.clone(),
-        };
-    }
-    let Some(v) = history
-        .versions
-        .iter()
-        .rev()
-        .find(|v| v.source_last_modified <= t)
-    else {
-        return AtT::Absent;
-    };
-    if v.deleted_at.is_some_and(|d| d <= t) {
-        return AtT::Absent;
-    }
-    if v.content.is_none() {
-        return AtT::Unknown {
-            why: format!(
-                "version {} of {:?} was current but its content is not in the backup (copy never completed)",
-                v.source_etag, history.name
-            ),
-        };
-    }
-    AtT::Present { version: v.clone() }
-}
 
 /// One name's state at the restore point: the planner's left input.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NameState {
     pub name: String,
     pub state: AtT,
+    /// Every source ETag the history knows for the name.
+    pub known: Vec<Etag>,
+    /// Of those, the versions whose content the backup account holds (proven copies): what a
+    /// delete may let go of without keeping an undo copy.
+    pub backed_up: Vec<Etag>,
+}
+
+impl NameState {
+    /// A state with no history behind it (tests, and names only the target knows).
+    pub fn bare(name: impl Into<String>, state: AtT) -> Self {
+        NameState {
+            name: name.into(),
+            state,
+            known: Vec::new(),
+            backed_up: Vec::new(),
+        }
+    }
 }
 
 impl Named for NameState {
@@ -357,25 +51,62 @@ impl Named for NameState {
     }
 }
 
-/// Which account's rows a history is built from (`--from backup|snapshots`).
+/// Which accounts' rows a history is built from (`--from backup|backup-only|snapshots`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HistoryFrom {
+    /// The backup account, with the source's snapshots and live blobs filling in what the backup
+    /// has not received yet (a backlog): the default.
     #[default]
     Backup,
+    /// The backup account alone (the source account is lost or unreachable).
+    BackupOnly,
+    /// The source account's own snapshots (fast, same account; blind to blobs deleted together
+    /// with their snapshots).
     SourceSnapshots,
 }
 
-/// One group from [`super::join::NameGroups`] (all rows of one name, any order) to the planner's
-/// input: the name's state at `at`. `None` for an empty group.
-pub fn name_state(from: HistoryFrom, group: &[BlobEntry], at: OffsetDateTime) -> Option<NameState> {
-    let name = group.first()?.name.clone();
+impl HistoryFrom {
+    pub fn reads_backup(self) -> bool {
+        self != HistoryFrom::SourceSnapshots
+    }
+    pub fn reads_source(self) -> bool {
+        self != HistoryFrom::BackupOnly
+    }
+}
+
+/// What a name's state is computed against.
+#[derive(Clone, Copy, Debug)]
+pub struct StateContext {
+    pub at: OffsetDateTime,
+    /// Start of lakeguard's first complete pass over the container, when recorded.
+    pub coverage: Option<OffsetDateTime>,
+    /// When the source listing was taken: its live blobs were current then.
+    pub listed_at: Option<OffsetDateTime>,
+}
+
+/// One name's rows from the backup and the source (any order, either may be empty) to the
+/// planner's input. `None` when both are empty.
+pub fn name_state(
+    from: HistoryFrom,
+    backup: &[BlobEntry],
+    source: &[BlobEntry],
+    ctx: &StateContext,
+) -> Option<NameState> {
+    let name = backup.first().or(source.first())?.name.clone();
     let history = match from {
-        HistoryFrom::Backup => history_from_backup(&name, group),
-        HistoryFrom::SourceSnapshots => history_from_source_snapshots(&name, group),
+        HistoryFrom::Backup => history_from(&name, backup, source, ctx.listed_at),
+        HistoryFrom::BackupOnly => history_from_backup(&name, backup),
+        HistoryFrom::SourceSnapshots => history_from_source_snapshots(&name, source, ctx.listed_at),
     };
     Some(NameState {
-        state: state_at(&history, at),
+        state: state_at(&history, ctx.at, ctx.coverage),
+        known: history
+            .versions
+            .iter()
+            .map(|v| v.source_etag.clone())
+            .collect(),
+        backed_up: history.backed_up(),
         name,
     })
 }
@@ -384,8 +115,7 @@ pub fn name_state(from: HistoryFrom, group: &[BlobEntry], at: OffsetDateTime) ->
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RestoreTarget {
-    /// The original container in the source account. Blobs that did not exist at T are deleted,
-    /// and a target blob last modified at or before T provably held its version at T.
+    /// The original container in the source account. Blobs proven absent at T are deleted.
     InPlace,
     /// Another container or account: nothing there is ours to delete.
     Elsewhere,
@@ -399,9 +129,14 @@ pub struct PlanOptions {
     /// `a`, `a.txt` and `a/b`).
     pub prefix: Option<String>,
     pub order: NameOrder,
+    /// Start of lakeguard's first complete pass over the container (see [`before_history`]), for
+    /// names no history knows.
+    pub coverage: Option<OffsetDateTime>,
 }
 
 /// One line of a restore plan.
+// Streamed one at a time (and spooled as JSON): boxing the version would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum PlanItem {
@@ -413,12 +148,19 @@ pub enum PlanItem {
         version: Version,
         target_etag: Option<Etag>,
     },
-    /// In place only: the blob did not exist at T. Delete conditionally on `target_etag`.
-    Delete { name: String, target_etag: Etag },
+    /// In place only: the blob provably did not exist at T. Delete conditionally on
+    /// `target_etag`; its snapshots go with it only after each one whose version is not in
+    /// `backed_up` (versions the backup account holds) has been copied to the undo area.
+    Delete {
+        name: String,
+        target_etag: Etag,
+        #[serde(default)]
+        backed_up: Vec<Etag>,
+    },
     /// The target already holds the version of T: its ETag is the version's source ETag, its
     /// `lakeguard_restored_from_etag` names it (a previous, possibly interrupted run restored
-    /// it), or, in place, it was last modified at or before T. This is what makes a rerun finish
-    /// the job and do nothing twice.
+    /// it), or, in place, the history says nothing against it and it was certainly last modified
+    /// by T. This is what makes a rerun finish the job and do nothing twice.
     Unchanged { name: String },
     /// Elsewhere only: the target holds a blob that did not exist at T; not ours to delete.
     LeftAlone { name: String, target_etag: Etag },
@@ -453,22 +195,24 @@ impl PlanItem {
     }
 }
 
-/// The per-name decision. `state` is `None` when the history source has no row for the name
-/// (never existed as far as it knows: absent).
+/// The per-name decision. `state` is `None` when no history has a row for the name: then it is
+/// absent only under coverage ([`before_history`]).
 pub fn plan_name(
     opts: &PlanOptions,
     name: &str,
-    state: Option<AtT>,
+    state: Option<NameState>,
     target: Option<BlobEntry>,
 ) -> Option<PlanItem> {
     let name = name.to_owned();
+    let state = state.unwrap_or_else(|| {
+        NameState::bare(name.clone(), before_history(&name, opts.at, opts.coverage))
+    });
     // Directory placeholders are not data: never deleted, never a reason to report anything.
     // One standing where a file must be restored is overwritten (and that write may fail).
     let target = target
-        .filter(|t| !t.is_directory_placeholder() || matches!(state, Some(AtT::Present { .. })));
-    let state = state.unwrap_or(AtT::Absent);
+        .filter(|t| !t.is_directory_placeholder() || matches!(state.state, AtT::Present { .. }));
     let Some(t) = target else {
-        return match state {
+        return match state.state {
             AtT::Present { version } => Some(PlanItem::Restore {
                 name,
                 version,
@@ -482,15 +226,15 @@ pub fn plan_name(
             }),
         };
     };
-    // In place, a blob not modified since T already held this exact content at T, whatever the
-    // backup knows (its Last-Modified would have moved with any write).
+    // In place, a blob certainly last written by T held this content at T — unless the history
+    // knows better: an ADLS rename onto the path or an undelete brings back an old Last-Modified,
+    // so Last-Modified decides only for names whose history says nothing (unknown), and a
+    // history that does not know the blob's version cannot prove it absent.
     let untouched_since_t = opts.target == RestoreTarget::InPlace
         && !t.is_directory_placeholder()
-        && t.last_modified <= opts.at;
-    if untouched_since_t {
-        return Some(PlanItem::Unchanged { name });
-    }
-    Some(match state {
+        && start_by(t.last_modified) <= opts.at;
+    let version_known = state.known.contains(&t.etag);
+    Some(match state.state {
         AtT::Present { version } => {
             // The marker survives metadata-preserving rewrites of the blob, so it only counts
             // when length and (where both are known) MD5 agree with the version too.
@@ -512,15 +256,28 @@ pub fn plan_name(
             }
         }
         AtT::Absent => match opts.target {
+            RestoreTarget::InPlace if untouched_since_t && !version_known => {
+                PlanItem::Unavailable {
+                    why: format!(
+                        "the history says {name:?} was absent at T, but the blob (version {}, not in the history) was last modified by {}, before T: renamed onto the path or undeleted? Left as it is",
+                        t.etag,
+                        crate::model::metadata::format_time(t.last_modified)
+                    ),
+                    name,
+                    target_etag: Some(t.etag),
+                }
+            }
             RestoreTarget::InPlace => PlanItem::Delete {
                 name,
                 target_etag: t.etag,
+                backed_up: state.backed_up,
             },
             RestoreTarget::Elsewhere => PlanItem::LeftAlone {
                 name,
                 target_etag: t.etag,
             },
         },
+        AtT::Unknown { .. } if untouched_since_t && !version_known => PlanItem::Unchanged { name },
         AtT::Unknown { why } => PlanItem::Unavailable {
             name,
             why,
@@ -619,7 +376,7 @@ impl RestorePlanner {
                         .map(|s| s.name.clone())
                         .or_else(|| t.as_ref().map(|t| t.name.clone()))
                         .unwrap_or_default();
-                    if let Some(item) = plan_name(&self.opts, &name, s.map(|s| s.state), t) {
+                    if let Some(item) = plan_name(&self.opts, &name, s, t) {
                         return PlanStep::Item(item);
                     }
                 }
@@ -706,222 +463,13 @@ mod tests {
     use crate::core::NameGroups;
     use crate::model::metadata::HDI_ISFOLDER;
 
-    /// Backup rows of "a.txt" for: v1 at 10, overwritten by v2 at 20, deleted (observed) at 30,
-    /// re-created as v3 at 40. Snapshot ids are the times the backup kept each state.
-    fn overwrite_delete_recreate() -> Vec<BlobEntry> {
-        vec![
-            // v1 kept when v2 arrived.
-            snapshot(backup_row("a.txt", "b1", "v1", 10), 21),
-            // v2 kept before the tombstone was written.
-            snapshot(backup_row("a.txt", "b2", "v2", 20), 31),
-            // the tombstoned state of v2, kept when v3 arrived.
-            snapshot(
-                with_time(backup_row("a.txt", "b2t", "v2", 20), DELETED_AT, 30),
-                41,
-            ),
-            // the base: v3.
-            backup_row("a.txt", "b3", "v3", 40),
-            // a name that is a prefix-extension must not leak in.
-            backup_row("a.txt.bak", "x", "other", 15),
-        ]
-    }
-
-    fn etag_at(h: &History, t: i64) -> String {
-        match state_at(h, ts(t)) {
-            AtT::Present { version } => version.source_etag.as_str().to_owned(),
-            AtT::Absent => "absent".into(),
-            AtT::Unknown { .. } => "unknown".into(),
-        }
-    }
-
-    #[test]
-    fn history_with_overwrite_delete_recreate() {
-        let h = history_from_backup("a.txt", &overwrite_delete_recreate());
-        assert!(h.unknown.is_empty());
-        let etags: Vec<_> = h.versions.iter().map(|v| v.source_etag.as_str()).collect();
-        assert_eq!(etags, ["v1", "v2", "v3"]);
-        assert_eq!(h.versions[1].deleted_at, Some(ts(30)));
-        assert_eq!(h.versions[2].deleted_at, None);
-        // Content comes from immutable snapshots where there is one.
-        assert_eq!(
-            h.versions[1].content.as_ref().unwrap().snapshot,
-            Some(snap_id(31))
-        );
-        assert_eq!(h.versions[2].content.as_ref().unwrap().snapshot, None);
-        for (t, want) in [
-            (9, "absent"), // before the first version
-            (10, "v1"),    // exactly at a version's time
-            (15, "v1"),    // between versions
-            (20, "v2"),
-            (29, "v2"),
-            (30, "absent"), // exactly at the tombstone
-            (35, "absent"), // after the delete
-            (40, "v3"),     // re-created
-            (1000, "v3"),
-        ] {
-            assert_eq!(etag_at(&h, t), want, "t={t}");
-        }
-    }
-
-    #[test]
-    fn history_ignores_row_order() {
-        let mut rows = overwrite_delete_recreate();
-        let h = history_from_backup("a.txt", &rows);
-        rows.reverse();
-        assert_eq!(history_from_backup("a.txt", &rows), h);
-        rows.swap(0, 2);
-        assert_eq!(history_from_backup("a.txt", &rows), h);
-    }
-
-    #[test]
-    fn names_are_exact() {
-        let h = history_from_backup("a.txt.bak", &overwrite_delete_recreate());
-        assert_eq!(h.versions.len(), 1);
-        assert_eq!(h.versions[0].source_etag, Etag::new("other"));
-        assert!(history_from_backup("a", &overwrite_delete_recreate())
-            .versions
-            .is_empty());
-        assert_eq!(
-            etag_at(&history_from_backup("a", &overwrite_delete_recreate()), 100),
-            "absent"
-        );
-    }
-
-    #[test]
-    fn tombstoned_base_alone_still_holds_its_content() {
-        // The tombstone's pre-tombstone snapshot was lost: the tombstoned base still has the bytes.
-        let rows = vec![with_time(backup_row("f", "bt", "v1", 10), DELETED_AT, 20)];
-        let h = history_from_backup("f", &rows);
-        assert_eq!(etag_at(&h, 15), "v1");
-        assert_eq!(etag_at(&h, 20), "absent");
-        assert_eq!(
-            h.versions[0].content.as_ref().unwrap().etag,
-            Etag::new("bt")
-        );
-    }
-
-    #[test]
-    fn a_tombstone_undone_later_does_not_count() {
-        // Tombstoned in error (the blob was there all along), then backed up again unchanged.
-        let rows = vec![
-            snapshot(
-                with_time(backup_row("f", "bt", "v1", 10), DELETED_AT, 20),
-                25,
-            ),
-            backup_row("f", "b1", "v1", 10),
-        ];
-        let h = history_from_backup("f", &rows);
-        assert_eq!(h.versions.len(), 1);
-        assert_eq!(etag_at(&h, 22), "v1");
-    }
-
-    #[test]
-    fn content_not_held_is_unknown_not_guessed() {
-        // v2's copy never completed: metadata but no lakeguard_backed_up_at.
-        let mut v2 = backup_row("f", "b2", "v2", 20);
-        v2.metadata.remove(BACKED_UP_AT);
-        let rows = vec![snapshot(backup_row("f", "b1", "v1", 10), 21), v2];
-        let h = history_from_backup("f", &rows);
-        assert_eq!(etag_at(&h, 15), "v1");
-        assert_eq!(etag_at(&h, 25), "unknown");
-    }
-
-    #[test]
-    fn unplaceable_rows_make_the_name_unknown() {
-        let rows = vec![
-            backup_row("f", "b1", "v1", 10),
-            snapshot(entry("f", "foreign", 5), 7),
-        ];
-        let h = history_from_backup("f", &rows);
-        assert_eq!(h.unknown.len(), 1);
-        assert_eq!(etag_at(&h, 15), "unknown");
-        assert_eq!(etag_at(&h, 1), "unknown");
-        let bad_time = with_meta(backup_row("g", "b1", "v1", 10), DELETED_AT, "soon");
-        assert_eq!(
-            etag_at(&history_from_backup("g", &[bad_time]), 15),
-            "unknown"
-        );
-        // Directory placeholders are not versions.
-        let h = history_from_backup("d", &[with_meta(entry("d", "x", 0), HDI_ISFOLDER, "true")]);
-        assert_eq!(
-            h,
-            History {
-                name: "d".into(),
-                ..Default::default()
-            }
-        );
-    }
-
-    #[test]
-    fn equal_times_keep_the_order_received() {
-        // Two writes within one second: same Last-Modified; the later-received one is current.
-        let rows = vec![
-            snapshot(backup_row("f", "b1", "v1", 10), 11),
-            backup_row("f", "b2", "v2", 10),
-        ];
-        assert_eq!(etag_at(&history_from_backup("f", &rows), 10), "v2");
-    }
-
-    #[test]
-    fn user_metadata_is_kept_without_lakeguard_keys() {
-        let rows = vec![with_meta(backup_row("f", "b1", "v1", 10), "owner", "me")];
-        let v = &history_from_backup("f", &rows).versions[0];
-        assert_eq!(v.user_metadata.len(), 1);
-        assert_eq!(v.user_metadata["owner"], "me");
-    }
-
-    #[test]
-    fn history_from_source_snapshots_modes() {
-        let lg = snapshot(
-            with_time(
-                with_meta(entry("f", "snap-own", 99), SOURCE_ETAG, "v1"),
-                SOURCE_LAST_MODIFIED,
-                10,
-            ),
-            12,
-        );
-        let foreign = snapshot(entry("f", "v2", 20), 22);
-        let base = entry("f", "v3", 30);
-        let rows = vec![
-            base.clone(),
-            foreign.clone(),
-            lg.clone(),
-            entry("f.bak", "zz", 1),
-        ];
-        let h = history_from_source_snapshots("f", &rows);
-        let etags: Vec<_> = h.versions.iter().map(|v| v.source_etag.as_str()).collect();
-        assert_eq!(etags, ["v1", "v2", "v3"]);
-        assert_eq!(
-            (
-                etag_at(&h, 5),
-                etag_at(&h, 11),
-                etag_at(&h, 25),
-                etag_at(&h, 31)
-            ),
-            ("absent".into(), "v1".into(), "v2".into(), "v3".into())
-        );
-        assert_eq!(h.versions[2].content.as_ref().unwrap().snapshot, None);
-        // A snapshot of the current version is preferred to the live base as content.
-        let same = snapshot(entry("f", "v3", 30), 35);
-        let h = history_from_source_snapshots("f", &[base, same]);
-        assert_eq!(h.versions.len(), 1);
-        assert_eq!(
-            h.versions[0].content.as_ref().unwrap().snapshot,
-            Some(snap_id(35))
-        );
-        // Base gone: deleted at an unknown time after the last snapshot.
-        let h = history_from_source_snapshots("f", &[foreign, lg]);
-        assert_eq!(etag_at(&h, 21), "v2");
-        assert_eq!(etag_at(&h, 22), "unknown");
-        assert_eq!(etag_at(&h, 100), "unknown");
-    }
-
     fn opts(target: RestoreTarget, at: i64) -> PlanOptions {
         PlanOptions {
             at: ts(at),
             target,
             prefix: None,
             order: NameOrder::Utf16Units,
+            coverage: Some(ts(0)),
         }
     }
 
@@ -929,7 +477,9 @@ mod tests {
         let h = history_from_backup(name, &[backup_row(name, "b", etag, lm)]);
         NameState {
             name: name.into(),
-            state: state_at(&h, ts(lm)),
+            state: state_at(&h, ts(lm + 1), None),
+            known: vec![Etag::new(etag)],
+            backed_up: vec![Etag::new(etag)],
         }
     }
 
@@ -960,20 +510,11 @@ mod tests {
         let states = vec![
             present("keep", "k1", 10),
             present("new", "n1", 10),
-            NameState {
-                name: "old".into(),
-                state: AtT::Absent,
-            },
+            NameState::bare("old", AtT::Absent),
             present("over", "o1", 10),
             present("restored", "r1", 10),
-            NameState {
-                name: "unk".into(),
-                state: AtT::Unknown { why: "gap".into() },
-            },
-            NameState {
-                name: "unk-untouched".into(),
-                state: AtT::Unknown { why: "gap".into() },
-            },
+            NameState::bare("unk", AtT::Unknown { why: "gap".into() }),
+            NameState::bare("unk-untouched", AtT::Unknown { why: "gap".into() }),
         ];
         let target = vec![
             entry("created-after", "c", 60),
@@ -1038,14 +579,64 @@ mod tests {
         assert_eq!(serde_json::to_value(&s).unwrap()["delete"], 2);
     }
 
+    /// Issue 15, defect 4: in place, Last-Modified at or before T does not overrule a history
+    /// that knows the version at T (an ADLS rename or an undelete brings back old content with
+    /// an old Last-Modified).
+    #[test]
+    fn in_place_last_modified_does_not_overrule_the_history() {
+        let o = opts(RestoreTarget::InPlace, 50);
+        let one = |state: NameState, target: BlobEntry| {
+            short(&plan_restore(o.clone(), vec![state], vec![target]).unwrap())
+        };
+        // The history says v1 at T; the blob is another version, last modified long before T.
+        assert_eq!(
+            one(present("f", "v1", 10), entry("f", "old", 5)),
+            ["f:overwrite"]
+        );
+        // Proven absent at T, but the blob's own version is unknown to the history and its
+        // Last-Modified says it existed then: a contradiction, reported, nothing deleted.
+        let absent = |known: &[&str]| NameState {
+            known: known.iter().map(Etag::new).collect(),
+            ..NameState::bare("f", AtT::Absent)
+        };
+        assert_eq!(one(absent(&[]), entry("f", "x", 5)), ["f:unavailable"]);
+        // The history knows that version (it arrived after T): deleted.
+        assert_eq!(one(absent(&["x"]), entry("f", "x", 5)), ["f:delete"]);
+        // Unknown: Last-Modified decides only for a version the history does not know.
+        let unknown = |known: &[&str]| NameState {
+            known: known.iter().map(Etag::new).collect(),
+            ..NameState::bare("f", AtT::Unknown { why: "gap".into() })
+        };
+        assert_eq!(one(unknown(&[]), entry("f", "x", 5)), ["f:unchanged"]);
+        assert_eq!(one(unknown(&["x"]), entry("f", "x", 5)), ["f:unavailable"]);
+        // Last-Modified counts to the end of its second: 50 is not after a write at 50.x.
+        assert_eq!(one(unknown(&[]), entry("f", "x", 50)), ["f:unavailable"]);
+    }
+
+    /// Issue 15, defect 1 (pure part): a name no history knows is deleted in place only under
+    /// coverage; without it, it is unavailable.
+    #[test]
+    fn names_without_history_are_deleted_only_under_coverage() {
+        let covered = opts(RestoreTarget::InPlace, 50);
+        let uncovered = PlanOptions {
+            coverage: None,
+            ..covered.clone()
+        };
+        let late = [entry("late", "x", 70)];
+        assert_eq!(
+            short(&plan_restore(covered, vec![], late.clone()).unwrap()),
+            ["late:delete"]
+        );
+        let plan = plan_restore(uncovered, vec![], late).unwrap();
+        assert_eq!(short(&plan), ["late:unavailable"]);
+        assert!(!plan[0].is_destructive());
+    }
+
     #[test]
     fn plan_into_an_empty_container_restores_everything_present() {
         let states = vec![
             present("a", "1", 1),
-            NameState {
-                name: "b".into(),
-                state: AtT::Absent,
-            },
+            NameState::bare("b", AtT::Absent),
             present("c", "3", 1),
         ];
         let plan = plan_restore(opts(RestoreTarget::Elsewhere, 5), states, vec![]).unwrap();
@@ -1181,11 +772,15 @@ mod tests {
         g.end();
         assert_eq!(g.pop().unwrap()[0].name, "a.txt.bak");
         assert!(g.is_finished());
-        assert_eq!(
-            name_state(HistoryFrom::Backup, &a_txt, ts(35)).map(|s| s.state),
-            Some(AtT::Absent)
-        );
-        assert_eq!(name_state(HistoryFrom::Backup, &[], ts(35)), None);
+        let ctx = StateContext {
+            at: ts(35),
+            coverage: None,
+            listed_at: None,
+        };
+        let state = name_state(HistoryFrom::Backup, &a_txt, &[], &ctx).unwrap();
+        assert_eq!(state.state, AtT::Absent);
+        assert_eq!(state.known.len(), 3);
+        assert_eq!(name_state(HistoryFrom::Backup, &[], &[], &ctx), None);
         // A name seen again after another one: the listing is not in the declared order.
         let mut g = NameGroups::new(NameOrder::Utf16Units, "backup");
         assert!(g
@@ -1202,121 +797,6 @@ mod props {
 
     use super::*;
     use crate::core::testutil::*;
-
-    /// A simulated life of one blob: (seconds since the previous event, write or delete).
-    fn events() -> impl Strategy<Value = Vec<(i64, bool)>> {
-        prop::collection::vec((1i64..5, prop::bool::weighted(0.7)), 0..12)
-    }
-
-    fn shuffle<T>(v: &mut [T], mut seed: u64) {
-        for i in (1..v.len()).rev() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            v.swap(i, (seed % (i as u64 + 1)) as usize);
-        }
-    }
-
-    /// Runs the events against a model of the source and of the backup protocol (snapshot the
-    /// backup base before every overwrite or tombstone). Returns the backup rows, the source rows
-    /// (base + one lakeguard snapshot per version, as the producer makes them) and the truth.
-    #[allow(clippy::type_complexity)]
-    fn simulate(
-        name: &str,
-        evs: &[(i64, bool)],
-    ) -> (Vec<BlobEntry>, Vec<BlobEntry>, Vec<(i64, Option<String>)>) {
-        let mut base: Option<BlobEntry> = None;
-        let mut rows = Vec::new();
-        let mut src_snaps = Vec::new();
-        let mut src_base: Option<BlobEntry> = None;
-        let mut truth: Vec<(i64, Option<String>)> = Vec::new();
-        let mut t = 0;
-        for (n, &(gap, write)) in evs.iter().enumerate() {
-            t += gap;
-            let present = truth.last().is_some_and(|(_, s)| s.is_some());
-            if write {
-                let v = format!("v{t}");
-                if let Some(b) = &base {
-                    rows.push(snapshot(b.clone(), t));
-                }
-                base = Some(backup_row(name, &format!("b{n}"), &v, t));
-                let live = entry(name, &v, t);
-                src_snaps.push(snapshot(
-                    with_time(
-                        with_meta(entry(name, &format!("s{n}"), t), SOURCE_ETAG, &v),
-                        SOURCE_LAST_MODIFIED,
-                        t,
-                    ),
-                    t,
-                ));
-                src_base = Some(live);
-                truth.push((t, Some(v)));
-            } else if present {
-                let b = base.take().expect("a present blob has been backed up");
-                rows.push(snapshot(b.clone(), t));
-                let mut tomb = with_time(b, DELETED_AT, t);
-                tomb.etag = Etag::new(format!("b{n}t"));
-                base = Some(tomb);
-                truth.push((t, None));
-            }
-        }
-        rows.extend(base);
-        src_snaps.extend(src_base);
-        (rows, src_snaps, truth)
-    }
-
-    fn truth_at(truth: &[(i64, Option<String>)], t: i64) -> String {
-        truth
-            .iter()
-            .rev()
-            .find(|(at, _)| *at <= t)
-            .and_then(|(_, s)| s.clone())
-            .unwrap_or_else(|| "absent".into())
-    }
-
-    fn answer(h: &History, t: i64) -> String {
-        match state_at(h, ts(t)) {
-            AtT::Present { version } => {
-                assert!(version.content.is_some());
-                version.source_etag.as_str().to_owned()
-            }
-            AtT::Absent => "absent".into(),
-            AtT::Unknown { why } => format!("unknown: {why}"),
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(500))]
-
-        #[test]
-        fn backup_history_answers_the_truth_at_every_time(evs in events(), seed in any::<u64>()) {
-            let (mut rows, _, truth) = simulate("d/f", &evs);
-            // Rows of neighbouring names, in any order: never mixed in.
-            rows.push(backup_row("d/f.bak", "x", "v1", 1));
-            rows.push(backup_row("d", "y", "v2", 2));
-            shuffle(&mut rows, seed | 1);
-            let h = history_from_backup("d/f", &rows);
-            prop_assert!(h.unknown.is_empty());
-            let end = truth.last().map_or(0, |(t, _)| *t);
-            for t in -1..=end + 2 {
-                prop_assert_eq!(answer(&h, t), truth_at(&truth, t), "t={}", t);
-            }
-        }
-
-        #[test]
-        fn source_snapshot_history_answers_the_truth_while_the_blob_lives(
-            gaps in prop::collection::vec(1i64..5, 0..10), seed in any::<u64>(),
-        ) {
-            let evs: Vec<(i64, bool)> = gaps.into_iter().map(|g| (g, true)).collect();
-            let (_, mut rows, truth) = simulate("f", &evs);
-            shuffle(&mut rows, seed | 1);
-            let h = history_from_source_snapshots("f", &rows);
-            let end = truth.last().map_or(0, |(t, _)| *t);
-            for t in -1..=end + 2 {
-                prop_assert_eq!(answer(&h, t), truth_at(&truth, t), "t={}", t);
-            }
-        }
-    }
 
     const PIECES: &[&str] = &["a", "b", "/", ".", "é", "\u{FF5E}", "\u{1F600}"];
 
@@ -1360,19 +840,23 @@ mod props {
                 continue;
             }
             let st = st.clone().unwrap_or(St::Absent);
-            let what = match (st, tg) {
+            let in_place = o.target == RestoreTarget::InPlace;
+            // Certainly last written by T, and a version the history does not know.
+            let untouched = |t: &Tg| {
+                in_place && ts(t.lm + 1) <= o.at && !matches!(st, St::Present(e) if e == t.etag)
+            };
+            let what = match (&st, tg) {
                 (St::Absent, None) => continue,
                 (St::Present(_), None) => "restore",
                 (St::Unknown, None) => "unavailable",
-                (_, Some(t)) if o.target == RestoreTarget::InPlace && ts(t.lm) <= o.at => {
-                    "unchanged"
-                }
-                (St::Present(e), Some(t)) if t.etag == e || t.restored_from == Some(e) => {
+                (St::Present(e), Some(t)) if t.etag == *e || t.restored_from == Some(*e) => {
                     "unchanged"
                 }
                 (St::Present(_), Some(_)) => "overwrite",
-                (St::Absent, Some(_)) if o.target == RestoreTarget::InPlace => "delete",
+                (St::Absent, Some(t)) if untouched(t) => "unavailable",
+                (St::Absent, Some(_)) if in_place => "delete",
                 (St::Absent, Some(_)) => "left_alone",
+                (St::Unknown, Some(t)) if untouched(t) => "unchanged",
                 (St::Unknown, Some(_)) => "unavailable",
             };
             out.push((n.clone(), what.to_owned()));
@@ -1389,17 +873,19 @@ mod props {
         let mut target = Vec::new();
         for (n, (st, tg)) in w {
             if let Some(st) = st {
-                let state = match st {
+                let (state, known) = match st {
                     St::Present(e) => {
                         let h = history_from_backup(n, &[backup_row(n, "b", &format!("e{e}"), 0)]);
-                        state_at(&h, ts(0))
+                        (state_at(&h, ts(1), None), vec![Etag::new(format!("e{e}"))])
                     }
-                    St::Absent => AtT::Absent,
-                    St::Unknown => AtT::Unknown { why: "test".into() },
+                    St::Absent => (AtT::Absent, vec![]),
+                    St::Unknown => (AtT::Unknown { why: "test".into() }, vec![]),
                 };
                 states.push(NameState {
                     name: n.clone(),
                     state,
+                    backed_up: known.clone(),
+                    known,
                 });
             }
             if let Some(t) = tg {
@@ -1449,6 +935,7 @@ mod props {
                 target: if in_place { RestoreTarget::InPlace } else { RestoreTarget::Elsewhere },
                 prefix: prefix.map(str::to_owned),
                 order,
+                coverage: Some(ts(0)),
             };
             let (states, target) = inputs(&o, &w);
             let expected = oracle(&o, &w);

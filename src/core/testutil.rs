@@ -66,3 +66,27 @@ pub fn backup_row(name: &str, backup_etag: &str, etag: &str, lm: i64) -> BlobEnt
     let e = with_time(e, metadata::SOURCE_LAST_MODIFIED, lm);
     with_time(e, metadata::BACKED_UP_AT, lm + 1)
 }
+
+/// Backup rows of "a.txt" for: v1 at 10, overwritten by v2 at 20, deleted (observed) at 30,
+/// re-created as v3 at 40. Snapshot ids are the times the backup kept each state.
+pub fn overwrite_delete_recreate() -> Vec<BlobEntry> {
+    vec![
+        // v1 kept when v2 arrived.
+        snapshot(backup_row("a.txt", "b1", "v1", 10), 21),
+        // v2 kept before the tombstone was written.
+        snapshot(backup_row("a.txt", "b2", "v2", 20), 31),
+        // the tombstoned state of v2, kept when v3 arrived.
+        snapshot(
+            with_time(
+                backup_row("a.txt", "b2t", "v2", 20),
+                metadata::DELETED_AT,
+                30,
+            ),
+            41,
+        ),
+        // the base: v3.
+        backup_row("a.txt", "b3", "v3", 40),
+        // a name that is a prefix-extension must not leak in.
+        backup_row("a.txt.bak", "x", "other", 15),
+    ]
+}

@@ -1,7 +1,7 @@
 //! Restore (HTTP, forwarded, authLevel admin: the host checks the admin key before forwarding).
 //!
 //! `POST /api/restore` with a JSON body
-//! `{"container", "at", "prefix"?, "from"?: "backup"|"snapshots", "to_account"?, "to_container"?,
+//! `{"container", "at", "prefix"?, "from"?: "backup"|"backup-only"|"snapshots", "to_account"?, "to_container"?,
 //!   "confirm"?: bool, "force"?: bool}`:
 //! - without `"confirm": true` it only plans (a dry run) and answers 200 with the plan;
 //! - with it, the plan is checked like the CLI does (in place needs `"force": true`; another
@@ -63,10 +63,11 @@ fn request(app: &App, body: &[u8]) -> Result<(RestoreRequest, bool), OpError> {
     req.prefix = b.prefix.filter(|p| !p.is_empty());
     req.from = match b.from.as_deref() {
         None | Some("backup") => HistoryFrom::Backup,
+        Some("backup-only") => HistoryFrom::BackupOnly,
         Some("snapshots") => HistoryFrom::SourceSnapshots,
         Some(other) => {
             return Err(OpError::InvalidInput(format!(
-                "`from` = `{other}`: use `backup` or `snapshots`"
+                "`from` = `{other}`: use `backup`, `backup-only` or `snapshots`"
             )))
         }
     };
@@ -115,7 +116,7 @@ pub async fn post(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
             return (
                 StatusCode::CONFLICT,
                 Json(json!({
-                    "id": plan.id, "request": plan.info, "plan": plan.summary,
+                    "id": plan.id, "request": plan.info, "plan": plan.summary, "history": plan.history,
                     "items": plan.items, "items_truncated": plan.items_truncated,
                     "executed": false, "refused": why,
                 })),

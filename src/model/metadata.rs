@@ -31,11 +31,14 @@ pub fn parse_time(value: &str) -> Option<time::OffsetDateTime> {
     time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339).ok()
 }
 
-/// Formats a time the way lakeguard writes it into metadata (RFC 3339, UTC).
+/// Formats a time the way lakeguard writes it into metadata (RFC 3339, UTC). RFC 3339 has no
+/// form for years outside 0-9999 (`0000-01-01T00:00:00+01:00` is year -1 in UTC): those are
+/// given in the `time` crate's own notation instead of panicking; callers that store a time
+/// validate its range first.
 pub fn format_time(t: time::OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC)
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("an OffsetDateTime in UTC always formats as RFC 3339")
+    let utc = t.to_offset(time::UtcOffset::UTC);
+    utc.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| utc.to_string())
 }
 
 #[cfg(test)]
@@ -51,5 +54,8 @@ mod tests {
         assert_eq!(parse_time(&format_time(t)), Some(t));
         assert_eq!(parse_time("Sun, 22 Nov 2026 03:08:15 GMT"), None);
         assert_eq!(parse_time(""), None);
+        // Year -1 in UTC: no RFC 3339 form, and no panic either.
+        let odd = parse_time("0000-01-01T00:00:00+01:00").unwrap();
+        assert!(format_time(odd).contains("-1"), "{}", format_time(odd));
     }
 }

@@ -243,14 +243,39 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
 
         // A newer version already in the backup must stay on top: the backup base is what
         // reconcile compares with. The older version remains in the source snapshot.
-        if let Some(t) = &target {
-            let backup_time = t
-                .metadata
-                .get(metadata::SOURCE_LAST_MODIFIED)
-                .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
-            if backup_time.is_some_and(|bt| bt > version_time)
-                && !t.metadata.contains_key(metadata::DELETED_AT)
-            {
+        // Last-Modified has one-second precision: within a second the snapshot times decide
+        // (each was taken while its version was current); without both, the live blob does.
+        if let Some(t) = target
+            .as_ref()
+            .filter(|t| !t.metadata.contains_key(metadata::DELETED_AT))
+        {
+            let parse = |k: &str| t.metadata.get(k).and_then(|s| metadata::parse_time(s));
+            let ours = (
+                version_time,
+                snapshot.as_deref().and_then(metadata::parse_time),
+            );
+            let held = parse(metadata::SOURCE_LAST_MODIFIED)
+                .map(|l| (l, parse(metadata::SOURCE_SNAPSHOT)));
+            let held_etag = t.metadata.get(metadata::SOURCE_ETAG).map(Etag::new);
+            let backup_is_newer = match held.map(|h| crate::core::history::later_of(h, ours)) {
+                None | Some(Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)) => false,
+                Some(Some(std::cmp::Ordering::Greater)) => true,
+                // A live request copies the current version: it is the newest.
+                Some(None) if snapshot.is_none() => false,
+                Some(None) => match head(&app.source, c, b, None).await? {
+                    Some(live) if live.etag == req.etag => false,
+                    Some(live) if Some(&live.etag) == held_etag.as_ref() => true,
+                    // Neither is current: their order is unknown; keep what the backup has.
+                    _ => {
+                        return Ok(superseded(format!(
+                            "the backup holds version {} from the same second and neither is current, so their order is unknown; this one stays in source snapshot {}",
+                            held_etag.map(|e| e.quoted()).unwrap_or_else(|| "?".into()),
+                            snapshot.as_deref().unwrap_or("(none)")
+                        )))
+                    }
+                },
+            };
+            if backup_is_newer {
                 return Ok(superseded(format!(
                     "the backup already holds a newer version ({}); this one stays in source snapshot {}",
                     t.metadata.get(metadata::SOURCE_ETAG).map(String::as_str).unwrap_or("?"),

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod reconcile;
 pub mod restore;
 pub mod snapshot;
+pub mod state;
 pub mod verify;
 pub mod watermark;
 

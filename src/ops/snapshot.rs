@@ -113,7 +113,9 @@ pub async fn run_with(
         metadata: true,
         max_results: None,
     };
-    let mut next_state = StateBuilder::new(container, prefix, OffsetDateTime::now_utc());
+    let listing_started = OffsetDateTime::now_utc();
+    let mut listing_served: Option<OffsetDateTime> = None;
+    let mut next_state = StateBuilder::new(container, prefix, listing_started);
     let mut detector = ChangeDetector::new();
     let mut pages = Lister::new(&app.source, container, opts);
     let mut marker = None;
@@ -123,6 +125,7 @@ pub async fn run_with(
         if std::mem::take(&mut first) {
             if let Some(date) = page.served_at {
                 next_state.served_at(date);
+                listing_served = Some(date);
             }
         }
         marker = page.next_marker;
@@ -157,6 +160,15 @@ pub async fn run_with(
         .await;
         if marker.is_none() {
             break;
+        }
+    }
+    // A complete full pass over the whole container starts lakeguard's coverage of it (the first
+    // one counts; later ones cost one conditional write that is refused). Watermark runs rest
+    // on an earlier full run, which recorded it.
+    if report.failed == 0 && prefix.is_none() && loaded.since.is_none() {
+        let since = listing_started.max(listing_served.unwrap_or(listing_started));
+        if let Err(e) = super::state::record_coverage(app, container, since).await {
+            warn!(error = %e, "could not record the coverage of the container; a later full run retries");
         }
     }
     // Only a run that handled everything may vouch for the versions before its `from`.

@@ -1,0 +1,378 @@
+//! Phase 3 of a restore: the spooled plan carried out, every write conditional.
+
+use super::plan::{ends, Ends};
+use super::*;
+use crate::core::restore::Side;
+
+enum Outcome {
+    Restored {
+        overwrote: bool,
+        undo: bool,
+    },
+    /// With the number of the blob's snapshots copied to the undo area first.
+    Deleted {
+        snapshot_copies: u64,
+    },
+    Changed(String),
+    Failed(String),
+}
+
+/// Phase 3: carries out the spooled items with bounded concurrency.
+pub async fn execute(
+    app: &App,
+    req: &RestoreRequest,
+    plan: &mut Plan,
+    progress: Arc<dyn Progress>,
+) -> Result<ExecReport, OpError> {
+    let ends = ends(app, req)?;
+    let mut report = ExecReport::default();
+    let total = plan.spool.count;
+    let limit = req.limit.unwrap_or(u64::MAX);
+    let to_do = total.min(limit);
+    report.not_attempted = total - to_do;
+    if to_do == 0 {
+        return Ok(report);
+    }
+    progress.add_total(to_do);
+    progress.message("restoring");
+    ends.target.ensure_container(ends.target_container).await?;
+    if plan.summary.delete > 0 {
+        app.backup.ensure_container(RESERVED_CONTAINER).await?;
+    }
+    let blocks = BlockOptions::from_settings(&app.settings);
+    let ctx = Exec {
+        app,
+        req,
+        ends: &ends,
+        id: &plan.id,
+        blocks,
+    };
+    let mut reader = plan.spool.reader().map_err(spool_error)?;
+    let mut done = 0u64;
+    const BATCH: u64 = 512;
+    while done < to_do {
+        let mut batch = Vec::new();
+        while (batch.len() as u64) < BATCH.min(to_do - done) {
+            match reader.next() {
+                Some(item) => batch.push(item.map_err(spool_error)?),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        done += batch.len() as u64;
+        let results: Vec<(String, Outcome)> = stream::iter(batch)
+            .map(|item| {
+                let ctx = &ctx;
+                async move {
+                    let name = item.name().to_owned();
+                    (name, ctx.item(item).await)
+                }
+            })
+            .buffer_unordered(app.settings.concurrency.max(1))
+            .collect()
+            .await;
+        for (name, outcome) in results {
+            progress.inc(1);
+            match outcome {
+                Outcome::Restored { overwrote, undo } => {
+                    report.restored += 1;
+                    report.overwritten += u64::from(overwrote);
+                    report.undo_snapshots += u64::from(undo);
+                }
+                Outcome::Deleted { snapshot_copies } => {
+                    report.deleted += 1;
+                    report.undo_copies += 1;
+                    report.undo_snapshot_copies += snapshot_copies;
+                }
+                Outcome::Changed(why) => {
+                    info!(blob = %name, %why, "target changed since the plan; left as it is");
+                    report.changed_since_plan += 1;
+                    if report.changed.len() < MAX_REPORTED_FAILURES {
+                        report.changed.push(name);
+                    }
+                }
+                Outcome::Failed(error) => {
+                    warn!(blob = %name, %error, "restore of one blob failed");
+                    report.failed += 1;
+                    if report.failures.len() < MAX_REPORTED_FAILURES {
+                        report.failures.push(BlobFailure { blob: name, error });
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+struct Exec<'a> {
+    app: &'a App,
+    req: &'a RestoreRequest,
+    ends: &'a Ends<'a>,
+    id: &'a str,
+    blocks: BlockOptions,
+}
+
+/// A 412/409 on a conditional copy: the target's or the source's condition? The service names
+/// source conditions (`SourceConditionNotMet`), the emulator does not, so when the code does not
+/// say, the target is looked at again: if it still is as planned, the source moved.
+async fn source_moved(
+    e: &StorageError,
+    target: &BlobStore,
+    c: &str,
+    name: &str,
+    planned: Option<&Etag>,
+) -> bool {
+    if e.code().to_ascii_lowercase().contains("source") {
+        return true;
+    }
+    match target.properties(c, name, None).await {
+        Ok(p) => planned == Some(&p.etag),
+        Err(err) if err.is_not_found() => planned.is_none(),
+        Err(_) => false,
+    }
+}
+
+fn is_condition_failure(e: &StorageError) -> bool {
+    e.is_precondition_failed()
+        || matches!(e, StorageError::Conflict { code, .. } if code == "BlobAlreadyExists")
+}
+
+impl Exec<'_> {
+    async fn item(&self, item: PlanItem) -> Outcome {
+        match item {
+            PlanItem::Restore {
+                name,
+                version,
+                target_etag,
+            } => self.restore(&name, &version, target_etag).await,
+            PlanItem::Delete {
+                name,
+                target_etag,
+                backed_up,
+            } => self.delete(&name, &target_etag, &backed_up).await,
+            other => Outcome::Failed(format!("not an actionable item: {other:?}")),
+        }
+    }
+
+    /// HEAD of the target; `Err(Outcome)` when it no longer has the planned ETag.
+    async fn current(
+        &self,
+        name: &str,
+        planned: &Etag,
+    ) -> Result<crate::storage::blob::BlobProperties, Outcome> {
+        match self
+            .ends
+            .target
+            .properties(self.ends.target_container, name, None)
+            .await
+        {
+            Ok(p) if &p.etag == planned => Ok(p),
+            Ok(p) => Err(Outcome::Changed(format!(
+                "now {} (planned {planned})",
+                p.etag
+            ))),
+            Err(e) if e.is_not_found() => Err(Outcome::Changed("deleted since the plan".into())),
+            Err(e) => Err(Outcome::Failed(e.to_string())),
+        }
+    }
+
+    async fn restore(
+        &self,
+        name: &str,
+        version: &crate::core::restore::Version,
+        target_etag: Option<Etag>,
+    ) -> Outcome {
+        let Some(content) = &version.content else {
+            return Outcome::Failed("the version's content is not held (planner bug)".into());
+        };
+        let mut undo = false;
+        let condition = match &target_etag {
+            None => TargetCondition::Absent,
+            Some(planned) => {
+                let props = match self.current(name, planned).await {
+                    Ok(p) => p,
+                    Err(o) => return o,
+                };
+                // Keep the state being replaced, so that this restore can be undone.
+                let mut meta = props.metadata.clone();
+                meta.insert(RESTORE_UNDO.into(), self.id.to_owned());
+                match self
+                    .ends
+                    .target
+                    .create_snapshot(self.ends.target_container, name, planned, &meta)
+                    .await
+                {
+                    Ok(_) => undo = true,
+                    Err(e) if e.is_precondition_failed() || e.is_not_found() => {
+                        return Outcome::Changed(format!("changed before its undo snapshot: {e}"))
+                    }
+                    Err(e) => return Outcome::Failed(format!("undo snapshot: {e}")),
+                }
+                TargetCondition::Matches(planned.clone())
+            }
+        };
+        let mut meta = version.user_metadata.clone();
+        meta.insert(
+            metadata::RESTORED_FROM_ETAG.into(),
+            version.source_etag.quoted(),
+        );
+        let (store, keys) = match content.side {
+            Side::Backup => (&self.app.backup, &self.ends.backup_keys),
+            Side::Source => (&self.app.source, &self.app.source_keys),
+        };
+        let from = CopyFrom {
+            store,
+            keys,
+            container: &self.req.container,
+            blob: &content.name,
+            snapshot: content.snapshot.as_deref(),
+            if_match: Some(content.etag.clone()),
+            content_length: version.content_length,
+            content_type: version.content_type.as_deref(),
+        };
+        let to = CopyTo {
+            store: self.ends.target,
+            container: self.ends.target_container,
+            blob: name,
+            condition,
+            metadata: &meta,
+        };
+        match server_side_copy(&from, &to, &self.blocks).await {
+            Ok(_) => Outcome::Restored {
+                overwrote: target_etag.is_some(),
+                undo,
+            },
+            Err(e) if is_condition_failure(&e) => {
+                let t = self.ends.target;
+                if source_moved(
+                    &e,
+                    t,
+                    self.ends.target_container,
+                    name,
+                    target_etag.as_ref(),
+                )
+                .await
+                {
+                    Outcome::Failed(format!(
+                        "the version's row in the history changed since the plan (run the restore again): {e}"
+                    ))
+                } else {
+                    Outcome::Changed(e.to_string())
+                }
+            }
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+
+    /// Deletes a blob the history proves absent at T. Nothing that holds a version goes without
+    /// a copy: its current content is copied to `<id>/undo/<container>/<name>` first, and if
+    /// Azure refuses because it has snapshots (`SnapshotsPresent`), every snapshot whose version
+    /// the backup account does not hold (`backed_up`) is copied to
+    /// `<id>/undo-snapshots/<container>/<snapshot id>/<name>` before the blob is deleted with
+    /// them. The delete is `If-Match` the planned ETag, so a snapshot taken after the listing of
+    /// snapshots holds that same content, which the undo copy has.
+    async fn delete(&self, name: &str, planned: &Etag, backed_up: &[Etag]) -> Outcome {
+        let props = match self.current(name, planned).await {
+            Ok(p) => p,
+            Err(o) => return o,
+        };
+        let c = self.ends.target_container;
+        let undo_name = format!("{}/undo/{}/{}", self.id, c, name);
+        if undo_name.chars().count() > 1024 {
+            return Outcome::Failed(
+                "the name is too long to keep an undo copy under lakeguard-restores/; not deleted"
+                    .into(),
+            );
+        }
+        let mut meta = props.metadata.clone();
+        meta.insert(RESTORE_UNDO.into(), self.id.to_owned());
+        let from = CopyFrom {
+            store: self.ends.target,
+            keys: &self.app.source_keys,
+            container: c,
+            blob: name,
+            snapshot: None,
+            if_match: Some(planned.clone()),
+            content_length: props.content_length,
+            content_type: props.content_type.as_deref(),
+        };
+        let to = CopyTo {
+            store: &self.app.backup,
+            container: RESERVED_CONTAINER,
+            blob: &undo_name,
+            condition: TargetCondition::Any,
+            metadata: &meta,
+        };
+        match server_side_copy(&from, &to, &self.blocks).await {
+            Ok(_) => {}
+            Err(e) if is_condition_failure(&e) || e.is_not_found() => {
+                return Outcome::Changed(format!("changed before its undo copy: {e}"))
+            }
+            Err(e) => return Outcome::Failed(format!("undo copy: {e}")),
+        }
+        let target = self.ends.target;
+        match target.delete(c, name, None, Some(planned), false).await {
+            Ok(()) => return Outcome::Deleted { snapshot_copies: 0 },
+            Err(e) if e.code() == "SnapshotsPresent" => {}
+            Err(e) if e.is_precondition_failed() || e.is_not_found() => {
+                return Outcome::Changed(e.to_string())
+            }
+            Err(e) => return Outcome::Failed(e.to_string()),
+        }
+        let snapshots = match target.list_versions(c, name).await {
+            Ok(rows) => rows,
+            Err(e) => return Outcome::Failed(format!("listing its snapshots: {e}")),
+        };
+        let mut copies = 0u64;
+        for snap in snapshots.iter().filter(|r| r.snapshot.is_some()) {
+            let version = crate::core::reconcile::snapshot_version_etag(snap);
+            if backed_up.contains(&version) {
+                continue;
+            }
+            let id = snap.snapshot.as_deref().unwrap_or_default();
+            let undo_snap = format!("{}/undo-snapshots/{}/{}/{}", self.id, c, id, name);
+            if undo_snap.chars().count() > 1024 {
+                return Outcome::Failed(format!(
+                    "snapshot {id} holds version {version}, which the backup does not hold, and the name is too long to keep a copy: not deleted"
+                ));
+            }
+            let mut meta = snap.metadata.clone();
+            meta.insert(RESTORE_UNDO.into(), self.id.to_owned());
+            meta.insert(UNDO_OF_SNAPSHOT.into(), id.to_owned());
+            let from = CopyFrom {
+                store: target,
+                keys: &self.app.source_keys,
+                container: c,
+                blob: name,
+                snapshot: Some(id),
+                if_match: Some(snap.etag.clone()),
+                content_length: snap.content_length,
+                content_type: snap.content_type.as_deref(),
+            };
+            let to = CopyTo {
+                store: &self.app.backup,
+                container: RESERVED_CONTAINER,
+                blob: &undo_snap,
+                condition: TargetCondition::Any,
+                metadata: &meta,
+            };
+            if let Err(e) = server_side_copy(&from, &to, &self.blocks).await {
+                return Outcome::Failed(format!(
+                    "copying snapshot {id} (version {version}, not in the backup) before the delete failed, so the blob was not deleted: {e}"
+                ));
+            }
+            copies += 1;
+        }
+        match target.delete(c, name, None, Some(planned), true).await {
+            Ok(()) => Outcome::Deleted {
+                snapshot_copies: copies,
+            },
+            Err(e) if e.is_precondition_failed() || e.is_not_found() => {
+                Outcome::Changed(e.to_string())
+            }
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+}
