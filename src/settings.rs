@@ -69,11 +69,18 @@ pub struct Settings {
     /// Work budget of one reconcile invocation before it hands the rest over as a continuation.
     /// Zero hands over after every page (tests); each invocation still makes progress.
     pub reconcile_budget: Duration,
+    /// Work budget of one HTTP producer call (the host answers HTTP within 230 s) before it saves
+    /// its place and continues through a continuation message. Zero stops after every page.
+    pub producer_budget: Duration,
     /// `LAKEGUARD_RECONCILE_QUEUE`: reconcile continuations (ReconcileWorker's trigger queue).
     pub reconcile_queue: String,
     /// `LAKEGUARD_LIST_PAGE_SIZE`: `maxresults` of reconcile's flat listings (`None` = the
     /// service's maximum, 5000). Snapshot listings always use the service default.
     pub list_page_size: Option<u32>,
+    /// `LAKEGUARD_PRODUCER_PAGE_SIZE`: `maxresults` of the producer's listing (`None` = the
+    /// service's 5000). Azurite loses snapshot rows at page boundaries, so tests set it only
+    /// where a container has no snapshots yet or the listing is of base blobs.
+    pub producer_page_size: Option<u32>,
     /// `LAKEGUARD_NAME_ORDER`: the order both accounts list names in (see `core::join::NameOrder`).
     pub name_order: crate::core::NameOrder,
     pub datafactory: Option<DataFactorySettings>,
@@ -214,6 +221,8 @@ impl Settings {
             0,
             3600,
         )?);
+        let producer_budget =
+            Duration::from_secs(number(vars, "LAKEGUARD_PRODUCER_BUDGET_SECS", 180, 0, 200)?);
         let reconcile_queue =
             get("LAKEGUARD_RECONCILE_QUEUE").unwrap_or_else(|| format!("{backup_queue}-reconcile"));
         validate_queue_name(&reconcile_queue).map_err(|problem| SettingsError::Invalid {
@@ -229,6 +238,10 @@ impl Settings {
         let list_page_size = match get("LAKEGUARD_LIST_PAGE_SIZE") {
             None => None,
             Some(_) => Some(number(vars, "LAKEGUARD_LIST_PAGE_SIZE", 5000, 1, 5000)? as u32),
+        };
+        let producer_page_size = match get("LAKEGUARD_PRODUCER_PAGE_SIZE") {
+            None => None,
+            Some(_) => Some(number(vars, "LAKEGUARD_PRODUCER_PAGE_SIZE", 5000, 1, 5000)? as u32),
         };
         let name_order = match get("LAKEGUARD_NAME_ORDER")
             .map(|v| v.to_ascii_lowercase())
@@ -323,8 +336,10 @@ impl Settings {
             copy_block_threshold,
             copy_block_size,
             reconcile_budget,
+            producer_budget,
             reconcile_queue,
             list_page_size,
+            producer_page_size,
             name_order,
             datafactory,
             log_filter: get("LAKEGUARD_LOG").unwrap_or_else(|| "info".into()),

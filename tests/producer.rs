@@ -302,7 +302,7 @@ async fn blob_rewritten_between_listing_and_snapshot() {
         .await
         .ok("rewrite");
     let (snapshot, taken) =
-        lakeguard::ops::snapshot::snapshot_current(&app.source, &container, listed.clone())
+        lakeguard::ops::snapshot::snapshot_current(&app.source, &container, listed.clone(), None)
             .await
             .unwrap()
             .expect("the blob still exists");
@@ -733,4 +733,103 @@ async fn a_watermark_saved_meanwhile_by_another_run_is_kept() {
         lakeguard::ops::watermark::discard(&app, &loaded).await,
         "kept the state another run saved meanwhile"
     );
+}
+
+/// Issue 15, defect 5 (and issue 16 item 4): the HTTP producer has a time budget (the host
+/// answers HTTP within 230 s). Past it, the run saves its place and continues through the
+/// continuation queue, hop by hop, on any instance; the answer says so. Every blob is
+/// snapshotted and requested exactly once, also when a hop's message is delivered twice, and
+/// the run leaves its watermark only at the end.
+#[tokio::test]
+async fn an_http_producer_over_budget_continues_through_the_queue_exactly_once() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let c = unique_name("budget");
+    let names = odd_names();
+    seed(&stack, &c, &names).await;
+    let env = stack.env_with(&[
+        ("LAKEGUARD_PRODUCER_BUDGET_SECS", "0"),
+        ("LAKEGUARD_PRODUCER_PAGE_SIZE", "3"),
+    ]);
+    let handler = support::Handler::spawn(&env).await;
+    let (status, body) = call(
+        handler.port(),
+        "POST",
+        &format!("/api/snapshot?container={c}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["status"], "continued", "{body:#}");
+    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    assert!(body["report"]["scanned"].as_u64().unwrap() <= 3, "{body:#}");
+    let queues = stack.queues();
+    let rq = format!("{}-reconcile", stack.queue);
+    let first_hop = queues.peek_messages(&rq).await;
+    assert_eq!(first_hop.len(), 1);
+    let hop_text = first_hop[0].decoded_text().unwrap_or_default();
+    assert!(hop_text.contains("\"kind\":\"snapshot\""), "{hop_text}");
+    // Any instance continues it: here the ReconcileWorker code from a terminal.
+    let out = support::run_cli(&["reconcile", "--continuations", "--output", "json"], &env).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(queues.message_count(&rq).await, 0);
+    // Exactly one request per blob (the placeholder is skipped), one snapshot each.
+    assert_eq!(queues.message_count(&stack.queue).await, names.len());
+    let listed = stack.source().list_blobs(&c, None).await;
+    for n in &names {
+        let snaps = listed
+            .iter()
+            .filter(|b| &b.name == n && b.snapshot.is_some())
+            .count();
+        assert_eq!(snaps, 1, "{n}");
+    }
+    // The run is finished and left its watermark for the next run.
+    let app = support::app(&env);
+    let (run, _) = lakeguard::ops::snapshot::run_state::load(&app, &run_id)
+        .await
+        .unwrap()
+        .expect("run document");
+    assert!(run.finished, "{run:?}");
+    assert!(
+        run.report.hops > 1 && run.report.is_complete(),
+        "{:?}",
+        run.report
+    );
+    assert_eq!(run.report.scanned as usize, names.len() + 1);
+    assert!(
+        run.report.state.starts_with("saved"),
+        "{}",
+        run.report.state
+    );
+    // A hop delivered again after it ran is acknowledged without work.
+    queues
+        .send_message(
+            &rq,
+            &base64::engine::general_purpose::STANDARD.encode(&hop_text),
+        )
+        .await
+        .ok("redeliver");
+    let out = support::run_cli(&["reconcile", "--continuations", "--output", "json"], &env).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(queues.message_count(&stack.queue).await, names.len());
+    // The next run decides by the watermark (base blobs only) and finds nothing new.
+    let (status, body) = call(
+        handler.port(),
+        "POST",
+        &format!("/api/snapshot?container={c}&full=false"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body:#}");
+    let out = support::run_cli(&["reconcile", "--continuations", "--output", "json"], &env).await;
+    assert!(out.status.success());
+    assert_eq!(queues.message_count(&stack.queue).await, names.len());
+    stack.assert_no_secrets_in(&handler.logs());
 }

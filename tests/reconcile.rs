@@ -607,6 +607,72 @@ async fn a_pending_request_is_not_enqueued_twice_and_dry_run_writes_nothing() {
     assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 7);
 }
 
+/// Issue 15, defect 5: a producer killed between Snapshot Blob and Put Message leaves a marked
+/// snapshot and no request. With other requests queued, reconcile used to trust that marker for
+/// the whole pending TTL (6 h). A marker is now trusted only when its batch's record says every
+/// request of the batch was queued; an unrecorded one only for a short grace period.
+#[tokio::test]
+async fn a_marker_left_by_a_killed_producer_is_not_trusted_past_the_grace() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("killed");
+    seed(&stack, &container, &files(&["done.csv", "killed.csv"])).await;
+    let env = env(&stack, &[]);
+    let app = support::app(&env);
+    // A complete producer run for done.csv (its request is queued, nobody drains): its batch
+    // is recorded, so its marker is trusted while the request waits.
+    let r = lakeguard::ops::snapshot::run(
+        &app,
+        &container,
+        Some("done"),
+        lakeguard::ops::no_progress(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.enqueued, 1, "{r:?}");
+    let records = stack
+        .backup()
+        .list_blobs(lakeguard::settings::STATE_CONTAINER, Some("requests/"))
+        .await;
+    assert_eq!(records.len(), 1, "one batch record: {records:?}");
+    // killed.csv: snapshotted by a producer that died before Put Message, 20 minutes ago.
+    let props = app
+        .source
+        .properties(&container, "killed.csv", None)
+        .await
+        .unwrap();
+    let mut meta = lakeguard::ops::snapshot::snapshot_metadata(
+        &props.metadata,
+        &props.etag,
+        props.last_modified,
+        time::OffsetDateTime::now_utc() - time::Duration::minutes(20),
+        Some("20261203t000000-dead"),
+    );
+    meta.insert("owner".into(), "team-7".into());
+    app.source
+        .create_snapshot(&container, "killed.csv", &props.etag, &meta)
+        .await
+        .unwrap();
+    // The queue is not empty (done.csv's request): markers matter.
+    let (ok, r) = reconcile_cli(&env, &["--container", &container]).await;
+    assert!(ok, "{r:#}");
+    assert_eq!(n(&r, "already_pending"), 1, "done.csv: {r:#}");
+    assert_eq!(
+        n(&r, "requests_enqueued"),
+        1,
+        "killed.csv is asked again: {r:#}"
+    );
+    // Afterwards everything is backed up.
+    let (ok, d) = {
+        let out = run_cli(&["backup", "--drain", "--output", "json"], &env).await;
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert!(ok, "{d}");
+    assert_full_coverage(&stack, &container).await;
+}
+
 fn fixture(name: &str) -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -963,12 +1029,19 @@ async fn managed_identity_deleted_source_container_is_tombstoned() {
     assert_eq!(n(&r, "already_tombstoned"), 2, "{r:#}");
     assert_eq!(n(&r, "already_pending"), 1, "{r:#}");
     let after = stack.azurite.blob_requests().await;
+    // The only per-blob requests left are the snapshot listing of the pending blob and one read
+    // of its marker's batch record (what makes the marker trustworthy).
+    let batch_reads = after[before..]
+        .iter()
+        .filter(|e| e.method == "GET" && e.target.contains("/lakeguard-state/requests/"))
+        .count();
+    assert_eq!(batch_reads, 1);
     let extra: Vec<_> = after[before..]
         .iter()
         .filter(|e| !(e.method == "GET" && e.comp().as_deref() == Some("list")))
+        .filter(|e| !e.target.contains("/lakeguard-state/requests/"))
         .map(|e| e.target.clone())
         .collect();
-    // The only per-blob request left is the snapshot listing of the pending blob.
     assert!(extra.is_empty(), "requests other than listings: {extra:#?}");
     let id = stack.identity.as_ref().unwrap();
     id.assert_no_violations();

@@ -949,6 +949,7 @@ async fn same_second_versions_processed_in_reverse_order_keep_the_newer_on_top()
                 &p.etag,
                 p.last_modified,
                 time::OffsetDateTime::now_utc(),
+                None,
             );
             let s = app
                 .source

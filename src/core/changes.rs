@@ -79,6 +79,12 @@ impl ChangeDetector {
         }
     }
 
+    /// Whether every row held (not yet decided) belongs to `name`: then a run may stop here and a
+    /// later one re-read that name from the page where it began.
+    pub fn holds_only(&self, name: &str) -> bool {
+        self.bases.keys().all(|k| k == name) && self.newest_snapshot.keys().all(|k| k == name)
+    }
+
     /// Decisions for the names strictly before `name` (complete once the listing has moved on to
     /// `name`), removing them from the detector.
     pub fn drain_before(&mut self, name: &str) -> Vec<Decision> {

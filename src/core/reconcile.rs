@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::join::{join_step, JoinError, JoinStep, NameOrder, SortedInput};
-use crate::model::metadata::{self, DELETED_AT, REQUESTED_AT, SOURCE_ETAG};
+use crate::model::metadata::{self, DELETED_AT, REQUESTED_AT, REQUEST_BATCH, SOURCE_ETAG};
 use crate::model::{BlobEntry, Etag};
 
 /// Why a source blob needs a backup request.
@@ -324,8 +324,61 @@ pub enum SnapshotDecision {
     SnapshotAndEnqueue { if_match: Etag, why: SnapshotWhy },
 }
 
+/// What is known of the batch a pending marker belongs to (`lakeguard_request_batch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchRecord {
+    /// Recorded: every request of the batch was queued (or its snapshot removed again).
+    Complete,
+    /// Recorded with snapshots whose enqueue failed and whose removal failed too: its markers
+    /// vouch for nothing.
+    Incomplete,
+    /// No record (yet): the batch may still be enqueueing, or its producer was killed.
+    Missing,
+}
+
+/// How long a marker whose batch has no record counts as pending: longer than any batch takes
+/// to queue its requests (one listing page's snapshots), so a running producer is not asked
+/// twice, and short enough that a producer killed between Snapshot Blob and Put Message costs
+/// at most this plus one reconcile period.
+pub const UNRECORDED_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// The batches named by the pending markers among `snapshots` (the records a decision needs).
+pub fn marker_batches(snapshots: &[BlobEntry]) -> Vec<String> {
+    let mut ids: Vec<String> = snapshots
+        .iter()
+        .filter(|s| s.meta(REQUESTED_AT).is_some())
+        .filter_map(|s| s.meta(REQUEST_BATCH).map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// The time of `snap`'s pending marker if it is trusted at `now`: fresh (within `ttl` on either
+/// side) and either recorded complete, or unrecorded and younger than [`UNRECORDED_GRACE`].
+pub fn trusted_marker(
+    snap: &BlobEntry,
+    now: OffsetDateTime,
+    ttl: Duration,
+    records: &dyn Fn(&str) -> BatchRecord,
+) -> Option<OffsetDateTime> {
+    let at = snap.meta(REQUESTED_AT).and_then(metadata::parse_time)?;
+    let age = (now - at).unsigned_abs();
+    if age >= ttl {
+        return None;
+    }
+    let record = snap
+        .meta(REQUEST_BATCH)
+        .map_or(BatchRecord::Missing, records);
+    match record {
+        BatchRecord::Complete => Some(at),
+        BatchRecord::Incomplete => None,
+        BatchRecord::Missing => (age < UNRECORDED_GRACE).then_some(at),
+    }
+}
+
 /// Decides, from the blob's own snapshots, whether a request for `source`'s current version is
-/// already pending. `snapshots` may contain any rows of a prefix listing with snapshots: only
+/// already pending (a trusted marker, see [`trusted_marker`]). `snapshots` may contain any rows of a prefix listing with snapshots: only
 /// snapshots of exactly `source.name` count, in any order. A marker counts as fresh when it lies
 /// within `ttl` of `now` on either side (a marker from a clock slightly ahead still counts; one
 /// absurdly far in the future does not suppress requests forever).
@@ -334,6 +387,7 @@ pub fn decide_snapshot(
     snapshots: &[BlobEntry],
     now: OffsetDateTime,
     ttl: Duration,
+    records: &dyn Fn(&str) -> BatchRecord,
 ) -> SnapshotDecision {
     if ttl.is_zero() {
         return SnapshotDecision::SnapshotAndEnqueue {
@@ -348,9 +402,8 @@ pub fn decide_snapshot(
         .filter(|s| s.name == source.name && s.snapshot.is_some())
         .filter(|s| snapshot_version_etag(s) == source.etag)
     {
-        let marker = snap.meta(REQUESTED_AT).and_then(metadata::parse_time);
-        match marker {
-            Some(at) if (now - at).unsigned_abs() < ttl => {
+        match trusted_marker(snap, now, ttl, records) {
+            Some(at) => {
                 if fresh.is_none_or(|(_, best)| at > best) {
                     fresh = Some((snap, at));
                 }
@@ -664,12 +717,60 @@ mod tests {
         }
     }
 
+    /// Issue 15, defect 5: a marker vouches for a queued request only once its batch recorded
+    /// that every request was queued; an unrecorded one (a producer killed between Snapshot Blob
+    /// and Put Message) only for the grace period, not for the whole TTL.
+    #[test]
+    fn markers_are_trusted_by_their_batch_record() {
+        let src = entry("a", "cur", 0);
+        let ttl = Duration::from_secs(6 * 3600);
+        let now = ts(100_000);
+        let marked = |age: i64, batch: Option<&str>| {
+            let e = lg_snap("a", "cur", 100_000 - age, Some(100_000 - age));
+            match batch {
+                Some(b) => with_meta(e, REQUEST_BATCH, b),
+                None => e,
+            }
+        };
+        let pending = |snap: BlobEntry, record: BatchRecord| {
+            matches!(
+                decide_snapshot(&src, &[snap], now, ttl, &|_| record),
+                SnapshotDecision::Pending { .. }
+            )
+        };
+        let hour = 3600;
+        // Recorded complete: trusted for the whole TTL.
+        assert!(pending(marked(hour, Some("b1")), BatchRecord::Complete));
+        // Unrecorded: only within the grace period (the batch may still be enqueueing).
+        assert!(pending(marked(60, Some("b1")), BatchRecord::Missing));
+        assert!(!pending(marked(hour, Some("b1")), BatchRecord::Missing));
+        // Recorded with orphans: never.
+        assert!(!pending(marked(60, Some("b1")), BatchRecord::Incomplete));
+        // A marker without a batch (an older lakeguard) counts as unrecorded.
+        assert!(pending(marked(60, None), BatchRecord::Complete));
+        assert!(!pending(marked(hour, None), BatchRecord::Complete));
+        // Stale beyond the TTL whatever the record says.
+        assert!(!pending(
+            marked(7 * hour, Some("b1")),
+            BatchRecord::Complete
+        ));
+        assert_eq!(
+            marker_batches(&[
+                marked(1, Some("b2")),
+                marked(2, Some("b1")),
+                marked(3, Some("b2"))
+            ]),
+            ["b1", "b2"]
+        );
+    }
+
     #[test]
     fn snapshot_decisions() {
         let src = entry("a", "cur", 0);
         let ttl = Duration::from_secs(100);
         let now = ts(1000);
-        let decide = |snaps: &[BlobEntry]| decide_snapshot(&src, snaps, now, ttl);
+        let decide =
+            |snaps: &[BlobEntry]| decide_snapshot(&src, snaps, now, ttl, &|_| BatchRecord::Missing);
         assert_eq!(
             decide(&[]),
             SnapshotDecision::SnapshotAndEnqueue {
@@ -753,7 +854,8 @@ mod tests {
                 &src,
                 &[lg_snap("a", "cur", 950, Some(950))],
                 now,
-                Duration::ZERO
+                Duration::ZERO,
+                &|_| BatchRecord::Complete
             ),
             SnapshotDecision::SnapshotAndEnqueue {
                 if_match: Etag::new("cur"),
@@ -1038,7 +1140,7 @@ mod props {
             let fresh = snaps.iter().any(|(name, version, _, age)| {
                 *name == "f" && *version == 0 && age.is_some_and(|a| a < 200)
             });
-            match decide_snapshot(&source, &rows, now, ttl) {
+            match decide_snapshot(&source, &rows, now, ttl, &|_| BatchRecord::Missing) {
                 SnapshotDecision::Pending { .. } => prop_assert!(fresh),
                 SnapshotDecision::SnapshotAndEnqueue { if_match, .. } => {
                     prop_assert!(!fresh);

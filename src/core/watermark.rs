@@ -204,6 +204,48 @@ impl StateBuilder {
         self.handled.push(fingerprint(name, etag));
     }
 
+    /// What has been collected so far, to carry a run over to its next invocation; `None` once
+    /// the window held too many versions to remember.
+    pub fn checkpoint(&self) -> Option<ProducerState> {
+        (!self.overflow).then(|| ProducerState {
+            schema: SCHEMA,
+            container: self.container.clone(),
+            prefix: self.prefix.clone(),
+            from: self.from,
+            handled: self.handled.iter().map(|f| B64.encode(f)).collect(),
+        })
+    }
+
+    /// Continues collecting from a [`checkpoint`](Self::checkpoint) (`None`: it had overflowed).
+    pub fn resume(
+        container: &str,
+        prefix: Option<&str>,
+        from: OffsetDateTime,
+        checkpoint: Option<ProducerState>,
+    ) -> Result<Self, Unusable> {
+        let mut b = StateBuilder {
+            container: container.to_owned(),
+            prefix: prefix.map(str::to_owned),
+            from,
+            handled: Vec::new(),
+            overflow: checkpoint.is_none(),
+        };
+        if let Some(state) = checkpoint {
+            b.from = state.from;
+            for text in state.handled {
+                match B64
+                    .decode(&text)
+                    .ok()
+                    .and_then(|v| Fingerprint::try_from(v).ok())
+                {
+                    Some(f) => b.handled.push(f),
+                    None => return Err(Unusable::Fingerprint(text)),
+                }
+            }
+        }
+        Ok(b)
+    }
+
     /// The state to keep, or `None` when the window held too many versions to remember.
     pub fn finish(self) -> Option<ProducerState> {
         (!self.overflow).then_some(ProducerState {

@@ -118,6 +118,20 @@ pub async fn worker(State(app): State<App>, headers: HeaderMap, body: Bytes) -> 
                 rsp.return_value = serde_json::to_value(&report).ok();
                 (StatusCode::OK, Json(rsp)).into_response()
             }
+            // A producer hop: its per-blob failures are in the report (the run's watermark is
+            // not saved, so the next run lists in full); the message itself is done.
+            ContinuationOutcome::Producer(report) => {
+                let mut rsp = InvocationResponse::with_logs(vec![format!(
+                    "snapshot run {}: scanned {}, enqueued {}, failed {}{}",
+                    report.run_id.as_deref().unwrap_or("?"),
+                    report.scanned,
+                    report.enqueued,
+                    report.failed,
+                    if report.continued { ", continued" } else { "" }
+                )]);
+                rsp.return_value = serde_json::to_value(&report).ok();
+                (StatusCode::OK, Json(rsp)).into_response()
+            }
             ContinuationOutcome::Malformed(reason) => {
                 // Can never succeed: poison it now, with the reason, and acknowledge.
                 tracing::warn!(%reason, "malformed reconcile continuation; poisoning it");

@@ -61,16 +61,23 @@ pub async fn handle(
         ));
     };
     let span = tracing::info_span!("SnapshotProducer", invocation_id = %invocation_id(&headers), container = %container);
-    let result = ops::snapshot::run_with(
+    let result = ops::snapshot::run_budgeted(
         &app,
         &container,
         p.prefix.as_deref(),
         p.full.unwrap_or(false),
-        ops::no_progress(),
+        app.settings.producer_budget,
     )
     .instrument(span)
     .await;
     match result {
+        // Out of time: the rest continues through the reconcile continuation queue (any
+        // instance). The activity succeeds; `run_id` names the run in the logs.
+        Ok(report) if report.continued && report.is_complete() => (
+            StatusCode::OK,
+            Json(json!({"status": "continued", "run_id": report.run_id, "report": report})),
+        )
+            .into_response(),
         Ok(report) if report.is_complete() => (
             StatusCode::OK,
             Json(json!({"status": "ok", "report": report})),

@@ -16,6 +16,11 @@ pub const BACKED_UP_AT: &str = "lakeguard_backed_up_at";
 pub const DELETED_AT: &str = "lakeguard_deleted_at";
 /// On source snapshots: a backup request for this version was queued at this time (pending marker).
 pub const REQUESTED_AT: &str = "lakeguard_requested_at";
+/// On source snapshots: the batch of requests the marker belongs to. The batch's record
+/// (`lakeguard-state/requests/<id>.json`, written once every request of the batch was queued)
+/// is what makes the marker trustworthy: a producer killed between Snapshot Blob and Put Message
+/// leaves a marker whose batch has no record.
+pub const REQUEST_BATCH: &str = "lakeguard_request_batch";
 /// On restored blobs: the source ETag of the version that was restored (makes restore resumable).
 pub const RESTORED_FROM_ETAG: &str = "lakeguard_restored_from_etag";
 

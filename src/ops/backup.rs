@@ -497,6 +497,8 @@ async fn resolve_snapshot(
             &props.etag,
             props.last_modified,
             OffsetDateTime::now_utc(),
+            // This delivery copies it at once: no request stands behind the marker.
+            None,
         );
         match app.source.create_snapshot(c, b, &req.etag, &meta).await {
             Ok(taken) => {

@@ -308,6 +308,8 @@ struct Ctx<'a> {
     progress: Arc<dyn Progress>,
     /// See [`App::pending_ttl`]: zero when the backup queue is empty.
     pending_ttl: Duration,
+    /// Request batch records read so far (a marker is trusted by its batch's record).
+    batches: crate::ops::state::BatchRecords,
 }
 
 impl Ctx<'_> {
@@ -366,6 +368,7 @@ pub async fn run(
         deadline: opts.budget.map(|b| started + b),
         progress,
         pending_ttl: app.pending_ttl().await,
+        batches: Default::default(),
     };
     // Continuations go out only when a budget exists (the functions); the CLI runs to the end.
     let may_hand_over = opts.budget.is_some() && !opts.dry_run;
@@ -445,10 +448,21 @@ pub enum ContinuationOutcome {
     Malformed(String),
     /// Try the message again later (the host retries, then poisons).
     Retry(String),
+    /// A producer run's hop (the queue carries both kinds of continuation).
+    Producer(Box<crate::ops::snapshot::SnapshotReport>),
 }
 
 /// `ReconcileWorker`: one hop of a container's chain, within the configured budget.
 pub async fn run_continuation(app: &App, text: &str) -> ContinuationOutcome {
+    if crate::ops::snapshot::run_state::kind_of(text).as_deref()
+        == Some(crate::ops::snapshot::run_state::MESSAGE_KIND)
+    {
+        return match crate::ops::snapshot::continue_run(app, text).await {
+            crate::ops::snapshot::Hop::Done(r) => ContinuationOutcome::Producer(r),
+            crate::ops::snapshot::Hop::Malformed(e) => ContinuationOutcome::Malformed(e),
+            crate::ops::snapshot::Hop::Retry(e) => ContinuationOutcome::Retry(e),
+        };
+    }
     let started = Instant::now();
     let cont = match Continuation::parse(text) {
         Ok(c) => c,
@@ -466,6 +480,7 @@ pub async fn run_continuation(app: &App, text: &str) -> ContinuationOutcome {
         deadline: Some(started + app.settings.reconcile_budget),
         progress: super::no_progress(),
         pending_ttl: app.pending_ttl().await,
+        batches: Default::default(),
     };
     let from = Checkpoint {
         source: cont.source.clone(),
@@ -782,8 +797,9 @@ enum Done {
     Enqueued,
     /// A request for the live version (no snapshot made).
     EnqueuedLive,
-    /// Snapshot made but the request could not be queued (the snapshot was removed again).
-    EnqueueFailed(String),
+    /// Snapshot made but the request could not be queued: removed again, or (`true`) left
+    /// behind as an orphaned marker.
+    EnqueueFailed(String, bool),
     Tombstoned,
     WouldEnqueue,
     WouldTombstone,
@@ -802,6 +818,10 @@ async fn execute(
     if batch.is_empty() {
         return;
     }
+    // The page's requests form one batch, recorded once they are all queued (see
+    // `state::record_batch`): that record is what makes their markers trustworthy.
+    let request_batch = crate::ops::state::new_batch_id();
+    let request_batch = request_batch.as_str();
     let results: Vec<(String, Option<SnapshotDecision>, Done)> = stream::iter(batch)
         .map(|action| {
             let name = action.name().to_owned();
@@ -809,7 +829,7 @@ async fn execute(
             async move {
                 let (decision, done) = match action {
                     Action::NeedsBackup { source, backup, .. } => {
-                        needs_backup(ctx, container, source, backup.is_none()).await
+                        needs_backup(ctx, container, source, backup.is_none(), request_batch).await
                     }
                     Action::Tombstone { backup } => (None, tombstone(ctx, container, backup).await),
                     _ => (None, Done::Skipped("nothing to do")),
@@ -821,6 +841,21 @@ async fn execute(
         .buffer_unordered(ctx.app.settings.concurrency)
         .collect()
         .await;
+    let queued = results
+        .iter()
+        .filter(|(_, _, d)| matches!(d, Done::Enqueued))
+        .count() as u64;
+    let orphans = results
+        .iter()
+        .filter(|(_, _, d)| matches!(d, Done::EnqueueFailed(_, true)))
+        .count() as u64;
+    if queued + orphans > 0 {
+        if let Err(e) =
+            crate::ops::state::record_batch(ctx.app, request_batch, queued, orphans).await
+        {
+            warn!(batch = request_batch, error = %e, "could not record the request batch; its markers count as unrecorded");
+        }
+    }
     for (name, decision, done) in results {
         if let Some(d) = &decision {
             tally.record_decision(d);
@@ -832,7 +867,7 @@ async fn execute(
                 report.requests_enqueued += 1;
             }
             Done::EnqueuedLive => report.requests_enqueued += 1,
-            Done::EnqueueFailed(e) => report.error(container, Some(&name), e),
+            Done::EnqueueFailed(e, _) => report.error(container, Some(&name), e),
             Done::Tombstoned => report.tombstones_written += 1,
             Done::WouldEnqueue => report.would_enqueue += 1,
             Done::WouldTombstone => report.would_tombstone += 1,
@@ -867,6 +902,7 @@ async fn needs_backup(
     container: &str,
     source: BlobEntry,
     backup_absent: bool,
+    batch: &str,
 ) -> (Option<SnapshotDecision>, Done) {
     let app = ctx.app;
     // With an empty queue nothing can be pending and the decision does not depend on the
@@ -880,11 +916,15 @@ async fn needs_backup(
             Err(e) => return (None, Done::Failed(format!("listing snapshots: {e}"))),
         }
     };
+    ctx.batches
+        .fetch(app, &crate::core::reconcile::marker_batches(&snapshots))
+        .await;
     let decision = decide_snapshot(
         &source,
         &snapshots,
         OffsetDateTime::now_utc(),
         ctx.pending_ttl,
+        &|id| ctx.batches.get(id),
     );
     let done = match &decision {
         SnapshotDecision::Pending { .. } => Done::Pending,
@@ -903,11 +943,11 @@ async fn needs_backup(
                 };
                 return (Some(decision), done);
             }
-            match snapshot::snapshot_current(&app.source, container, source).await {
+            match snapshot::snapshot_current(&app.source, container, source, Some(batch)).await {
                 Ok(Some((taken, blob))) => {
                     match snapshot::enqueue(app, container, &blob, &taken, backup_absent).await {
                         Ok(()) => Done::Enqueued,
-                        Err(e) => Done::EnqueueFailed(e),
+                        Err(e) => Done::EnqueueFailed(e.message, e.orphaned),
                     }
                 }
                 Ok(None) => Done::Skipped("deleted since the listing"),
@@ -992,6 +1032,15 @@ pub async fn drain_continuations(app: &App) -> Result<ReconcileReport, StorageEr
             ContinuationOutcome::Done(r) => {
                 merge_report(&mut total, &r);
                 complete &= r.complete || r.continuations_queued > 0;
+                queue.delete(&msg).await?;
+            }
+            ContinuationOutcome::Producer(r) => {
+                total.snapshots_made += r.snapshotted;
+                total.requests_enqueued += r.enqueued;
+                for f in &r.failures {
+                    total.error(&r.container, Some(&f.blob), f.error.clone());
+                }
+                complete &= r.is_complete();
                 queue.delete(&msg).await?;
             }
             ContinuationOutcome::Malformed(reason) => {

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 use tracing::info;
 
 use crate::app::App;
+use crate::core::reconcile::BatchRecord;
 use crate::model::Etag;
 use crate::settings::STATE_CONTAINER;
 use crate::storage::blob::TargetCondition;
@@ -118,5 +119,109 @@ pub async fn record_coverage(
         }
         Err(e) if is_lost_race(&e) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Request batches: a pending marker (`lakeguard_requested_at` on a source snapshot) is written
+/// with the snapshot, before its request is queued, because snapshots are immutable. The batch
+/// it names (`lakeguard_request_batch`) is recorded only after every request of the batch was
+/// queued (or its snapshot removed again), so reconcile trusts a marker for the pending TTL only
+/// when its batch is recorded complete (`core::reconcile::trusted_marker`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BatchDoc {
+    pub schema: u32,
+    pub batch: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub finished_at: OffsetDateTime,
+    /// Requests queued.
+    pub queued: u64,
+    /// Snapshots whose request could not be queued and which could not be removed either: their
+    /// markers vouch for nothing.
+    pub orphans: u64,
+}
+
+/// A new batch id: sortable by time (a lifecycle rule on `requests/` can expire old records),
+/// unique enough, safe in a blob name and in metadata.
+pub fn new_batch_id() -> String {
+    let now = OffsetDateTime::now_utc();
+    format!(
+        "{:04}{:02}{:02}t{:02}{:02}{:02}-{:016x}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        super::restore::random_u64()
+    )
+}
+
+fn batch_blob(id: &str) -> String {
+    format!("requests/{id}.json")
+}
+
+/// Records batch `id` as finished. A failure only costs duplicates: its markers are then trusted
+/// for the grace period alone, and reconcile asks again after it.
+pub async fn record_batch(
+    app: &App,
+    id: &str,
+    queued: u64,
+    orphans: u64,
+) -> Result<(), StorageError> {
+    let doc = BatchDoc {
+        schema: 1,
+        batch: id.to_owned(),
+        finished_at: OffsetDateTime::now_utc(),
+        queued,
+        orphans,
+    };
+    let body = serde_json::to_vec(&doc).expect("a batch record serialises");
+    match put(app, &batch_blob(id), body, &TargetCondition::Absent).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_lost_race(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The batch records one reconcile (or verify) run has read: each batch is read once.
+#[derive(Default)]
+pub struct BatchRecords(std::sync::Mutex<std::collections::HashMap<String, BatchRecord>>);
+
+impl BatchRecords {
+    /// Reads the records of `ids` not read yet. An unreadable record counts as missing: the
+    /// marker is then trusted for the grace period only, which errs toward asking twice, never
+    /// toward losing a request.
+    pub async fn fetch(&self, app: &App, ids: &[String]) {
+        let todo: Vec<String> = {
+            let known = self.0.lock().expect("poisoned");
+            ids.iter()
+                .filter(|i| !known.contains_key(*i))
+                .cloned()
+                .collect()
+        };
+        for id in todo {
+            let record = match get(app, &batch_blob(&id)).await {
+                Ok(Some((body, _))) => match serde_json::from_slice::<BatchDoc>(&body) {
+                    Ok(d) if d.batch == id && d.orphans == 0 => BatchRecord::Complete,
+                    Ok(d) if d.batch == id => BatchRecord::Incomplete,
+                    _ => BatchRecord::Incomplete,
+                },
+                Ok(None) => BatchRecord::Missing,
+                Err(e) => {
+                    tracing::warn!(batch = %id, error = %e, "could not read a request batch record; its markers count as unrecorded");
+                    BatchRecord::Missing
+                }
+            };
+            self.0.lock().expect("poisoned").insert(id, record);
+        }
+    }
+
+    pub fn get(&self, id: &str) -> BatchRecord {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .get(id)
+            .copied()
+            .unwrap_or(BatchRecord::Missing)
     }
 }

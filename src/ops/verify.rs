@@ -242,6 +242,7 @@ pub async fn run(
     }
     let now = OffsetDateTime::now_utc();
     let pending_ttl = app.pending_ttl().await;
+    let batches = crate::ops::state::BatchRecords::default();
     let order = app.settings.name_order;
     let mut report = VerifyReport {
         container: container.to_owned(),
@@ -352,7 +353,12 @@ pub async fn run(
                 }
                 let lag = (now - base.last_modified).whole_seconds().max(0);
                 report.rpo_lag_secs = report.rpo_lag_secs.max(lag);
-                match decide_snapshot(base, &src.snapshots, now, pending_ttl) {
+                batches
+                    .fetch(app, &crate::core::reconcile::marker_batches(&src.snapshots))
+                    .await;
+                match decide_snapshot(base, &src.snapshots, now, pending_ttl, &|id| {
+                    batches.get(id)
+                }) {
                     SnapshotDecision::Pending { requested_at, .. } => {
                         report.pending += 1;
                         if report.pending_blobs.len() < MAX_LISTED {
