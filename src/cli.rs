@@ -295,7 +295,7 @@ pub fn snapshot_text(report: &crate::ops::snapshot::SnapshotReport) -> String {
 /// The drain's report for a terminal.
 pub fn drain_text(report: &crate::ops::backup::DrainReport) -> String {
     format!(
-        "{}: processed {}, backed up {}, already backed up {}, superseded {}, poisoned {}, retried {}{} in {} ms",
+        "{}: processed {}, backed up {}, already backed up {}, superseded {}, poisoned {}, retried {}{}{} in {} ms",
         report.queue,
         report.processed,
         report.backed_up,
@@ -305,6 +305,14 @@ pub fn drain_text(report: &crate::ops::backup::DrainReport) -> String {
         report.retried,
         if report.unqueued > 0 {
             format!(", FAILED AND NOT QUEUED {} (see the log)", report.unqueued)
+        } else {
+            String::new()
+        },
+        if report.left_on_queue > 0 {
+            format!(
+                ", STOPPED WITH {} STILL ON THE QUEUE (invisible: held by another consumer or one that died)",
+                report.left_on_queue
+            )
         } else {
             String::new()
         },

@@ -75,9 +75,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 print(output, &both, || {
                     format!("{}\n{}", snapshot_text(&report), drain_text(&drained))
                 });
-                return Ok(exit(
-                    report.is_complete() && drained.poisoned == 0 && drained.unqueued == 0,
-                ));
+                return Ok(exit(report.is_complete() && drained.is_complete()));
             }
             let bar = Bar::new("snapshot", output);
             let report =
@@ -108,7 +106,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             let report = ops::backup::drain(&app, &queue, bar.clone()).await?;
             bar.finish();
             print(output, &report, || drain_text(&report));
-            Ok(exit(report.poisoned == 0))
+            Ok(exit(report.is_complete()))
         }
         Command::Restore {
             container,
@@ -237,9 +235,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 print(output, &both, || {
                     format!("{}\n{}", report.summary(), drain_text(&d))
                 });
-                return Ok(exit(
-                    report.errors == 0 && d.poisoned == 0 && d.unqueued == 0,
-                ));
+                return Ok(exit(report.errors == 0 && d.is_complete()));
             }
             print(output, &report, || {
                 let errors: String = report

@@ -72,6 +72,9 @@ pub struct Settings {
     /// Work budget of one HTTP producer call (the host answers HTTP within 230 s) before it saves
     /// its place and continues through a continuation message. Zero stops after every page.
     pub producer_budget: Duration,
+    /// `LAKEGUARD_DRAIN_IDLE_SECS`: how long `--drain` waits for invisible messages (held by
+    /// another consumer, or one that died) to come back before it stops and reports them.
+    pub drain_idle: Duration,
     /// `LAKEGUARD_RECONCILE_QUEUE`: reconcile continuations (ReconcileWorker's trigger queue).
     pub reconcile_queue: String,
     /// `LAKEGUARD_LIST_PAGE_SIZE`: `maxresults` of reconcile's flat listings (`None` = the
@@ -239,6 +242,8 @@ impl Settings {
             None => None,
             Some(_) => Some(number(vars, "LAKEGUARD_LIST_PAGE_SIZE", 5000, 1, 5000)? as u32),
         };
+        let drain_idle =
+            Duration::from_secs(number(vars, "LAKEGUARD_DRAIN_IDLE_SECS", 120, 1, 3600)?);
         let producer_page_size = match get("LAKEGUARD_PRODUCER_PAGE_SIZE") {
             None => None,
             Some(_) => Some(number(vars, "LAKEGUARD_PRODUCER_PAGE_SIZE", 5000, 1, 5000)? as u32),
@@ -337,6 +342,7 @@ impl Settings {
             copy_block_size,
             reconcile_budget,
             producer_budget,
+            drain_idle,
             reconcile_queue,
             list_page_size,
             producer_page_size,

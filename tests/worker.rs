@@ -1003,3 +1003,33 @@ async fn same_second_versions_processed_in_reverse_order_keep_the_newer_on_top()
     assert!(r.is_complete(), "{r:#?}");
     assert_eq!(content(&backup, &target, &name, None).await, b"newer");
 }
+
+/// Issue 15, item 9: `--drain` that stops with messages still invisible (held by a consumer
+/// that died) says so in its report and exits 1: "back up this container now" did not finish.
+#[tokio::test]
+async fn a_drain_that_stops_with_invisible_messages_left_says_so_and_fails() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let queues = stack.queues();
+    queues.create_queue(&stack.queue).await;
+    queues
+        .send_message(
+            &stack.queue,
+            &b64(r#"{"container":"x","blob_name":"y","etag":"1"}"#),
+        )
+        .await
+        .ok("send");
+    // A consumer takes it and dies: invisible for a minute.
+    let held = queues.receive_messages(&stack.queue, 1, 60).await;
+    assert_eq!(held.len(), 1);
+    let env = stack.env_with(&[("LAKEGUARD_DRAIN_IDLE_SECS", "1")]);
+    let out = support::run_cli(&["backup", "--drain", "--output", "json"], &env).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["left_on_queue"], 1, "{report:#}");
+    assert_eq!(report["processed"], 0, "{report:#}");
+}

@@ -526,7 +526,18 @@ pub struct DrainReport {
     /// Requests handed over in process that failed and could not be queued either (logged as
     /// errors; the next reconcile requests them again).
     pub unqueued: u64,
+    /// Messages still on the queue when the drain stopped because none became visible for
+    /// `LAKEGUARD_DRAIN_IDLE_SECS` (held by a consumer that died, or another worker): the queue
+    /// was not emptied, so "back up this container now" did not finish.
+    pub left_on_queue: u64,
     pub elapsed_ms: u128,
+}
+
+impl DrainReport {
+    /// Everything taken was settled and the queue was left empty.
+    pub fn is_complete(&self) -> bool {
+        self.poisoned == 0 && self.unqueued == 0 && self.left_on_queue == 0
+    }
 }
 
 /// `lakeguard backup --drain`: the worker's code over the queue from a terminal, until it is
@@ -616,6 +627,8 @@ async fn drain_until(
         progress.add_total(queue.approximate_count().await?);
     }
     let receive_error: std::sync::Mutex<Option<StorageError>> = Default::default();
+    let left_on_queue = std::sync::atomic::AtomicU64::new(0);
+    let idle_limit = app.settings.drain_idle;
     // Messages received and not yet acknowledged or put back; `settled` wakes the receiver when
     // one of them is (a stored permit, so no wake-up is lost).
     let outstanding = AtomicUsize::new(0);
@@ -632,7 +645,8 @@ async fn drain_until(
     let batches = stream::unfold(
         (None::<Instant>, 0u32),
         |(mut idle_since, mut empty_polls)| {
-            let (receive_error, progress) = (&receive_error, &progress);
+            let (receive_error, progress, left_on_queue) =
+                (&receive_error, &progress, &left_on_queue);
             let (outstanding, settled, handoffs_taken) = (&outstanding, &settled, &handoffs_taken);
             async move {
                 loop {
@@ -681,18 +695,19 @@ async fn drain_until(
                     if outstanding.load(Ordering::SeqCst) > 0 {
                         continue;
                     }
-                    match queue.approximate_count().await {
+                    let count = match queue.approximate_count().await {
                         Ok(0) => return None,
-                        Ok(_) => {}
+                        Ok(n) => n,
                         Err(e) => {
                             fail(e);
                             return None;
                         }
-                    }
+                    };
                     // Messages in backoff become visible again shortly.
                     let idle = idle_since.get_or_insert_with(Instant::now);
-                    if idle.elapsed() > Duration::from_secs(120) {
-                        warn!("messages remain invisible (held by another consumer?); stopping");
+                    if idle.elapsed() > idle_limit {
+                        warn!(left_on_queue = count, "messages remain invisible (held by another consumer, or one that died?); stopping with the queue not empty");
+                        left_on_queue.store(count, Ordering::SeqCst);
                         return None;
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -788,6 +803,7 @@ async fn drain_until(
     if let Some(e) = failed {
         return Err(e);
     }
+    report.left_on_queue = left_on_queue.load(Ordering::SeqCst);
     report.elapsed_ms = started.elapsed().as_millis();
     Ok(report)
 }
