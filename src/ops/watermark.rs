@@ -75,8 +75,11 @@ pub async fn load(app: &App, container: &str, prefix: Option<&str>, now: OffsetD
             };
         }
     };
-    let parsed = serde_json::from_slice::<ProducerState>(&body)
-        .map_err(|e| format!("the state is not readable: {e}"))
+    let parsed = match serde_json::from_slice::<Discarded>(&body) {
+        Ok(d) => Err(format!("the previous run discarded its state: {}", d.discarded)),
+        Err(_) => serde_json::from_slice::<ProducerState>(&body)
+            .map_err(|e| format!("the state is not readable: {e}")),
+    }
         .and_then(|s| {
             Since::new(s, container, prefix, now).map_err(|e| format!("the state is unusable: {e}"))
         });
@@ -175,12 +178,25 @@ pub async fn discard(app: &App, loaded: &Loaded) -> String {
             "no state kept".into()
         };
     };
+    // Replaced by a marker rather than deleted: the function's identity needs no delete right
+    // on the backup account (a compromised function must not be able to erase backups).
+    let body = serde_json::to_vec(&Discarded {
+        discarded: "a run that could not vouch for a newer state".into(),
+    })
+    .expect("a discard marker serialises");
     match app
         .backup
-        .delete(STATE_CONTAINER, &loaded.name, None, Some(etag), false)
+        .upload_if(
+            STATE_CONTAINER,
+            &loaded.name,
+            body,
+            Some("application/json"),
+            &BTreeMap::new(),
+            &TargetCondition::Matches(etag.clone()),
+        )
         .await
     {
-        Ok(()) => "removed; the next run lists in full".into(),
+        Ok(_) => "removed; the next run lists in full".into(),
         Err(e) if e.is_not_found() || is_lost_race(&e) => {
             "kept the state another run saved meanwhile".into()
         }
@@ -189,6 +205,13 @@ pub async fn discard(app: &App, loaded: &Loaded) -> String {
             format!("removing the old state failed ({e}); the next run may snapshot some unchanged blobs again")
         }
     }
+}
+
+/// What replaces a state a run could not vouch for.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Discarded {
+    discarded: String,
 }
 
 /// 412 (If-Match lost) or 409 `BlobAlreadyExists` (If-None-Match lost): another run wrote first.
