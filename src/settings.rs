@@ -75,6 +75,9 @@ pub struct Settings {
     /// `LAKEGUARD_DRAIN_IDLE_SECS`: how long `--drain` waits for invisible messages (held by
     /// another consumer, or one that died) to come back before it stops and reports them.
     pub drain_idle: Duration,
+    /// `LAKEGUARD_RESTORE_CHUNK_ITEMS`: plan items per chunk (one queue message each) of a
+    /// restore started over HTTP.
+    pub restore_chunk_items: u32,
     /// `LAKEGUARD_RECONCILE_QUEUE`: reconcile continuations (ReconcileWorker's trigger queue).
     pub reconcile_queue: String,
     /// `LAKEGUARD_LIST_PAGE_SIZE`: `maxresults` of reconcile's flat listings (`None` = the
@@ -242,6 +245,8 @@ impl Settings {
             None => None,
             Some(_) => Some(number(vars, "LAKEGUARD_LIST_PAGE_SIZE", 5000, 1, 5000)? as u32),
         };
+        let restore_chunk_items =
+            number(vars, "LAKEGUARD_RESTORE_CHUNK_ITEMS", 256, 1, 5000)? as u32;
         let drain_idle =
             Duration::from_secs(number(vars, "LAKEGUARD_DRAIN_IDLE_SECS", 120, 1, 3600)?);
         let producer_page_size = match get("LAKEGUARD_PRODUCER_PAGE_SIZE") {
@@ -343,6 +348,7 @@ impl Settings {
             reconcile_budget,
             producer_budget,
             drain_idle,
+            restore_chunk_items,
             reconcile_queue,
             list_page_size,
             producer_page_size,

@@ -418,7 +418,10 @@ async fn failed_enqueue_is_found_again_by_the_next_run() {
     );
     // Replaced by a discard marker, not deleted: the function needs no delete right on the
     // backup account.
-    let kept = stack.backup().get_blob("lakeguard-state", &state, None).await;
+    let kept = stack
+        .backup()
+        .get_blob("lakeguard-state", &state, None)
+        .await;
     assert!(
         kept.text().contains("\"discarded\""),
         "a run with failures discards the watermark: {} / {}",

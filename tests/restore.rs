@@ -8,6 +8,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use base64::Engine as _;
+
 use lakeguard::app::App;
 use lakeguard::core::restore::{HistoryFrom, PlanItem};
 use lakeguard::model::metadata;
@@ -550,6 +552,20 @@ async fn restore_from_source_snapshots_and_unavailable_versions() {
     assert_eq!(contents(&stack.backup(), &target).await, *truth3);
 }
 
+/// `GET /api/restore/{id}` (must answer 200).
+async fn status_of(port: u16, id: &str) -> Value {
+    let r = forwarded_http(
+        port,
+        "GET",
+        &format!("/api/restore/{id}"),
+        &[("x-functions-key", "admin-key")],
+        None,
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.body);
+    r.json()
+}
+
 /// The HTTP function: without `confirm` it only plans; with it, 202 and a status to follow.
 #[tokio::test]
 async fn restore_http_function_plans_and_runs_with_confirm() {
@@ -600,23 +616,17 @@ async fn restore_http_function_plans_and_runs_with_confirm() {
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_owned();
     assert_eq!(body["status_url"], format!("/api/restore/{id}"));
-    let mut last = Value::Null;
-    for _ in 0..100 {
-        let r = forwarded_http(
-            port,
-            "GET",
-            &format!("/api/restore/{id}"),
-            &[("x-functions-key", "admin-key")],
-            None,
-        )
+    // Durable: nothing ran after the answer; the chunks are on the continuation queue.
+    let last = status_of(port, &id).await;
+    assert_eq!(last["state"], "running", "{last:#}");
+    assert_eq!(last["done"], 0, "{last:#}");
+    let queues = stack.queues();
+    let rq = format!("{}-reconcile", stack.queue);
+    let chunks = support::QueueTrigger::reconcile_worker(&queues, port, &rq)
+        .drain(50)
         .await;
-        assert_eq!(r.status.as_u16(), 200);
-        last = r.json();
-        if last["state"] != "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_eq!((chunks.failed, chunks.poisoned), (0, 0), "{chunks:#?}");
+    let last = status_of(port, &id).await;
     assert_eq!(last["state"], "succeeded", "{last:#}");
     assert_eq!(last["total"], truth1.len() as u64, "{last:#}");
     assert_eq!(last["done"], last["total"]);
@@ -628,22 +638,13 @@ async fn restore_http_function_plans_and_runs_with_confirm() {
         call(json!({"container": c, "at": at, "confirm": true, "force": true})).await;
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_owned();
-    let mut last = Value::Null;
-    for _ in 0..100 {
-        let r = forwarded_http(
-            port,
-            "GET",
-            &format!("/api/restore/{id}"),
-            &[("x-functions-key", "admin-key")],
-            None,
-        )
+    let queues = stack.queues();
+    let rq = format!("{}-reconcile", stack.queue);
+    let chunks = support::QueueTrigger::reconcile_worker(&queues, port, &rq)
+        .drain(50)
         .await;
-        last = r.json();
-        if last["state"] != "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_eq!((chunks.failed, chunks.poisoned), (0, 0), "{chunks:#?}");
+    let last = status_of(port, &id).await;
     assert_eq!(last["state"], "succeeded", "{last:#}");
     assert_eq!(contents(&stack.source(), c).await, *truth1);
     stack
@@ -1021,4 +1022,109 @@ async fn restore_times_in_the_future_or_unwritable_are_invalid_input() {
             "{at}: {stderr}"
         );
     }
+}
+
+/// Issue 16, item 4: a restore started over HTTP survives its instance. The plan is stored in
+/// chunks and carried out from the continuation queue: kill the instance while a chunk runs,
+/// start another, and the restore finishes exactly once; a chunk whose work was done but not
+/// recorded (the instance died in between) is redone to the same end, not counted twice.
+#[tokio::test]
+async fn an_http_restore_survives_its_instance_being_killed_and_finishes_once() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let env = stack.env_with(&[("LAKEGUARD_RESTORE_CHUNK_ITEMS", "1")]);
+    let app = support::app(&env);
+    let h = build_history(&stack, &app).await;
+    let c = &h.container;
+    let (t1, truth1) = &h.points[0];
+    let first = support::Handler::spawn(&env).await;
+    let target = unique_name("durable");
+    let r = forwarded_http(
+        first.port(),
+        "POST",
+        "/api/restore",
+        &[
+            ("x-functions-key", "admin-key"),
+            ("content-type", "application/json"),
+        ],
+        Some(
+            serde_json::to_vec(&json!({
+                "container": c, "at": metadata::format_time(*t1),
+                "to_account": "BackupStorage", "to_container": target, "confirm": true
+            }))
+            .unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 202, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let queues = stack.queues();
+    let rq = format!("{}-reconcile", stack.queue);
+    assert_eq!(
+        queues.message_count(&rq).await,
+        truth1.len(),
+        "one chunk per item"
+    );
+
+    // One chunk carried out in process, then its record lost: as if the instance died after
+    // the work and before the record.
+    let trigger = support::QueueTrigger::reconcile_worker(&queues, first.port(), &rq);
+    let text = match trigger.run_once().await {
+        Some(support::host::Delivery::Succeeded { text, .. }) => text,
+        other => panic!("the chunk did not run: {other:?}"),
+    };
+    let chunk: Value = serde_json::from_str(&text).unwrap();
+    let record = format!("{id}/done/{:06}.json", chunk["chunk"].as_u64().unwrap());
+    app.backup
+        .delete(RESERVED_CONTAINER, &record, None, None, false)
+        .await
+        .unwrap();
+    queues
+        .send_message(
+            &rq,
+            &base64::engine::general_purpose::STANDARD.encode(&text),
+        )
+        .await
+        .ok("requeue");
+
+    // The first instance dies while it carries out a chunk.
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        first.kill();
+    };
+    let deliver_until_it_dies = async {
+        while let Some(d) = trigger.run_once().await {
+            if !matches!(d, support::host::Delivery::Succeeded { .. }) {
+                break;
+            }
+        }
+    };
+    tokio::join!(deliver_until_it_dies, killer);
+    // Another instance takes over what is left (and what the dead one held, once visible).
+    let second = support::Handler::spawn(&env).await;
+    let trigger = support::QueueTrigger::reconcile_worker(&queues, second.port(), &rq);
+    for _ in 0..20 {
+        let d = trigger.drain(50).await;
+        assert_eq!(d.poisoned, 0, "{d:#?}");
+        if queues.message_count(&rq).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let last = status_of(second.port(), &id).await;
+    assert_eq!(last["state"], "succeeded", "{last:#}");
+    assert_eq!(last["chunks_done"], truth1.len() as u64, "{last:#}");
+    let exec = &last["report"]["execution"];
+    assert_eq!(
+        exec["restored"],
+        truth1.len() as u64,
+        "each item counted once: {last:#}"
+    );
+    assert_eq!(exec["failed"], 0, "{last:#}");
+    assert_eq!(exec["changed_since_plan"], 0, "{last:#}");
+    assert_eq!(contents(&stack.backup(), &target).await, *truth1);
+    // The final status is stored: a second read is the same, from the document.
+    assert_eq!(
+        status_of(second.port(), &id).await["report"],
+        last["report"]
+    );
 }

@@ -118,6 +118,14 @@ pub async fn worker(State(app): State<App>, headers: HeaderMap, body: Bytes) -> 
                 rsp.return_value = serde_json::to_value(&report).ok();
                 (StatusCode::OK, Json(rsp)).into_response()
             }
+            ContinuationOutcome::Restore(report) => {
+                let mut rsp = InvocationResponse::with_logs(vec![format!(
+                    "restore chunk: restored {}, deleted {}, changed {}, failed {}",
+                    report.restored, report.deleted, report.changed_since_plan, report.failed
+                )]);
+                rsp.return_value = serde_json::to_value(&report).ok();
+                (StatusCode::OK, Json(rsp)).into_response()
+            }
             // A producer hop: its per-blob failures are in the report (the run's watermark is
             // not saved, so the next run lists in full); the message itself is done.
             ContinuationOutcome::Producer(report) => {

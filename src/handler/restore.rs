@@ -28,7 +28,7 @@ use tracing::Instrument;
 use super::{invocation_id, op_error_response};
 use crate::app::App;
 use crate::core::restore::HistoryFrom;
-use crate::ops::restore::{self as op, RestoreRequest, TargetSpec};
+use crate::ops::restore::{self as op, RestoreRequest, RestoreSpec};
 use crate::ops::OpError;
 
 #[derive(Debug, Deserialize)]
@@ -50,7 +50,7 @@ pub struct Body {
     pub force: bool,
 }
 
-fn request(app: &App, body: &[u8]) -> Result<(RestoreRequest, bool), OpError> {
+fn request(app: &App, body: &[u8]) -> Result<(RestoreRequest, RestoreSpec, bool), OpError> {
     let b: Body = serde_json::from_slice(body).map_err(|e| {
         OpError::InvalidInput(format!(
             "body must be a JSON object {{\"container\", \"at\", \"prefix\"?, \"from\"?, \"to_account\"?, \"to_container\"?, \"confirm\"?, \"force\"?}}: {e}"
@@ -59,9 +59,7 @@ fn request(app: &App, body: &[u8]) -> Result<(RestoreRequest, bool), OpError> {
     let at = crate::model::metadata::parse_time(&b.at).ok_or_else(|| {
         OpError::InvalidInput(format!("`at` = `{}` is not an RFC 3339 time", b.at))
     })?;
-    let mut req = RestoreRequest::new(b.container.clone(), at);
-    req.prefix = b.prefix.filter(|p| !p.is_empty());
-    req.from = match b.from.as_deref() {
+    let from = match b.from.as_deref() {
         None | Some("backup") => HistoryFrom::Backup,
         Some("backup-only") => HistoryFrom::BackupOnly,
         Some("snapshots") => HistoryFrom::SourceSnapshots,
@@ -71,32 +69,22 @@ fn request(app: &App, body: &[u8]) -> Result<(RestoreRequest, bool), OpError> {
             )))
         }
     };
-    req.force = b.force;
+    let spec = RestoreSpec {
+        container: b.container,
+        at,
+        prefix: b.prefix,
+        from,
+        to_account: b.to_account,
+        to_container: b.to_container,
+        force: b.force,
+    };
+    let mut req = spec.to_request(app)?;
     req.dry_run = !b.confirm;
-    if b.to_account.is_some() || b.to_container.is_some() {
-        let store = match &b.to_account {
-            Some(name) => {
-                if name.contains('=') {
-                    return Err(OpError::InvalidInput(
-                        "`to_account` is the name of a configured connection, not a connection string".into(),
-                    ));
-                }
-                let conn = crate::settings::named_connection(name)
-                    .map_err(|e| OpError::InvalidInput(e.to_string()))?;
-                app.clients.blob_store(&conn)?
-            }
-            None => app.source.clone(),
-        };
-        req.to = Some(TargetSpec {
-            store,
-            container: b.to_container.unwrap_or(b.container),
-        });
-    }
-    Ok((req, b.confirm))
+    Ok((req, spec, b.confirm))
 }
 
 pub async fn post(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
-    let (req, confirm) = match request(&app, &body) {
+    let (req, spec, confirm) = match request(&app, &body) {
         Ok(r) => r,
         Err(e) => return op_error_response(&e),
     };
@@ -124,7 +112,9 @@ pub async fn post(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
                 .into_response();
         }
         let (id, summary, items) = (plan.id.clone(), plan.summary.clone(), plan.items.clone());
-        match op::start_background(app.clone(), req, plan).await {
+        // Durable: the plan goes to the backup account in chunks, the queue carries them out
+        // (any instance, surviving this one); nothing runs after this answer.
+        match op::start_durable(&app, spec, plan).await {
             Ok(status) => (
                 StatusCode::ACCEPTED,
                 Json(json!({

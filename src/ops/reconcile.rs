@@ -448,15 +448,23 @@ pub enum ContinuationOutcome {
     Malformed(String),
     /// Try the message again later (the host retries, then poisons).
     Retry(String),
-    /// A producer run's hop (the queue carries both kinds of continuation).
+    /// A producer run's hop (the queue carries every kind of continuation).
     Producer(Box<crate::ops::snapshot::SnapshotReport>),
+    /// A chunk of a restore started over HTTP.
+    Restore(Box<crate::ops::restore::ExecReport>),
 }
 
 /// `ReconcileWorker`: one hop of a container's chain, within the configured budget.
 pub async fn run_continuation(app: &App, text: &str) -> ContinuationOutcome {
-    if crate::ops::snapshot::run_state::kind_of(text).as_deref()
-        == Some(crate::ops::snapshot::run_state::MESSAGE_KIND)
-    {
+    let kind = crate::ops::snapshot::run_state::kind_of(text);
+    if kind.as_deref() == Some(crate::ops::restore::status_kind()) {
+        return match crate::ops::restore::run_chunk(app, text).await {
+            crate::ops::restore::ChunkOutcome::Done(r) => ContinuationOutcome::Restore(r),
+            crate::ops::restore::ChunkOutcome::Malformed(e) => ContinuationOutcome::Malformed(e),
+            crate::ops::restore::ChunkOutcome::Retry(e) => ContinuationOutcome::Retry(e),
+        };
+    }
+    if kind.as_deref() == Some(crate::ops::snapshot::run_state::MESSAGE_KIND) {
         return match crate::ops::snapshot::continue_run(app, text).await {
             crate::ops::snapshot::Hop::Done(r) => ContinuationOutcome::Producer(r),
             crate::ops::snapshot::Hop::Malformed(e) => ContinuationOutcome::Malformed(e),
@@ -1032,6 +1040,10 @@ pub async fn drain_continuations(app: &App) -> Result<ReconcileReport, StorageEr
             ContinuationOutcome::Done(r) => {
                 merge_report(&mut total, &r);
                 complete &= r.complete || r.continuations_queued > 0;
+                queue.delete(&msg).await?;
+            }
+            ContinuationOutcome::Restore(r) => {
+                complete &= r.failed == 0;
                 queue.delete(&msg).await?;
             }
             ContinuationOutcome::Producer(r) => {

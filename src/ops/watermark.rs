@@ -76,13 +76,16 @@ pub async fn load(app: &App, container: &str, prefix: Option<&str>, now: OffsetD
         }
     };
     let parsed = match serde_json::from_slice::<Discarded>(&body) {
-        Ok(d) => Err(format!("the previous run discarded its state: {}", d.discarded)),
+        Ok(d) => Err(format!(
+            "the previous run discarded its state: {}",
+            d.discarded
+        )),
         Err(_) => serde_json::from_slice::<ProducerState>(&body)
             .map_err(|e| format!("the state is not readable: {e}")),
     }
-        .and_then(|s| {
-            Since::new(s, container, prefix, now).map_err(|e| format!("the state is unusable: {e}"))
-        });
+    .and_then(|s| {
+        Since::new(s, container, prefix, now).map_err(|e| format!("the state is unusable: {e}"))
+    });
     match parsed {
         Ok(since) => Loaded {
             name,

@@ -146,6 +146,14 @@ impl Handler {
         }
     }
 
+    /// SIGKILL: the instance dies mid-invocation, as when the platform recycles it.
+    pub fn kill(&self) {
+        // SAFETY: plain syscall on our own child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL);
+        }
+    }
+
     /// Waits up to `timeout` for the process to exit.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;

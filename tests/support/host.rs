@@ -396,15 +396,34 @@ pub async fn invoke_raw(port: u16, function: &str, payload: &Value) -> InvokeRes
         .header("User-Agent", format!("Azure-Functions-Host/{HOST_VERSION}"))
         .body(reqwest::Body::wrap_stream(stream))
         .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST /{function}: {e}"));
+        .await;
+    // The worker process died (or never listened): the host records a failed invocation.
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            return InvokeResponse {
+                status: StatusCode::BAD_GATEWAY,
+                content_type: None,
+                body: format!("POST /{function}: the worker did not answer: {e}"),
+            }
+        }
+    };
     let status = resp.status();
     let content_type = resp
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = resp.text().await.expect("read answer");
+    let body = match resp.text().await {
+        Ok(b) => b,
+        Err(e) => {
+            return InvokeResponse {
+                status: StatusCode::BAD_GATEWAY,
+                content_type,
+                body: format!("POST /{function}: the answer was cut off: {e}"),
+            }
+        }
+    };
     InvokeResponse {
         status,
         content_type,
@@ -585,6 +604,20 @@ impl<'a> QueueTrigger<'a> {
             port,
             function: "BackupWorker".into(),
             binding,
+            queue: queue.to_string(),
+            max_dequeue_count: MAX_DEQUEUE_COUNT,
+            lease_secs: 600,
+        }
+    }
+
+    /// `ReconcileWorker` on a continuation queue (reconcile hops, producer hops, restore
+    /// chunks).
+    pub fn reconcile_worker(access: &'a dyn QueueAccess, port: u16, queue: &str) -> Self {
+        QueueTrigger {
+            access,
+            port,
+            function: "ReconcileWorker".into(),
+            binding: trigger_binding("ReconcileWorker"),
             queue: queue.to_string(),
             max_dequeue_count: MAX_DEQUEUE_COUNT,
             lease_secs: 600,

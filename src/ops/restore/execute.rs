@@ -4,6 +4,8 @@ use super::plan::{ends, Ends};
 use super::*;
 use crate::core::restore::Side;
 
+const DELETED_SINCE_PLAN: &str = "deleted since the plan";
+
 enum Outcome {
     Restored {
         overwrote: bool,
@@ -24,7 +26,6 @@ pub async fn execute(
     plan: &mut Plan,
     progress: Arc<dyn Progress>,
 ) -> Result<ExecReport, OpError> {
-    let ends = ends(app, req)?;
     let mut report = ExecReport::default();
     let total = plan.spool.count;
     let limit = req.limit.unwrap_or(u64::MAX);
@@ -35,18 +36,6 @@ pub async fn execute(
     }
     progress.add_total(to_do);
     progress.message("restoring");
-    ends.target.ensure_container(ends.target_container).await?;
-    if plan.summary.delete > 0 {
-        app.backup.ensure_container(RESERVED_CONTAINER).await?;
-    }
-    let blocks = BlockOptions::from_settings(&app.settings);
-    let ctx = Exec {
-        app,
-        req,
-        ends: &ends,
-        id: &plan.id,
-        blocks,
-    };
     let mut reader = plan.spool.reader().map_err(spool_error)?;
     let mut done = 0u64;
     const BATCH: u64 = 512;
@@ -62,48 +51,75 @@ pub async fn execute(
             break;
         }
         done += batch.len() as u64;
-        let results: Vec<(String, Outcome)> = stream::iter(batch)
-            .map(|item| {
-                let ctx = &ctx;
-                async move {
-                    let name = item.name().to_owned();
-                    (name, ctx.item(item).await)
+        execute_items(app, req, &plan.id, batch, &progress, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// Carries out `items` of restore `id` with bounded concurrency, adding the outcomes to
+/// `report`. Items are idempotent: one already carried out by an earlier attempt of the same
+/// restore (a durable chunk redelivered after its instance died) is recognised as done.
+pub(super) async fn execute_items(
+    app: &App,
+    req: &RestoreRequest,
+    id: &str,
+    items: Vec<PlanItem>,
+    progress: &Arc<dyn Progress>,
+    report: &mut ExecReport,
+) -> Result<(), OpError> {
+    let ends = ends(app, req)?;
+    ends.target.ensure_container(ends.target_container).await?;
+    if items.iter().any(|i| matches!(i, PlanItem::Delete { .. })) {
+        app.backup.ensure_container(RESERVED_CONTAINER).await?;
+    }
+    let ctx = Exec {
+        app,
+        req,
+        ends: &ends,
+        id,
+        blocks: BlockOptions::from_settings(&app.settings),
+    };
+    let results: Vec<(String, Outcome)> = stream::iter(items)
+        .map(|item| {
+            let ctx = &ctx;
+            async move {
+                let name = item.name().to_owned();
+                (name, ctx.item(item).await)
+            }
+        })
+        .buffer_unordered(app.settings.concurrency.max(1))
+        .collect()
+        .await;
+    for (name, outcome) in results {
+        progress.inc(1);
+        match outcome {
+            Outcome::Restored { overwrote, undo } => {
+                report.restored += 1;
+                report.overwritten += u64::from(overwrote);
+                report.undo_snapshots += u64::from(undo);
+            }
+            Outcome::Deleted { snapshot_copies } => {
+                report.deleted += 1;
+                report.undo_copies += 1;
+                report.undo_snapshot_copies += snapshot_copies;
+            }
+            Outcome::Changed(why) => {
+                info!(blob = %name, %why, "target changed since the plan; left as it is");
+                report.changed_since_plan += 1;
+                if report.changed.len() < MAX_REPORTED_FAILURES {
+                    report.changed.push(name);
                 }
-            })
-            .buffer_unordered(app.settings.concurrency.max(1))
-            .collect()
-            .await;
-        for (name, outcome) in results {
-            progress.inc(1);
-            match outcome {
-                Outcome::Restored { overwrote, undo } => {
-                    report.restored += 1;
-                    report.overwritten += u64::from(overwrote);
-                    report.undo_snapshots += u64::from(undo);
-                }
-                Outcome::Deleted { snapshot_copies } => {
-                    report.deleted += 1;
-                    report.undo_copies += 1;
-                    report.undo_snapshot_copies += snapshot_copies;
-                }
-                Outcome::Changed(why) => {
-                    info!(blob = %name, %why, "target changed since the plan; left as it is");
-                    report.changed_since_plan += 1;
-                    if report.changed.len() < MAX_REPORTED_FAILURES {
-                        report.changed.push(name);
-                    }
-                }
-                Outcome::Failed(error) => {
-                    warn!(blob = %name, %error, "restore of one blob failed");
-                    report.failed += 1;
-                    if report.failures.len() < MAX_REPORTED_FAILURES {
-                        report.failures.push(BlobFailure { blob: name, error });
-                    }
+            }
+            Outcome::Failed(error) => {
+                warn!(blob = %name, %error, "restore of one blob failed");
+                report.failed += 1;
+                if report.failures.len() < MAX_REPORTED_FAILURES {
+                    report.failures.push(BlobFailure { blob: name, error });
                 }
             }
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 struct Exec<'a> {
@@ -156,6 +172,38 @@ impl Exec<'_> {
         }
     }
 
+    /// `otherwise`, unless the target already holds the version as restored by a restore (an
+    /// earlier attempt of this one: the marker with the version's ETag and length).
+    async fn restored_already(
+        &self,
+        name: &str,
+        version: &crate::core::restore::Version,
+        overwrote: bool,
+        otherwise: Outcome,
+    ) -> Outcome {
+        match self
+            .ends
+            .target
+            .properties(self.ends.target_container, name, None)
+            .await
+        {
+            Ok(p)
+                if p.metadata
+                    .get(metadata::RESTORED_FROM_ETAG)
+                    .map(Etag::new)
+                    .as_ref()
+                    == Some(&version.source_etag)
+                    && p.content_length == version.content_length =>
+            {
+                Outcome::Restored {
+                    overwrote,
+                    undo: false,
+                }
+            }
+            _ => otherwise,
+        }
+    }
+
     /// HEAD of the target; `Err(Outcome)` when it no longer has the planned ETag.
     async fn current(
         &self,
@@ -173,7 +221,7 @@ impl Exec<'_> {
                 "now {} (planned {planned})",
                 p.etag
             ))),
-            Err(e) if e.is_not_found() => Err(Outcome::Changed("deleted since the plan".into())),
+            Err(e) if e.is_not_found() => Err(Outcome::Changed(DELETED_SINCE_PLAN.into())),
             Err(e) => Err(Outcome::Failed(e.to_string())),
         }
     }
@@ -193,7 +241,7 @@ impl Exec<'_> {
             Some(planned) => {
                 let props = match self.current(name, planned).await {
                     Ok(p) => p,
-                    Err(o) => return o,
+                    Err(o) => return self.restored_already(name, version, true, o).await,
                 };
                 // Keep the state being replaced, so that this restore can be undone.
                 let mut meta = props.metadata.clone();
@@ -244,6 +292,10 @@ impl Exec<'_> {
                 overwrote: target_etag.is_some(),
                 undo,
             },
+            Err(e) if is_condition_failure(&e) && target_etag.is_none() => {
+                let o = Outcome::Changed(e.to_string());
+                self.restored_already(name, version, false, o).await
+            }
             Err(e) if is_condition_failure(&e) => {
                 let t = self.ends.target;
                 if source_moved(
@@ -274,12 +326,24 @@ impl Exec<'_> {
     /// them. The delete is `If-Match` the planned ETag, so a snapshot taken after the listing of
     /// snapshots holds that same content, which the undo copy has.
     async fn delete(&self, name: &str, planned: &Etag, backed_up: &[Etag]) -> Outcome {
-        let props = match self.current(name, planned).await {
-            Ok(p) => p,
-            Err(o) => return o,
-        };
         let c = self.ends.target_container;
         let undo_name = format!("{}/undo/{}/{}", self.id, c, name);
+        let props = match self.current(name, planned).await {
+            Ok(p) => p,
+            // Gone, and this restore's undo copy of it exists: an earlier attempt deleted it.
+            Err(Outcome::Changed(why)) if why == DELETED_SINCE_PLAN => {
+                return match self
+                    .app
+                    .backup
+                    .properties(RESERVED_CONTAINER, &undo_name, None)
+                    .await
+                {
+                    Ok(_) => Outcome::Deleted { snapshot_copies: 0 },
+                    Err(_) => Outcome::Changed(why),
+                };
+            }
+            Err(o) => return o,
+        };
         if undo_name.chars().count() > 1024 {
             return Outcome::Failed(
                 "the name is too long to keep an undo copy under lakeguard-restores/; not deleted"

@@ -33,7 +33,6 @@
 //! and the copy of an overwrite leaves a snapshot of a state that the rerun snapshots again
 //! (each run has its own id; a duplicate undo snapshot is harmless and cheap).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -392,8 +391,16 @@ mod plan;
 mod status;
 
 pub use execute::execute;
+use execute::execute_items;
 pub use plan::plan;
-pub use status::{read_status, start_background, write_status, RestoreStatus};
+
+/// The continuation-message kind of restore chunks.
+pub fn status_kind() -> &'static str {
+    status::MESSAGE_KIND
+}
+pub use status::{
+    read_status, run_chunk, start_durable, write_status, ChunkOutcome, RestoreSpec, RestoreStatus,
+};
 
 #[cfg(test)]
 mod tests {
