@@ -168,10 +168,7 @@ async fn copy_in_blocks(
 ) -> Result<crate::model::Etag, StorageError> {
     let block_size = blocks.block_size.max(1);
     let n = from.content_length.div_ceil(block_size);
-    // Fixed-width ids: the service requires all ids of a blob to have the same length.
-    let ids: Vec<Vec<u8>> = (0..n)
-        .map(|i| format!("lakeguard-{i:08}").into_bytes())
-        .collect();
+    let ids = block_ids(attempt_id(), n);
     stream::iter(ids.iter().enumerate().map(Ok::<_, StorageError>))
         .try_for_each_concurrent(blocks.concurrency.max(1), |(i, id)| {
             let offset = i as u64 * block_size;
@@ -193,6 +190,41 @@ async fn copy_in_blocks(
             to.condition.clone(),
         )
         .await
+}
+
+/// The block ids of one copy attempt: `<attempt: 12 hex><index: 6 hex>`.
+///
+/// Unique per attempt: a blob has one uncommitted block list, shared by every writer, and Put
+/// Block List commits whatever block of each id was staged last. With ids shared by all copies,
+/// two concurrent copies of different versions into one backup name (two requests of one blob,
+/// two worker instances) replaced each other's blocks and the first commit mixed both versions.
+/// With its own ids a commit can only ever name blocks its own attempt staged.
+///
+/// 18 bytes for every lakeguard copy, the length earlier versions used (`lakeguard-00000000`):
+/// the service refuses a block whose id length differs from the blob's uncommitted blocks', so
+/// blocks an interrupted copy left behind (kept for up to a week) must not make the next copy of
+/// that blob fail. 6 hex digits cover the service's 50,000 blocks per blob.
+fn block_ids(attempt: u64, blocks: u64) -> Vec<Vec<u8>> {
+    let attempt = attempt & 0xffff_ffff_ffff;
+    (0..blocks)
+        .map(|i| format!("{attempt:012x}{i:06x}").into_bytes())
+        .collect()
+}
+
+/// 48 random bits per copy attempt (std's randomly keyed SipHash over a counter and the clock):
+/// uniqueness among the few copies of one blob that can overlap, not secrecy.
+fn attempt_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
 }
 
 #[async_trait]
@@ -260,5 +292,24 @@ fn classify(e: StorageError) -> CopyError {
         }
         StorageError::Retryable { .. } => CopyError::Retryable(e.to_string()),
         _ => CopyError::Permanent(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_ids_have_one_length_and_differ_per_attempt() {
+        let a = block_ids(attempt_id(), 50_000);
+        let b = block_ids(attempt_id(), 3);
+        assert!(a.iter().chain(&b).all(|id| id.len() == 18));
+        assert_eq!(a.len(), 50_000);
+        assert_eq!(
+            a.iter().collect::<std::collections::HashSet<_>>().len(),
+            50_000
+        );
+        assert!(b.iter().all(|id| !a.contains(id)));
+        assert_eq!(block_ids(0xabc, 2)[1], b"000000000abc000001".to_vec());
     }
 }
