@@ -1,89 +1,17 @@
 //! The copy path (`copy::direct::server_side_copy`, shared by the worker and restore) against a
-//! real Azurite: block ids, copy-source authorisation, content headers, odd names.
+//! real Azurite: block ids, copy-source authorisation, content headers, odd names. Shared Key
+//! over http here; the managed-identity (https) variants are in `tests/copy_identity.rs`.
 
+mod copy_cases;
 mod support;
 
 use std::collections::BTreeMap;
 
-use lakeguard::app::App;
-use lakeguard::copy::direct::{server_side_copy, BlockOptions, CopyFrom, CopyTo};
-use lakeguard::model::{metadata, Etag};
-use lakeguard::storage::blob::TargetCondition;
+use copy_cases::*;
+use lakeguard::copy::direct::{server_side_copy, BlockOptions};
+use lakeguard::model::metadata;
 use lakeguard::storage::StorageError;
 use support::{unique_name, Mode, Stack};
-
-/// Deterministic content that differs per version and per block.
-fn version_bytes(version: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i: usize| ((i.wrapping_mul(2654435761) >> 11) as u8) ^ version.wrapping_mul(37))
-        .collect()
-}
-
-/// One version of a blob held by a source snapshot.
-struct Version {
-    snapshot: String,
-    etag: Etag,
-    data: Vec<u8>,
-}
-
-/// Writes `data` as the current version of `name` and snapshots it (If-Match that version).
-async fn put_version(app: &App, c: &str, name: &str, data: Vec<u8>) -> Version {
-    let etag = app
-        .source
-        .upload(c, name, data.clone(), None, &BTreeMap::new())
-        .await
-        .expect("upload");
-    let snap = app
-        .source
-        .create_snapshot(c, name, &etag, &BTreeMap::new())
-        .await
-        .expect("snapshot");
-    let props = app
-        .source
-        .properties(c, name, Some(&snap.id))
-        .await
-        .expect("head snapshot");
-    Version {
-        snapshot: snap.id,
-        etag: props.etag,
-        data,
-    }
-}
-
-/// The copy source of one version: its snapshot, read under its ETag.
-fn snapshot_source<'a>(app: &'a App, c: &'a str, name: &'a str, v: &'a Version) -> CopyFrom<'a> {
-    CopyFrom {
-        store: &app.source,
-        keys: &app.source_keys,
-        container: c,
-        blob: name,
-        snapshot: Some(v.snapshot.as_str()),
-        if_match: Some(v.etag.clone()),
-        content_length: v.data.len() as u64,
-        content_type: None,
-    }
-}
-
-/// A backup target that must not exist yet (`If-None-Match: *`, as the worker writes a first
-/// backup).
-fn new_backup<'a>(
-    app: &'a App,
-    c: &'a str,
-    name: &'a str,
-    meta: &'a BTreeMap<String, String>,
-) -> CopyTo<'a> {
-    CopyTo {
-        store: &app.backup,
-        container: c,
-        blob: name,
-        condition: TargetCondition::Absent,
-        metadata: meta,
-    }
-}
-
-fn meta_for(v: &Version) -> BTreeMap<String, String> {
-    BTreeMap::from([(metadata::SOURCE_SNAPSHOT.to_owned(), v.snapshot.clone())])
-}
 
 /// Item 2 of issue 15: two copies of different versions of one multi-block blob, run at the same
 /// time into the same backup name (as two worker instances do for two queued requests), must
@@ -172,4 +100,16 @@ async fn concurrent_block_copies_of_two_versions_never_mix() {
         *winners.entry(which).or_default() += 1;
     }
     eprintln!("winners: {winners:?}");
+}
+
+#[tokio::test]
+async fn every_copy_shape_works_with_a_service_sas() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    every_copy_shape_works(&stack, &support::app(&stack.env())).await;
+}
+
+#[tokio::test]
+async fn a_service_sas_reads_exactly_one_snapshot() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    copy_source_sas_reads_only_its_blob(&stack, &support::app(&stack.env())).await;
 }

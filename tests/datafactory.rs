@@ -1232,11 +1232,12 @@ async fn a_backup_rewritten_after_the_run_is_not_stamped() {
 /// Performs the pipeline's resolved requests on Azurite. Azurite 3.37 lacks Put Blob From URL
 /// (501), so the same request is made as Copy Blob From URL (sync), with the same source URL,
 /// `x-ms-source-if-match`, target condition and metadata headers. Azurite ignores
-/// `x-ms-copy-source-authorization` and needs a SAS on a cross-account source, an account SAS
-/// (it fails snapshot copies under a blob or user-delegation SAS): the test adds one, signed with
-/// the emulator's well-known key, in place of the bearer token the service would check.
+/// `x-ms-copy-source-authorization` and needs a SAS on a cross-account source: the test adds
+/// lakeguard's own copy-source SAS (`storage::sas::read_sas`: a service SAS for exactly that
+/// snapshot, signed with the emulator's well-known key) in place of the bearer token the service
+/// would check.
 struct AzuriteStorage {
-    /// Built from the source's connection string: only signs the account SAS, locally.
+    /// Built from the source's connection string: only signs the copy-source SAS, locally.
     sas_signer: lakeguard::storage::blob::BlobStore,
     source: lakeguard::storage::blob::BlobStore,
     backup: lakeguard::storage::blob::BlobStore,

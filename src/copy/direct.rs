@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use futures::{stream, TryStreamExt};
-use time::Duration;
 
 use super::{CopyEngine, CopyError, CopyJob, CopyOutcome};
 use crate::storage::blob::{CopySource, TargetCondition};
@@ -125,27 +124,8 @@ pub async fn server_side_copy(
     to: &CopyTo<'_>,
     blocks: &BlockOptions,
 ) -> Result<crate::model::Etag, StorageError> {
-    // Long enough for the largest copy at a slow rate; read-only, one blob or snapshot only.
-    let valid = Duration::minutes(60) + Duration::seconds((from.content_length / (1 << 20)) as i64);
-    let sas = sas::read_sas(
-        from.store,
-        from.keys,
-        from.container,
-        from.blob,
-        from.snapshot,
-        valid,
-    )
-    .await?;
-    let source = CopySource {
-        url: sas::with_sas(
-            from.store
-                .url(from.container, Some(from.blob), from.snapshot),
-            &sas,
-        ),
-        if_match: from.if_match.clone(),
-        authorization: None,
-    };
     if from.content_length <= blocks.threshold {
+        let source = copy_source(from).await?;
         to.store
             .copy_from_url(
                 to.container,
@@ -156,14 +136,37 @@ pub async fn server_side_copy(
             )
             .await
     } else {
-        copy_in_blocks(from, to, &source, blocks).await
+        copy_in_blocks(from, to, blocks).await
     }
+}
+
+/// The source URL of `from` with a fresh read-only SAS for exactly that blob or snapshot
+/// ([`sas::read_sas`], at most [`sas::MAX_LIFETIME`]). Made per request: a single-shot copy
+/// (at most 256 MiB) takes one, the block path one per block, so no copy needs a long SAS.
+async fn copy_source(from: &CopyFrom<'_>) -> Result<CopySource, StorageError> {
+    let sas = sas::read_sas(
+        from.store,
+        from.keys,
+        from.container,
+        from.blob,
+        from.snapshot,
+        sas::MAX_LIFETIME,
+    )
+    .await?;
+    Ok(CopySource {
+        url: sas::with_sas(
+            from.store
+                .url(from.container, Some(from.blob), from.snapshot),
+            &sas,
+        ),
+        if_match: from.if_match.clone(),
+        authorization: None,
+    })
 }
 
 async fn copy_in_blocks(
     from: &CopyFrom<'_>,
     to: &CopyTo<'_>,
-    source: &CopySource,
     blocks: &BlockOptions,
 ) -> Result<crate::model::Etag, StorageError> {
     let block_size = blocks.block_size.max(1);
@@ -174,8 +177,9 @@ async fn copy_in_blocks(
             let offset = i as u64 * block_size;
             let len = block_size.min(from.content_length - offset);
             async move {
+                let source = copy_source(from).await?;
                 to.store
-                    .stage_block_from_url(to.container, to.blob, id, source, offset, len)
+                    .stage_block_from_url(to.container, to.blob, id, &source, offset, len)
                     .await
             }
         })

@@ -117,6 +117,12 @@ impl BlobStore {
         &self.account
     }
 
+    /// The blob service endpoint (`https://<account>.blob.core.windows.net/`, or a path-style
+    /// emulator endpoint ending in the account).
+    pub fn endpoint(&self) -> &Url {
+        &self.endpoint
+    }
+
     pub fn connection(&self) -> &Connection {
         &self.connection
     }
