@@ -113,3 +113,13 @@ async fn a_service_sas_reads_exactly_one_snapshot() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;
     copy_source_sas_reads_only_its_blob(&stack, &support::app(&stack.env())).await;
 }
+
+#[tokio::test]
+async fn content_headers_survive_block_copies() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let env = stack.env_with(&[
+        ("LAKEGUARD_COPY_BLOCK_THRESHOLD_BYTES", "1048576"),
+        ("LAKEGUARD_COPY_BLOCK_SIZE_BYTES", "1048576"),
+    ]);
+    content_headers_survive_backup_and_restore(&stack, &support::app(&env)).await;
+}

@@ -15,7 +15,12 @@ async fn copies_with_managed_identity() {
     let id = stack.identity.as_ref().expect("identity server");
     std::env::set_var("IDENTITY_ENDPOINT", id.endpoint());
     std::env::set_var("IDENTITY_HEADER", id.header_secret());
-    let app = support::app(&stack.env());
+    let env = stack.env_with(&[
+        ("LAKEGUARD_COPY_BLOCK_THRESHOLD_BYTES", "1048576"),
+        ("LAKEGUARD_COPY_BLOCK_SIZE_BYTES", "1048576"),
+    ]);
+    let app = support::app(&env);
     every_copy_shape_works(&stack, &app).await;
     copy_source_sas_reads_only_its_blob(&stack, &app).await;
+    content_headers_survive_backup_and_restore(&stack, &app).await;
 }

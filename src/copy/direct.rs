@@ -103,7 +103,8 @@ pub struct CopyFrom<'a> {
     pub snapshot: Option<&'a str>,
     pub if_match: Option<crate::model::Etag>,
     pub content_length: u64,
-    /// Set explicitly on the block path (Put Block List); the single copy takes the source's.
+    /// Used only when the source version itself has none: both paths copy the source's content
+    /// headers (the single copy by the service, the block path from a HEAD of the version).
     pub content_type: Option<&'a str>,
 }
 
@@ -169,6 +170,21 @@ async fn copy_in_blocks(
     to: &CopyTo<'_>,
     blocks: &BlockOptions,
 ) -> Result<crate::model::Etag, StorageError> {
+    // Put Block List sets the blob's content headers from its own request, not from the blocks'
+    // source: read them from exactly the version being copied (one HEAD per large blob), so the
+    // backup keeps Content-Encoding, Cache-Control, ... like the single-shot copy does.
+    let mut headers = from
+        .store
+        .content_headers(
+            from.container,
+            from.blob,
+            from.snapshot,
+            from.if_match.as_ref(),
+        )
+        .await?;
+    if headers.content_type.is_none() {
+        headers.content_type = from.content_type.map(str::to_owned);
+    }
     let block_size = blocks.block_size.max(1);
     let n = from.content_length.div_ceil(block_size);
     let ids = block_ids(attempt_id(), n);
@@ -189,7 +205,7 @@ async fn copy_in_blocks(
             to.container,
             to.blob,
             ids,
-            from.content_type,
+            &headers,
             to.metadata,
             to.condition.clone(),
         )
