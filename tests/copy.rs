@@ -123,3 +123,66 @@ async fn content_headers_survive_block_copies() {
     ]);
     content_headers_survive_backup_and_restore(&stack, &support::app(&env)).await;
 }
+
+/// Item 9 of issue 15: `hdi_isfolder=true` marks a directory placeholder only on a zero-length
+/// blob. A data blob carrying that metadata (tools copy metadata around; anyone can set it) is
+/// backed up by the producer and worker, verified and restored; a real (empty) placeholder is
+/// still skipped everywhere.
+#[tokio::test]
+async fn a_data_blob_with_the_folder_flag_is_data() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let app = support::app(&stack.env());
+    let src = stack.source();
+    let c = unique_name("flag");
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "data.csv", b"a,b\n1,2\n", &[("hdi_isfolder", "true")])
+        .await
+        .ok("put data");
+    src.put_blob(&c, "dir", b"", &[("hdi_isfolder", "true")])
+        .await
+        .ok("put placeholder");
+    let r = lakeguard::ops::snapshot::run(&app, &c, None, lakeguard::ops::no_progress())
+        .await
+        .expect("producer");
+    assert!(r.is_complete(), "{r:?}");
+    let d = lakeguard::ops::backup::drain(&app, &app.queue, lakeguard::ops::no_progress())
+        .await
+        .expect("drain");
+    assert_eq!(d.poisoned, 0, "{d:?}");
+    let bk = stack.backup();
+    assert_eq!(
+        bk.get_blob(&c, "data.csv", None).await.ok("backup").body,
+        b"a,b\n1,2\n"
+    );
+    assert_eq!(
+        bk.blob_properties(&c, "dir", None).await.status,
+        404,
+        "the placeholder is not data"
+    );
+
+    let v = lakeguard::ops::verify::run(&app, &c, true, None, lakeguard::ops::no_progress())
+        .await
+        .expect("verify");
+    assert!(v.is_ok(), "{v:#?}");
+    assert_eq!((v.source_blobs, v.covered), (1, 1), "{v:#?}");
+    assert_eq!(v.deep.as_ref().map(|d| d.matched), Some(1), "{v:#?}");
+
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let target = unique_name("flagged");
+    let mut req = lakeguard::ops::restore::RestoreRequest::new(&c, time::OffsetDateTime::now_utc());
+    req.to = Some(lakeguard::ops::restore::TargetSpec {
+        store: app.backup.clone(),
+        container: target.clone(),
+    });
+    let report = lakeguard::ops::restore::run(&app, &req, lakeguard::ops::no_progress())
+        .await
+        .expect("restore");
+    assert!(report.is_complete(), "{report:#?}");
+    assert_eq!(
+        bk.get_blob(&target, "data.csv", None)
+            .await
+            .ok("restored")
+            .body,
+        b"a,b\n1,2\n"
+    );
+}

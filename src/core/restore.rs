@@ -842,7 +842,7 @@ mod tests {
             "unknown"
         );
         // Directory placeholders are not versions.
-        let h = history_from_backup("d", &[with_meta(entry("d", "x", 0), HDI_ISFOLDER, "true")]);
+        let h = history_from_backup("d", &[crate::core::testutil::placeholder("d")]);
         assert_eq!(
             h,
             History {
@@ -1093,7 +1093,8 @@ mod tests {
 
     #[test]
     fn placeholders_in_the_target() {
-        let dir = with_meta(entry("d", "dir", 70), HDI_ISFOLDER, "true");
+        let mut dir = with_meta(entry("d", "dir", 70), HDI_ISFOLDER, "true");
+        dir.content_length = 0;
         // Not data: never deleted.
         let plan =
             plan_restore(opts(RestoreTarget::InPlace, 50), vec![], vec![dir.clone()]).unwrap();

@@ -85,11 +85,16 @@ impl BlobEntry {
         self.snapshot.is_some()
     }
 
-    /// HNS directory placeholders (and their emulation on flat accounts) are not data.
+    /// HNS directory placeholders (and their emulation on flat accounts) are not data: a
+    /// zero-length blob with `hdi_isfolder=true`. The metadata alone proves nothing (anyone can
+    /// set it, and tools that copy metadata carry it onto files): a blob with content is data,
+    /// whatever its metadata says, and is backed up, restored and verified like any other.
     pub fn is_directory_placeholder(&self) -> bool {
-        self.metadata
-            .get(super::metadata::HDI_ISFOLDER)
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        self.content_length == 0
+            && self
+                .metadata
+                .get(super::metadata::HDI_ISFOLDER)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }
 
     pub fn meta(&self, key: &str) -> Option<&str> {
@@ -106,5 +111,31 @@ mod tests {
         assert_eq!(Etag::new("\"0x8D1\""), Etag::new("0x8D1"));
         assert_eq!(Etag::new("0x8D1").to_string(), "\"0x8D1\"");
         assert_eq!(Etag::new("W/\"abc\"").as_str(), "abc");
+    }
+
+    #[test]
+    fn only_an_empty_blob_is_a_directory_placeholder() {
+        let mut e = BlobEntry {
+            name: "d".into(),
+            snapshot: None,
+            etag: Etag::new("0x1"),
+            last_modified: OffsetDateTime::UNIX_EPOCH,
+            content_length: 0,
+            content_type: None,
+            content_md5: None,
+            metadata: BTreeMap::from([("hdi_isfolder".into(), "True".into())]),
+        };
+        assert!(e.is_directory_placeholder());
+        e.content_length = 1;
+        assert!(
+            !e.is_directory_placeholder(),
+            "data with the folder flag is data"
+        );
+        e.content_length = 0;
+        e.metadata.clear();
+        assert!(
+            !e.is_directory_placeholder(),
+            "an empty blob is a (empty) file"
+        );
     }
 }
