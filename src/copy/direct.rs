@@ -157,7 +157,7 @@ async fn copy_source(from: &CopyFrom<'_>) -> Result<CopySource, StorageError> {
     Ok(CopySource {
         url: sas::with_sas(
             from.store
-                .url(from.container, Some(from.blob), from.snapshot),
+                .blob_url(from.container, from.blob, from.snapshot)?,
             &sas,
         ),
         if_match: from.if_match.clone(),

@@ -102,6 +102,25 @@ impl BlobEntry {
     }
 }
 
+/// Whether a blob name can be addressed exactly by a URL, with the reason when it cannot.
+///
+/// A name with a `.` or `..` path segment (`a/./b`, `a/../b`, `./x`, `x/..`) cannot: URL
+/// handling removes dot segments (RFC 3986 5.2.4; the `url` crate drops them even when pushed as
+/// one segment, and percent-encoding them as `%2E` does not help, since `%2E` is the same
+/// segment), so the request would address *another* blob (`a/../b` becomes `b`'s sibling `a/b`
+/// or `b`). Azurite stores such names literally when a raw request creates them; the service's
+/// naming rules advise against names whose segments end in a dot. lakeguard refuses these names
+/// (a clear, per-blob error) rather than touch another blob.
+pub fn check_addressable(name: &str) -> Result<(), String> {
+    match name.split('/').find(|seg| *seg == "." || *seg == "..") {
+        Some(seg) => Err(format!(
+            "the name `{name}` has a `{seg}` path segment, which a URL cannot address (it would \
+             be normalised onto another blob); lakeguard does not copy, restore or delete it"
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +130,19 @@ mod tests {
         assert_eq!(Etag::new("\"0x8D1\""), Etag::new("0x8D1"));
         assert_eq!(Etag::new("0x8D1").to_string(), "\"0x8D1\"");
         assert_eq!(Etag::new("W/\"abc\"").as_str(), "abc");
+    }
+
+    #[test]
+    fn dot_segments_are_not_addressable() {
+        for bad in ["a/./b", "a/../b", "./x", "x/..", ".", "..", "x/."] {
+            let e = check_addressable(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        for ok in [
+            "a.b", "a/.b/c", "..x", "x..", "a//b", "/a", "a/", "...", "a/.../b",
+        ] {
+            assert!(check_addressable(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

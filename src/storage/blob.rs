@@ -139,8 +139,26 @@ impl BlobStore {
         &self.connection
     }
 
+    /// URL of a blob or snapshot, refused for a name a URL cannot address exactly
+    /// ([`crate::model::check_addressable`]: `.` / `..` segments would be normalised onto
+    /// another blob). Every blob request goes through this.
+    pub fn blob_url(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Url, StorageError> {
+        crate::model::check_addressable(blob).map_err(|detail| StorageError::Permanent {
+            what: format!("blob {container}/{blob}"),
+            detail,
+        })?;
+        Ok(self.url(container, Some(blob), snapshot))
+    }
+
     /// URL of a container, or of a blob (each `/`-separated part of the name is one path
     /// segment, percent-encoded: `#`, `?`, `%` and spaces in names are safe), or of a snapshot.
+    /// Blob URLs for requests come from [`blob_url`](Self::blob_url), which refuses names with
+    /// dot segments (this function would silently drop them).
     pub fn url(&self, container: &str, blob: Option<&str>, snapshot: Option<&str>) -> Url {
         let mut url = self.endpoint.clone();
         {
@@ -206,7 +224,7 @@ impl BlobStore {
         snapshot: Option<&str>,
     ) -> Result<BlobClient, StorageError> {
         BlobClient::new(
-            self.url(container, Some(blob), snapshot),
+            self.blob_url(container, blob, snapshot)?,
             self.credential.clone(),
             Some(BlobClientOptions {
                 client_options: self.options.clone(),
