@@ -686,12 +686,30 @@ impl BlobStore {
         container: &str,
         blob: &str,
         snapshot: Option<&str>,
+        sink: impl FnMut(&[u8]),
+    ) -> Result<u64, StorageError> {
+        self.download_with_if(container, blob, snapshot, None, sink)
+            .await
+    }
+
+    /// [`download_with`](Self::download_with) only while the blob or snapshot has `if_match`
+    /// (412 otherwise).
+    pub async fn download_with_if(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+        if_match: Option<&Etag>,
         mut sink: impl FnMut(&[u8]),
     ) -> Result<u64, StorageError> {
         let what = format!("download {container}/{blob}");
+        let options = azure_storage_blob::models::BlobClientDownloadOptions {
+            if_match: if_match.map(|e| e.quoted().into()),
+            ..Default::default()
+        };
         let rsp = self
             .blob(container, blob, snapshot)?
-            .download(None)
+            .download(Some(options))
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
         let mut body = rsp.body;
