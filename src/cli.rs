@@ -96,7 +96,12 @@ pub enum Command {
         /// Compare SHA-256 of source and backup contents (streaming).
         #[arg(long)]
         deep: bool,
-        /// Check only a random sample of this many blobs (per container) with --deep / the drill.
+        /// Also check the backup's history: every backup snapshot (or --sample N of them) hashed
+        /// against its length, Content-MD5 and the source snapshot it names while that exists.
+        #[arg(long, conflicts_with = "restore_drill")]
+        history: bool,
+        /// Check only a random sample of this many blobs (per container) with --deep / the drill,
+        /// and of this many backup versions with --history.
         #[arg(long)]
         sample: Option<usize>,
         /// Restore a sample into a scratch container of the backup account, compare, clean up.
@@ -261,6 +266,33 @@ pub fn verify_text(r: &crate::ops::verify::VerifyReport) -> String {
                 out,
                 "  different: {}: source {}, backup {}",
                 m.name, m.source, m.backup
+            );
+        }
+    }
+    if let Some(h) = &r.history {
+        let _ = writeln!(
+            out,
+            "history: {} backup versions, {} checked, {} as claimed, {} DIFFERENT \
+             ({} length, {} Content-MD5, {} source snapshot); {} compared with their source \
+             snapshot, {} source gone, {} from a live blob, {} with Content-MD5, {} not lakeguard's",
+            h.versions,
+            h.checked,
+            h.matched,
+            h.mismatched,
+            h.length_mismatches,
+            h.md5_mismatches,
+            h.source_mismatches,
+            h.compared_with_source,
+            h.source_gone,
+            h.source_unnamed,
+            h.with_md5,
+            h.foreign
+        );
+        for m in &h.mismatches {
+            let _ = writeln!(
+                out,
+                "  different: {} (snapshot {}): {}",
+                m.name, m.snapshot, m.problem
             );
         }
     }

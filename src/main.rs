@@ -162,6 +162,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Verify {
             container,
             deep,
+            history,
             sample,
             restore_drill,
             output,
@@ -187,7 +188,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 OpError::InvalidInput("verify needs --container (or --restore-drill)".into())
             })?;
             let bar = Bar::new("verify", output);
-            let report = ops::verify::run(&app, &container, deep, sample, bar.clone()).await?;
+            let opts = ops::verify::VerifyOptions {
+                deep,
+                history,
+                sample,
+            };
+            let report = ops::verify::run_with(&app, &container, &opts, bar.clone()).await?;
             bar.finish();
             print(output, &report, || lakeguard::cli::verify_text(&report));
             Ok(if report.is_ok() {

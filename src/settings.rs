@@ -274,6 +274,12 @@ impl Settings {
             .and_then(|u| {
                 if u.cannot_be_a_base() || !matches!(u.scheme(), "http" | "https") {
                     Err(format!("`{u}` is not an http(s) endpoint"))
+                } else if u.scheme() != "https" {
+                    // The datafactory engine sends the identity's bearer tokens (and a storage
+                    // token as a pipeline parameter) to it.
+                    Err(format!(
+                        "`{u}` must be https: bearer tokens are never sent over http"
+                    ))
                 } else {
                     Ok(u)
                 }
@@ -473,6 +479,26 @@ mod tests {
         assert_eq!(s.concurrency, 16);
         assert!(s.datafactory.is_none());
         assert!(s.covers_container("raw"));
+    }
+
+    /// Item 9 of issue 15: the ARM endpoint receives bearer tokens, so it must be https.
+    #[test]
+    fn the_arm_endpoint_must_be_https() {
+        for endpoint in ["http://management.azure.com", "http://127.0.0.1:8080/"] {
+            let mut m = base();
+            m.insert("LAKEGUARD_ARM_ENDPOINT".into(), endpoint.into());
+            let err = Settings::from_map(&m).unwrap_err().to_string();
+            assert!(
+                err.contains("LAKEGUARD_ARM_ENDPOINT") && err.contains("must be https"),
+                "{err}"
+            );
+        }
+        let mut m = base();
+        m.insert(
+            "LAKEGUARD_ARM_ENDPOINT".into(),
+            "https://127.0.0.1:8443".into(),
+        );
+        assert!(Settings::from_map(&m).is_ok());
     }
 
     #[test]

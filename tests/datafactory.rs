@@ -200,7 +200,7 @@ impl Fixture {
     fn engine_with(&self, c: DataFactoryConfig) -> DataFactoryEngine {
         DataFactoryEngine::new(
             c,
-            reqwest::Client::new(),
+            self.adf.http_client(),
             self.cred.clone(),
             self.storage.clone(),
         )
@@ -818,7 +818,8 @@ async fn raw_create_run(f: &Fixture, body: &Value) -> reqwest::Response {
         .get_token(&["https://management.azure.com/.default"], None)
         .await
         .unwrap();
-    reqwest::Client::new()
+    f.adf
+        .http_client()
         .post(format!(
             "{}/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.DataFactory/factories/{FACTORY}/pipelines/lakeguard-backup-copy/createRun?api-version=2018-06-01",
             f.adf.base_url
@@ -910,13 +911,51 @@ impl TokenCredential for WrongAudience {
     }
 }
 
+/// Item 9 of issue 15: bearer tokens never go over http. An http ARM endpoint stops start-up
+/// with the setting's name (exit 2), and an engine configured in code with one refuses the call
+/// before it even asks for a token.
+#[tokio::test]
+async fn an_http_arm_endpoint_is_refused() {
+    let env: Vec<(String, String)> = [
+        ("SourceStorage", "UseDevelopmentStorage=true"),
+        ("BackupStorage", "UseDevelopmentStorage=true"),
+        ("AzureWebJobsStorage", "UseDevelopmentStorage=true"),
+        ("LAKEGUARD_COPY_ENGINE", "datafactory"),
+        ("LAKEGUARD_ARM_ENDPOINT", "http://management.example.com"),
+        ("LAKEGUARD_DATAFACTORY_SUBSCRIPTION_ID", SUB),
+        ("LAKEGUARD_DATAFACTORY_RESOURCE_GROUP", RG),
+        ("LAKEGUARD_DATAFACTORY_NAME", FACTORY),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let out = support::run_cli(&["backup", "--drain"], &env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("LAKEGUARD_ARM_ENDPOINT") && stderr.contains("must be https"),
+        "{stderr}"
+    );
+
+    let f = fixture().await;
+    let job = seed(&f, "h.csv", "\"0x1\"", b"abc");
+    let mut c = f.config();
+    c.arm_endpoint = Url::parse(&f.adf.base_url.replacen("https://", "http://", 1)).unwrap();
+    match f.engine_with(c).copy(&job).await.unwrap_err() {
+        CopyError::Permanent(m) => assert!(m.contains("must be https"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.identity_requests("https://management.azure.com"), 0);
+    assert!(f.adf.requests().is_empty(), "nothing was sent");
+}
+
 #[tokio::test]
 async fn authorisation_and_configuration_errors_are_permanent() {
     let f = fixture().await;
     let job = seed(&f, "m.csv", "\"0x1\"", b"abc");
     let e = DataFactoryEngine::new(
         f.config(),
-        reqwest::Client::new(),
+        f.adf.http_client(),
         Arc::new(WrongAudience),
         f.storage.clone(),
     );
@@ -971,7 +1010,7 @@ async fn no_token_reaches_the_logs() {
 #[tokio::test]
 async fn stand_in_rejects_what_data_factory_rejects() {
     let f = fixture().await;
-    let http = reqwest::Client::new();
+    let http = f.adf.http_client();
     let arm = f
         .cred
         .get_token(&["https://management.azure.com/.default"], None)
@@ -1232,11 +1271,12 @@ async fn a_backup_rewritten_after_the_run_is_not_stamped() {
 /// Performs the pipeline's resolved requests on Azurite. Azurite 3.37 lacks Put Blob From URL
 /// (501), so the same request is made as Copy Blob From URL (sync), with the same source URL,
 /// `x-ms-source-if-match`, target condition and metadata headers. Azurite ignores
-/// `x-ms-copy-source-authorization` and needs a SAS on a cross-account source, an account SAS
-/// (it fails snapshot copies under a blob or user-delegation SAS): the test adds one, signed with
-/// the emulator's well-known key, in place of the bearer token the service would check.
+/// `x-ms-copy-source-authorization` and needs a SAS on a cross-account source: the test adds
+/// lakeguard's own copy-source SAS (`storage::sas::read_sas`: a service SAS for exactly that
+/// snapshot, signed with the emulator's well-known key) in place of the bearer token the service
+/// would check.
 struct AzuriteStorage {
-    /// Built from the source's connection string: only signs the account SAS, locally.
+    /// Built from the source's connection string: only signs the copy-source SAS, locally.
     sas_signer: lakeguard::storage::blob::BlobStore,
     source: lakeguard::storage::blob::BlobStore,
     backup: lakeguard::storage::blob::BlobStore,
@@ -1390,6 +1430,21 @@ async fn az_factory(mode: support::Mode) -> AzFactory {
             );
         }
     }
+    // The stand-in is https (lakeguard refuses an http ARM endpoint): with Azurite's PKI in
+    // OAuth mode (its CA is already LAKEGUARD_CA_CERT), a PKI of its own otherwise.
+    let adf_pki = match az.pki() {
+        Some(pki) => pki.clone(),
+        None => {
+            let dir = az.dir().join("datafactory-pki");
+            std::fs::create_dir_all(&dir).unwrap();
+            let pki = support::TestPki::generate(&dir);
+            vars.insert(
+                "LAKEGUARD_CA_CERT".into(),
+                pki.ca_cert.to_string_lossy().into_owned(),
+            );
+            pki
+        }
+    };
     vars.insert("LAKEGUARD_MAX_RETRIES".into(), "1".into());
     let plain = lakeguard::settings::Settings::from_map(&vars).unwrap();
     let clients = lakeguard::storage::Clients::new(&plain).unwrap();
@@ -1408,7 +1463,7 @@ async fn az_factory(mode: support::Mode) -> AzFactory {
         source_endpoint: src_ep.clone(),
         backup_endpoint: bak_ep.clone(),
     });
-    let adf = DataFactoryStandIn::start(SUB, RG, FACTORY, storage).await;
+    let adf = DataFactoryStandIn::start_with_pki(SUB, RG, FACTORY, storage, adf_pki).await;
 
     vars.insert("LAKEGUARD_COPY_ENGINE".into(), "datafactory".into());
     vars.insert("LAKEGUARD_ARM_ENDPOINT".into(), adf.base_url.clone());

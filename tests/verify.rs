@@ -198,3 +198,131 @@ async fn verify_refuses_unknown_container() {
     let out = run_cli(&["verify"], &stack.env()).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// Item 7 of issue 15: `--deep` compares base blobs only, so a damaged version in the backup's
+/// history (a backup snapshot whose content is not the source snapshot it names, or not its own
+/// Content-MD5) passes it unnoticed; `--history` hashes every backup snapshot against what it
+/// claims, reports each bad version with counts, and exits 1.
+#[tokio::test]
+async fn history_finds_a_damaged_backup_version_that_deep_does_not() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let env = stack.env();
+    let app = support::app(&env);
+    let src = stack.source();
+    let bk = stack.backup();
+    let c = unique_name("history");
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "a.txt", b"first", &[]).await.ok("put v1");
+    cycle(&app, &c).await;
+    src.put_blob(&c, "a.txt", b"second", &[]).await.ok("put v2");
+    cycle(&app, &c).await;
+    let (code, r) = verify(&env, &["--container", &c, "--deep", "--history"]).await;
+    assert_eq!(code, Some(0), "{r:#}");
+    assert_eq!(r["history"]["versions"], 1, "{r:#}");
+    assert_eq!(r["history"]["compared_with_source"], 1, "{r:#}");
+
+    // The REST oracle makes two bad history versions, then puts the base back as it was.
+    let listing = bk.list_blobs(&c, None).await;
+    let meta_of = |snapshot: bool| {
+        let row = listing
+            .iter()
+            .find(|b| b.name == "a.txt" && b.snapshot.is_some() == snapshot)
+            .unwrap();
+        row.metadata
+            .iter()
+            .map(|(k, v)| (format!("x-ms-meta-{k}"), v.clone()))
+            .collect::<Vec<_>>()
+    };
+    let (v1_meta, v2_meta) = (meta_of(true), meta_of(false));
+    let put = |data: &'static [u8],
+               meta: Vec<(String, String)>,
+               extra: Vec<(&'static str, &'static str)>| {
+        let bk = bk.clone();
+        let c = c.clone();
+        async move {
+            let mut headers: Vec<(&str, &str)> = vec![("x-ms-blob-type", "BlockBlob")];
+            headers.extend(extra);
+            headers.extend(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            bk.send(
+                reqwest::Method::PUT,
+                &format!("/{c}/a.txt"),
+                &[],
+                &headers,
+                data.to_vec(),
+            )
+            .await
+            .ok("put backup");
+        }
+    };
+    // 1: claims to be v1 (names its source snapshot) but holds other bytes.
+    put(b"tampered", v1_meta.clone(), vec![]).await;
+    bk.snapshot_blob(&c, "a.txt").await.ok("snapshot");
+    // 2: names no source snapshot (a live-blob copy), Content-MD5 not of its content.
+    let unnamed: Vec<(String, String)> = v1_meta
+        .iter()
+        .filter(|(k, _)| k != "x-ms-meta-lakeguard_source_snapshot")
+        .cloned()
+        .collect();
+    put(b"rotten", unnamed, vec![]).await;
+    // Set Blob Properties stores a Content-MD5 as given (Put Blob would check it).
+    bk.send(
+        reqwest::Method::PUT,
+        &format!("/{c}/a.txt"),
+        &[("comp", "properties")],
+        &[("x-ms-blob-content-md5", "AAAAAAAAAAAAAAAAAAAAAA==")],
+        vec![],
+    )
+    .await
+    .ok("set a wrong Content-MD5");
+    bk.snapshot_blob(&c, "a.txt").await.ok("snapshot");
+    put(b"second", v2_meta, vec![]).await;
+
+    let (code, r) = verify(&env, &["--container", &c, "--deep"]).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "the base blob is fine, --deep sees nothing: {r:#}"
+    );
+    assert!(r.get("history").is_none());
+
+    let (code, r) = verify(&env, &["--container", &c, "--history"]).await;
+    assert_eq!(code, Some(1), "{r:#}");
+    let h = &r["history"];
+    assert_eq!(
+        (
+            &h["versions"],
+            &h["checked"],
+            &h["matched"],
+            &h["mismatched"]
+        ),
+        (&3.into(), &3.into(), &1.into(), &2.into()),
+        "{r:#}"
+    );
+    assert_eq!(
+        (&h["source_mismatches"], &h["md5_mismatches"]),
+        (&1.into(), &1.into()),
+        "{r:#}"
+    );
+    assert_eq!(
+        (&h["compared_with_source"], &h["source_unnamed"]),
+        (&2.into(), &1.into()),
+        "{r:#}"
+    );
+    let problems = h["mismatches"].to_string();
+    assert!(
+        problems.contains("content differs from source snapshot"),
+        "{problems}"
+    );
+    assert!(problems.contains("Content-MD5"), "{problems}");
+
+    let (code, r) = verify(&env, &["--container", &c, "--history", "--sample", "1"]).await;
+    assert_eq!(r["history"]["checked"], 1, "{r:#}");
+    assert!(code == Some(0) || code == Some(1), "{r:#}");
+
+    let out = run_cli(&["verify", "--container", &c, "--history"], &env).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("history: 3 backup versions") && text.contains("2 DIFFERENT"),
+        "{text}"
+    );
+}

@@ -400,6 +400,18 @@ impl DataFactoryEngine {
         url: &Url,
         body: Option<&Value>,
     ) -> Result<Value, CallError> {
+        // Settings refuse such an endpoint at start-up; a config built in code is checked here,
+        // before a token is even fetched.
+        if url.scheme() != "https" {
+            return Err(CallError::Permanent {
+                status: StatusCode::BAD_REQUEST,
+                message: format!(
+                    "refusing to send a bearer token to {} over {} (the ARM endpoint must be https)",
+                    url.host_str().unwrap_or("?"),
+                    url.scheme()
+                ),
+            });
+        }
         let token = match self.token(ARM_SCOPE).await {
             Ok(t) => t,
             Err(e) => {

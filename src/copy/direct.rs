@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use futures::{stream, TryStreamExt};
-use time::Duration;
 
 use super::{CopyEngine, CopyError, CopyJob, CopyOutcome};
 use crate::storage::blob::{CopySource, TargetCondition};
@@ -104,7 +103,8 @@ pub struct CopyFrom<'a> {
     pub snapshot: Option<&'a str>,
     pub if_match: Option<crate::model::Etag>,
     pub content_length: u64,
-    /// Set explicitly on the block path (Put Block List); the single copy takes the source's.
+    /// Used only when the source version itself has none: both paths copy the source's content
+    /// headers (the single copy by the service, the block path from a HEAD of the version).
     pub content_type: Option<&'a str>,
 }
 
@@ -125,27 +125,8 @@ pub async fn server_side_copy(
     to: &CopyTo<'_>,
     blocks: &BlockOptions,
 ) -> Result<crate::model::Etag, StorageError> {
-    // Long enough for the largest copy at a slow rate; read-only, one blob or snapshot only.
-    let valid = Duration::minutes(60) + Duration::seconds((from.content_length / (1 << 20)) as i64);
-    let sas = sas::read_sas(
-        from.store,
-        from.keys,
-        from.container,
-        from.blob,
-        from.snapshot,
-        valid,
-    )
-    .await?;
-    let source = CopySource {
-        url: sas::with_sas(
-            from.store
-                .url(from.container, Some(from.blob), from.snapshot),
-            &sas,
-        ),
-        if_match: from.if_match.clone(),
-        authorization: None,
-    };
     if from.content_length <= blocks.threshold {
+        let source = copy_source(from).await?;
         to.store
             .copy_from_url(
                 to.container,
@@ -156,29 +137,65 @@ pub async fn server_side_copy(
             )
             .await
     } else {
-        copy_in_blocks(from, to, &source, blocks).await
+        copy_in_blocks(from, to, blocks).await
     }
+}
+
+/// The source URL of `from` with a fresh read-only SAS for exactly that blob or snapshot
+/// ([`sas::read_sas`], at most [`sas::MAX_LIFETIME`]). Made per request: a single-shot copy
+/// (at most 256 MiB) takes one, the block path one per block, so no copy needs a long SAS.
+async fn copy_source(from: &CopyFrom<'_>) -> Result<CopySource, StorageError> {
+    let sas = sas::read_sas(
+        from.store,
+        from.keys,
+        from.container,
+        from.blob,
+        from.snapshot,
+        sas::MAX_LIFETIME,
+    )
+    .await?;
+    Ok(CopySource {
+        url: sas::with_sas(
+            from.store
+                .blob_url(from.container, from.blob, from.snapshot)?,
+            &sas,
+        ),
+        if_match: from.if_match.clone(),
+        authorization: None,
+    })
 }
 
 async fn copy_in_blocks(
     from: &CopyFrom<'_>,
     to: &CopyTo<'_>,
-    source: &CopySource,
     blocks: &BlockOptions,
 ) -> Result<crate::model::Etag, StorageError> {
+    // Put Block List sets the blob's content headers from its own request, not from the blocks'
+    // source: read them from exactly the version being copied (one HEAD per large blob), so the
+    // backup keeps Content-Encoding, Cache-Control, ... like the single-shot copy does.
+    let mut headers = from
+        .store
+        .content_headers(
+            from.container,
+            from.blob,
+            from.snapshot,
+            from.if_match.as_ref(),
+        )
+        .await?;
+    if headers.content_type.is_none() {
+        headers.content_type = from.content_type.map(str::to_owned);
+    }
     let block_size = blocks.block_size.max(1);
     let n = from.content_length.div_ceil(block_size);
-    // Fixed-width ids: the service requires all ids of a blob to have the same length.
-    let ids: Vec<Vec<u8>> = (0..n)
-        .map(|i| format!("lakeguard-{i:08}").into_bytes())
-        .collect();
+    let ids = block_ids(attempt_id(), n);
     stream::iter(ids.iter().enumerate().map(Ok::<_, StorageError>))
         .try_for_each_concurrent(blocks.concurrency.max(1), |(i, id)| {
             let offset = i as u64 * block_size;
             let len = block_size.min(from.content_length - offset);
             async move {
+                let source = copy_source(from).await?;
                 to.store
-                    .stage_block_from_url(to.container, to.blob, id, source, offset, len)
+                    .stage_block_from_url(to.container, to.blob, id, &source, offset, len)
                     .await
             }
         })
@@ -188,11 +205,46 @@ async fn copy_in_blocks(
             to.container,
             to.blob,
             ids,
-            from.content_type,
+            &headers,
             to.metadata,
             to.condition.clone(),
         )
         .await
+}
+
+/// The block ids of one copy attempt: `<attempt: 12 hex><index: 6 hex>`.
+///
+/// Unique per attempt: a blob has one uncommitted block list, shared by every writer, and Put
+/// Block List commits whatever block of each id was staged last. With ids shared by all copies,
+/// two concurrent copies of different versions into one backup name (two requests of one blob,
+/// two worker instances) replaced each other's blocks and the first commit mixed both versions.
+/// With its own ids a commit can only ever name blocks its own attempt staged.
+///
+/// 18 bytes for every lakeguard copy, the length earlier versions used (`lakeguard-00000000`):
+/// the service refuses a block whose id length differs from the blob's uncommitted blocks', so
+/// blocks an interrupted copy left behind (kept for up to a week) must not make the next copy of
+/// that blob fail. 6 hex digits cover the service's 50,000 blocks per blob.
+fn block_ids(attempt: u64, blocks: u64) -> Vec<Vec<u8>> {
+    let attempt = attempt & 0xffff_ffff_ffff;
+    (0..blocks)
+        .map(|i| format!("{attempt:012x}{i:06x}").into_bytes())
+        .collect()
+}
+
+/// 48 random bits per copy attempt (std's randomly keyed SipHash over a counter and the clock):
+/// uniqueness among the few copies of one blob that can overlap, not secrecy.
+fn attempt_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
 }
 
 #[async_trait]
@@ -260,5 +312,24 @@ fn classify(e: StorageError) -> CopyError {
         }
         StorageError::Retryable { .. } => CopyError::Retryable(e.to_string()),
         _ => CopyError::Permanent(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_ids_have_one_length_and_differ_per_attempt() {
+        let a = block_ids(attempt_id(), 50_000);
+        let b = block_ids(attempt_id(), 3);
+        assert!(a.iter().chain(&b).all(|id| id.len() == 18));
+        assert_eq!(a.len(), 50_000);
+        assert_eq!(
+            a.iter().collect::<std::collections::HashSet<_>>().len(),
+            50_000
+        );
+        assert!(b.iter().all(|id| !a.contains(id)));
+        assert_eq!(block_ids(0xabc, 2)[1], b"000000000abc000001".to_vec());
     }
 }

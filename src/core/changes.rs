@@ -171,6 +171,7 @@ mod tests {
     fn new_changed_unchanged_placeholder() {
         let mut dir = base("dir", "0xD");
         dir.metadata.insert("hdi_isfolder".into(), "true".into());
+        dir.content_length = 0;
         let out = detect(vec![
             base("a", "0x2"),
             snap("a", 1, "0x1", true),
@@ -192,6 +193,17 @@ mod tests {
                 ("c".into(), Verdict::New),
                 ("dir".into(), Verdict::Placeholder),
             ]
+        );
+    }
+
+    /// Item 9 of issue 15: `hdi_isfolder=true` on a blob with content is not a placeholder.
+    #[test]
+    fn data_with_the_folder_flag_is_data() {
+        let mut data = base("d.csv", "0xA");
+        data.metadata.insert("hdi_isfolder".into(), "true".into());
+        assert_eq!(
+            verdicts(detect(vec![data])),
+            vec![("d.csv".into(), Verdict::New)]
         );
     }
 

@@ -588,7 +588,6 @@ pub fn state_at(history: &History, t: OffsetDateTime, coverage: Option<OffsetDat
 mod tests {
     use super::*;
     use crate::core::testutil::*;
-    use crate::model::metadata::HDI_ISFOLDER;
 
     fn at(h: &History, t: i64) -> String {
         at_cov(h, t, Some(ts(0)))
@@ -731,7 +730,7 @@ mod tests {
         assert_eq!(at(&h, 1), "unknown");
         let bad_time = with_meta(backup_row("g", "b1", "v1", 10), DELETED_AT, "soon");
         assert_eq!(at(&history_from_backup("g", &[bad_time]), 15), "unknown");
-        let h = history_from_backup("d", &[with_meta(entry("d", "x", 0), HDI_ISFOLDER, "true")]);
+        let h = history_from_backup("d", &[placeholder("d")]);
         assert_eq!(
             h,
             History {

@@ -866,7 +866,8 @@ mod tests {
 
     #[test]
     fn placeholder_case_insensitive_value() {
-        let p = with_meta(entry("d", "1", 0), HDI_ISFOLDER, "True");
+        let mut p = with_meta(entry("d", "1", 0), HDI_ISFOLDER, "True");
+        p.content_length = 0;
         assert!(matches!(
             classify(Some(p), None),
             Some(Action::SkipPlaceholder { .. })
@@ -980,7 +981,9 @@ mod props {
             .map(|(n, x)| {
                 let e = entry(n, &format!("s{}", x.etag), x.lm);
                 if x.placeholder {
-                    with_meta(e, crate::model::metadata::HDI_ISFOLDER, "true")
+                    let mut p = with_meta(e, crate::model::metadata::HDI_ISFOLDER, "true");
+                    p.content_length = 0;
+                    p
                 } else {
                     e
                 }
@@ -998,6 +1001,7 @@ mod props {
                 }
                 if x.placeholder {
                     e = with_meta(e, crate::model::metadata::HDI_ISFOLDER, "true");
+                    e.content_length = 0;
                 }
                 e
             })

@@ -684,7 +684,8 @@ mod tests {
 
     #[test]
     fn placeholders_in_the_target() {
-        let dir = with_meta(entry("d", "dir", 70), HDI_ISFOLDER, "true");
+        let mut dir = with_meta(entry("d", "dir", 70), HDI_ISFOLDER, "true");
+        dir.content_length = 0;
         // Not data: never deleted.
         let plan =
             plan_restore(opts(RestoreTarget::InPlace, 50), vec![], vec![dir.clone()]).unwrap();

@@ -52,8 +52,11 @@ pub fn snapshot(mut e: BlobEntry, secs: i64) -> BlobEntry {
     e
 }
 
+/// An HNS directory placeholder: zero length, `hdi_isfolder=true`.
 pub fn placeholder(name: &str) -> BlobEntry {
-    with_meta(entry(name, "dir", 0), metadata::HDI_ISFOLDER, "true")
+    let mut e = with_meta(entry(name, "dir", 0), metadata::HDI_ISFOLDER, "true");
+    e.content_length = 0;
+    e
 }
 
 /// A backup row holding source version `etag` that became current at `lm`.

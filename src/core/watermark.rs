@@ -306,7 +306,14 @@ mod tests {
         let s = since(b.finish().unwrap());
         let mut dir = blob("dir", "d", T0 + time::Duration::minutes(1));
         dir.metadata.insert("hdi_isfolder".into(), "true".into());
-        assert_eq!(s.decide(dir).verdict, Verdict::Placeholder);
+        dir.content_length = 0;
+        assert_eq!(s.decide(dir.clone()).verdict, Verdict::Placeholder);
+        dir.content_length = 1;
+        assert_eq!(
+            s.decide(dir).verdict,
+            Verdict::Modified,
+            "data with the folder flag"
+        );
         assert_eq!(s.decide(blob("seen", "s1", T0)).verdict, Verdict::Unchanged);
         assert_eq!(s.decide(blob("seen", "s2", T0)).verdict, Verdict::Modified);
         assert_eq!(

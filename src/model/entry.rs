@@ -85,15 +85,39 @@ impl BlobEntry {
         self.snapshot.is_some()
     }
 
-    /// HNS directory placeholders (and their emulation on flat accounts) are not data.
+    /// HNS directory placeholders (and their emulation on flat accounts) are not data: a
+    /// zero-length blob with `hdi_isfolder=true`. The metadata alone proves nothing (anyone can
+    /// set it, and tools that copy metadata carry it onto files): a blob with content is data,
+    /// whatever its metadata says, and is backed up, restored and verified like any other.
     pub fn is_directory_placeholder(&self) -> bool {
-        self.metadata
-            .get(super::metadata::HDI_ISFOLDER)
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        self.content_length == 0
+            && self
+                .metadata
+                .get(super::metadata::HDI_ISFOLDER)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }
 
     pub fn meta(&self, key: &str) -> Option<&str> {
         self.metadata.get(key).map(String::as_str)
+    }
+}
+
+/// Whether a blob name can be addressed exactly by a URL, with the reason when it cannot.
+///
+/// A name with a `.` or `..` path segment (`a/./b`, `a/../b`, `./x`, `x/..`) cannot: URL
+/// handling removes dot segments (RFC 3986 5.2.4; the `url` crate drops them even when pushed as
+/// one segment, and percent-encoding them as `%2E` does not help, since `%2E` is the same
+/// segment), so the request would address *another* blob (`a/../b` becomes `b`'s sibling `a/b`
+/// or `b`). Azurite stores such names literally when a raw request creates them; the service's
+/// naming rules advise against names whose segments end in a dot. lakeguard refuses these names
+/// (a clear, per-blob error) rather than touch another blob.
+pub fn check_addressable(name: &str) -> Result<(), String> {
+    match name.split('/').find(|seg| *seg == "." || *seg == "..") {
+        Some(seg) => Err(format!(
+            "the name `{name}` has a `{seg}` path segment, which a URL cannot address (it would \
+             be normalised onto another blob); lakeguard does not copy, restore or delete it"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -106,5 +130,44 @@ mod tests {
         assert_eq!(Etag::new("\"0x8D1\""), Etag::new("0x8D1"));
         assert_eq!(Etag::new("0x8D1").to_string(), "\"0x8D1\"");
         assert_eq!(Etag::new("W/\"abc\"").as_str(), "abc");
+    }
+
+    #[test]
+    fn dot_segments_are_not_addressable() {
+        for bad in ["a/./b", "a/../b", "./x", "x/..", ".", "..", "x/."] {
+            let e = check_addressable(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        for ok in [
+            "a.b", "a/.b/c", "..x", "x..", "a//b", "/a", "a/", "...", "a/.../b",
+        ] {
+            assert!(check_addressable(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn only_an_empty_blob_is_a_directory_placeholder() {
+        let mut e = BlobEntry {
+            name: "d".into(),
+            snapshot: None,
+            etag: Etag::new("0x1"),
+            last_modified: OffsetDateTime::UNIX_EPOCH,
+            content_length: 0,
+            content_type: None,
+            content_md5: None,
+            metadata: BTreeMap::from([("hdi_isfolder".into(), "True".into())]),
+        };
+        assert!(e.is_directory_placeholder());
+        e.content_length = 1;
+        assert!(
+            !e.is_directory_placeholder(),
+            "data with the folder flag is data"
+        );
+        e.content_length = 0;
+        e.metadata.clear();
+        assert!(
+            !e.is_directory_placeholder(),
+            "an empty blob is a (empty) file"
+        );
     }
 }

@@ -4,5 +4,5 @@ pub mod entry;
 pub mod metadata;
 pub mod request;
 
-pub use entry::{BlobEntry, Etag};
+pub use entry::{check_addressable, BlobEntry, Etag};
 pub use request::{BackupRequest, VersionProps};

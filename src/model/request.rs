@@ -188,6 +188,11 @@ impl BackupRequest {
                 problem: format!("{n} characters (1..=1024 allowed)"),
             });
         }
+        // Refused now, with the reason, rather than on every delivery (it can never be copied).
+        super::check_addressable(&self.blob).map_err(|problem| RequestError::Field {
+            field: "blob",
+            problem,
+        })?;
         if self.etag.as_str().is_empty() {
             return Err(RequestError::Field {
                 field: "etag",
@@ -239,6 +244,16 @@ mod tests {
             assert!(text.contains(r#""v":1"#));
             assert!(text.contains(r#""etag":"\"0x8D1\"""#), "{text}");
             assert_eq!(BackupRequest::parse(&text).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn names_with_dot_segments_are_refused_with_the_reason() {
+        for name in ["a/../b", "./x"] {
+            let text = BackupRequest::new("raw", name, &Etag::new("0x1"), "2026-11-22T03:08:15Z")
+                .to_json();
+            let e = BackupRequest::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("segment") && e.contains(name), "{e}");
         }
     }
 

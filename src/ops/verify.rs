@@ -18,6 +18,15 @@
 //! ETag is checked again after reading so that a blob rewritten meanwhile is skipped, not
 //! reported as corrupt. The backup side is checked the same way.
 //!
+//! History (`--history`). `--deep` looks at base blobs only; the backup's history is its
+//! snapshots. Every backup snapshot lakeguard made (`lakeguard_source_etag` present; all, or a
+//! random sample of `--sample N`) is streamed once through SHA-256 and MD5 and checked against
+//! what it claims: its length, its Content-MD5 when it has one, and, while the source snapshot
+//! it names (`lakeguard_source_snapshot`) still exists, that snapshot's content, read `If-Match`
+//! the ETag of a HEAD that also proves the snapshot holds the same version
+//! (`lakeguard_source_etag`). The backup is listed page by page (with snapshots): memory is one
+//! page plus one batch of checks (or the sample).
+//!
 //! Restore drill (`--restore-drill`). A random sample of each container's blobs is restored as of
 //! now, with the real restore code, into a scratch container of the backup account
 //! (`lakeguard-drill-<random>`), compared with the source (or, when the source moved on, with
@@ -75,6 +84,41 @@ pub struct DeepReport {
     pub skipped_changed: u64,
 }
 
+/// One backup version (snapshot) that is not what it claims.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HistoryMismatch {
+    pub name: String,
+    /// The backup snapshot.
+    pub snapshot: String,
+    /// What differs (length, Content-MD5, or content vs the source snapshot).
+    pub problem: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HistoryReport {
+    /// Backup snapshots lakeguard wrote (the backup's history), listed.
+    pub versions: u64,
+    /// Backup snapshots without `lakeguard_source_etag` (not lakeguard's): not checked.
+    pub foreign: u64,
+    /// Versions hashed (all, or the sample).
+    pub checked: u64,
+    pub matched: u64,
+    pub mismatched: u64,
+    /// Of `mismatched`, by what differed (one version can count in several).
+    pub length_mismatches: u64,
+    pub md5_mismatches: u64,
+    pub source_mismatches: u64,
+    /// Of `checked`: compared with the source snapshot they name (it still exists).
+    pub compared_with_source: u64,
+    /// Of `checked`: the named source snapshot is gone (length and MD5 checked only).
+    pub source_gone: u64,
+    /// Of `checked`: copied from a live blob (no source snapshot named; length and MD5 only).
+    pub source_unnamed: u64,
+    /// Of `checked`: with a Content-MD5 to check against.
+    pub with_md5: u64,
+    pub mismatches: Vec<HistoryMismatch>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub container: String,
@@ -88,6 +132,9 @@ pub struct VerifyReport {
     /// Age in seconds of the oldest current version not in the backup (0 when all are).
     pub rpo_lag_secs: i64,
     pub deep: Option<DeepReport>,
+    /// `--history`: the backup's snapshots checked against what they claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryReport>,
     pub failed: u64,
     pub failures: Vec<BlobFailure>,
     pub elapsed_ms: u128,
@@ -99,6 +146,7 @@ impl VerifyReport {
         self.missing == 0
             && self.failed == 0
             && self.deep.as_ref().is_none_or(|d| d.mismatched == 0)
+            && self.history.as_ref().is_none_or(|h| h.mismatched == 0)
     }
 
     fn fail(&mut self, blob: &str, error: String) {
@@ -227,6 +275,17 @@ async fn deep_one(app: &App, container: &str, job: &DeepJob) -> DeepOutcome {
     }
 }
 
+/// What `verify --container C` checks besides coverage.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VerifyOptions {
+    /// `--deep`: content of the backup's base blobs against their source versions.
+    pub deep: bool,
+    /// `--history`: the backup's snapshots against what they claim.
+    pub history: bool,
+    /// `--sample N`: that many blobs (deep) and versions (history), chosen at random.
+    pub sample: Option<usize>,
+}
+
 /// `lakeguard verify --container C [--deep] [--sample N]`.
 pub async fn run(
     app: &App,
@@ -235,6 +294,22 @@ pub async fn run(
     sample: Option<usize>,
     progress: Arc<dyn Progress>,
 ) -> Result<VerifyReport, OpError> {
+    let opts = VerifyOptions {
+        deep,
+        history: false,
+        sample,
+    };
+    run_with(app, container, &opts, progress).await
+}
+
+/// `lakeguard verify --container C [--deep] [--history] [--sample N]`.
+pub async fn run_with(
+    app: &App,
+    container: &str,
+    opts: &VerifyOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<VerifyReport, OpError> {
+    let (deep, sample) = (opts.deep, opts.sample);
     let started = Instant::now();
     crate::settings::validate_container_name(container).map_err(OpError::InvalidInput)?;
     if !app.source.container_exists(container).await? {
@@ -382,6 +457,10 @@ pub async fn run(
     if deep && !jobs.is_empty() {
         run_deep(app, container, jobs, &mut report).await;
     }
+    if opts.history {
+        progress.message("history");
+        verify_history(app, container, sample, &mut report).await?;
+    }
     report.elapsed_ms = started.elapsed().as_millis();
     info!(
         container,
@@ -427,6 +506,246 @@ async fn run_deep(app: &App, container: &str, jobs: Vec<DeepJob>, report: &mut V
         }
         if let Some(e) = failed {
             report.fail(&name, e);
+        }
+    }
+}
+
+/// One backup snapshot to check with `--history`.
+struct HistoryJob {
+    name: String,
+    snapshot: String,
+    etag: Etag,
+    length: u64,
+    md5: Option<Vec<u8>>,
+    source_etag: Etag,
+    source_snapshot: Option<String>,
+}
+
+/// What one version turned out to be.
+#[derive(Default)]
+struct HistoryOutcome {
+    problems: Vec<String>,
+    length_bad: bool,
+    md5_checked: bool,
+    md5_bad: bool,
+    source: SourceCheck,
+}
+
+#[derive(Default, PartialEq, Eq)]
+enum SourceCheck {
+    #[default]
+    Unnamed,
+    Gone,
+    Compared,
+    Differs,
+}
+
+/// SHA-256 and MD5 of a blob or snapshot in one pass, read `If-Match` `etag`.
+async fn digests_of(
+    store: &BlobStore,
+    container: &str,
+    blob: &str,
+    snapshot: Option<&str>,
+    etag: Option<&Etag>,
+) -> Result<(u64, [u8; 32], [u8; 16]), StorageError> {
+    use md5::Md5;
+    let (mut sha, mut md) = (Sha256::new(), Md5::new());
+    let n = store
+        .download_with_if(container, blob, snapshot, etag, |chunk| {
+            sha.update(chunk);
+            md.update(chunk);
+        })
+        .await?;
+    Ok((n, sha.finalize().into(), md.finalize().into()))
+}
+
+async fn history_one(
+    app: &App,
+    container: &str,
+    job: &HistoryJob,
+) -> Result<HistoryOutcome, StorageError> {
+    let mut out = HistoryOutcome::default();
+    let (len, sha, md5) = digests_of(
+        &app.backup,
+        container,
+        &job.name,
+        Some(&job.snapshot),
+        Some(&job.etag),
+    )
+    .await?;
+    if len != job.length {
+        out.length_bad = true;
+        out.problems
+            .push(format!("{len} bytes read, {} listed", job.length));
+    }
+    if let Some(claimed) = &job.md5 {
+        out.md5_checked = true;
+        if claimed.as_slice() != md5 {
+            out.md5_bad = true;
+            out.problems.push(format!(
+                "Content-MD5 {} but the content's MD5 is {}",
+                hex(claimed),
+                hex(&md5)
+            ));
+        }
+    }
+    let Some(s) = &job.source_snapshot else {
+        return Ok(out);
+    };
+    // Only a real 404 means the source snapshot is gone.
+    let props = match app.source.properties(container, &job.name, Some(s)).await {
+        Ok(p) => p,
+        Err(e) if e.is_not_found() => {
+            out.source = SourceCheck::Gone;
+            return Ok(out);
+        }
+        Err(e) => return Err(e),
+    };
+    let holds = props
+        .metadata
+        .get(metadata::SOURCE_ETAG)
+        .map(Etag::new)
+        .unwrap_or_else(|| props.etag.clone());
+    if holds != job.source_etag {
+        out.source = SourceCheck::Differs;
+        out.problems.push(format!(
+            "names source snapshot {s}, which holds version {holds}, not {}",
+            job.source_etag
+        ));
+        return Ok(out);
+    }
+    match digests_of(
+        &app.source,
+        container,
+        &job.name,
+        Some(s),
+        Some(&props.etag),
+    )
+    .await
+    {
+        Ok((slen, ssha, _)) if (slen, ssha) == (len, sha) => out.source = SourceCheck::Compared,
+        Ok((slen, ssha, _)) => {
+            out.source = SourceCheck::Differs;
+            out.problems.push(format!(
+                "content differs from source snapshot {s}: backup {len} bytes sha256 {}, source {slen} bytes sha256 {}",
+                hex(&sha),
+                hex(&ssha)
+            ));
+        }
+        Err(e) if e.is_not_found() => out.source = SourceCheck::Gone,
+        Err(e) => return Err(e),
+    }
+    Ok(out)
+}
+
+/// `--history`: every backup snapshot of `container` (or a sample), see the module docs.
+async fn verify_history(
+    app: &App,
+    container: &str,
+    sample: Option<usize>,
+    report: &mut VerifyReport,
+) -> Result<(), OpError> {
+    report.history = Some(HistoryReport::default());
+    let opts = ListOptions {
+        prefix: None,
+        snapshots: true,
+        metadata: true,
+        max_results: None,
+    };
+    let mut pages = Lister::new(&app.backup, container, opts).missing_is_empty();
+    let mut marker = None;
+    let mut jobs: Vec<HistoryJob> = Vec::new();
+    let mut seen = 0u64;
+    loop {
+        let page = pages.page(marker.take()).await?;
+        for e in page.entries {
+            let Some(snapshot) = e.snapshot.clone() else {
+                continue; // base blobs: `--deep`
+            };
+            let h = report.history.as_mut().expect("set above");
+            let Some(source_etag) = e.meta(metadata::SOURCE_ETAG).map(Etag::new) else {
+                h.foreign += 1;
+                continue;
+            };
+            h.versions += 1;
+            let job = HistoryJob {
+                source_snapshot: e
+                    .meta(metadata::SOURCE_SNAPSHOT)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
+                name: e.name,
+                snapshot,
+                etag: e.etag,
+                length: e.content_length,
+                md5: e.content_md5,
+                source_etag,
+            };
+            seen += 1;
+            match sample {
+                Some(n) if jobs.len() >= n => {
+                    let j = random_u64() % seen;
+                    if (j as usize) < n {
+                        jobs[j as usize] = job;
+                    }
+                }
+                _ => jobs.push(job),
+            }
+        }
+        if sample.is_none() && jobs.len() >= 64 {
+            run_history(app, container, std::mem::take(&mut jobs), report).await;
+        }
+        match page.next_marker {
+            Some(m) => marker = Some(m),
+            None => break,
+        }
+    }
+    run_history(app, container, jobs, report).await;
+    Ok(())
+}
+
+async fn run_history(app: &App, container: &str, jobs: Vec<HistoryJob>, report: &mut VerifyReport) {
+    let results: Vec<(HistoryJob, Result<HistoryOutcome, StorageError>)> = stream::iter(jobs)
+        .map(|job| async move {
+            let out = history_one(app, container, &job).await;
+            (job, out)
+        })
+        .buffer_unordered(app.settings.concurrency.max(1))
+        .collect()
+        .await;
+    for (job, out) in results {
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                report.fail(
+                    &format!("{} (snapshot {})", job.name, job.snapshot),
+                    e.to_string(),
+                );
+                continue;
+            }
+        };
+        let h = report.history.as_mut().expect("set by verify_history");
+        h.checked += 1;
+        h.with_md5 += u64::from(out.md5_checked);
+        match out.source {
+            SourceCheck::Unnamed => h.source_unnamed += 1,
+            SourceCheck::Gone => h.source_gone += 1,
+            SourceCheck::Compared | SourceCheck::Differs => h.compared_with_source += 1,
+        }
+        if out.problems.is_empty() {
+            h.matched += 1;
+            continue;
+        }
+        warn!(blob = %job.name, snapshot = %job.snapshot, "backup version is not what it claims");
+        h.mismatched += 1;
+        h.length_mismatches += u64::from(out.length_bad);
+        h.md5_mismatches += u64::from(out.md5_bad);
+        h.source_mismatches += u64::from(out.source == SourceCheck::Differs);
+        if h.mismatches.len() < MAX_LISTED {
+            h.mismatches.push(HistoryMismatch {
+                name: job.name,
+                snapshot: job.snapshot,
+                problem: out.problems.join("; "),
+            });
         }
     }
 }

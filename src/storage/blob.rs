@@ -59,6 +59,18 @@ pub struct BlobProperties {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// The standard HTTP headers stored with a blob: what Copy Blob From URL copies from its source
+/// and what Put Block List must be given explicitly (`x-ms-blob-content-*`, `x-ms-blob-cache-control`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContentHeaders {
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub content_language: Option<String>,
+    pub content_disposition: Option<String>,
+    pub cache_control: Option<String>,
+    pub content_md5: Option<Vec<u8>>,
+}
+
 /// A snapshot just made: its id (`x-ms-snapshot`) and, when the service sent one, its ETag, which
 /// lets a later copy read it with `x-ms-source-if-match` without a HEAD first.
 #[derive(Clone, Debug)]
@@ -117,12 +129,36 @@ impl BlobStore {
         &self.account
     }
 
+    /// The blob service endpoint (`https://<account>.blob.core.windows.net/`, or a path-style
+    /// emulator endpoint ending in the account).
+    pub fn endpoint(&self) -> &Url {
+        &self.endpoint
+    }
+
     pub fn connection(&self) -> &Connection {
         &self.connection
     }
 
+    /// URL of a blob or snapshot, refused for a name a URL cannot address exactly
+    /// ([`crate::model::check_addressable`]: `.` / `..` segments would be normalised onto
+    /// another blob). Every blob request goes through this.
+    pub fn blob_url(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Url, StorageError> {
+        crate::model::check_addressable(blob).map_err(|detail| StorageError::Permanent {
+            what: format!("blob {container}/{blob}"),
+            detail,
+        })?;
+        Ok(self.url(container, Some(blob), snapshot))
+    }
+
     /// URL of a container, or of a blob (each `/`-separated part of the name is one path
     /// segment, percent-encoded: `#`, `?`, `%` and spaces in names are safe), or of a snapshot.
+    /// Blob URLs for requests come from [`blob_url`](Self::blob_url), which refuses names with
+    /// dot segments (this function would silently drop them).
     pub fn url(&self, container: &str, blob: Option<&str>, snapshot: Option<&str>) -> Url {
         let mut url = self.endpoint.clone();
         {
@@ -188,7 +224,7 @@ impl BlobStore {
         snapshot: Option<&str>,
     ) -> Result<BlobClient, StorageError> {
         BlobClient::new(
-            self.url(container, Some(blob), snapshot),
+            self.blob_url(container, blob, snapshot)?,
             self.credential.clone(),
             Some(BlobClientOptions {
                 client_options: self.options.clone(),
@@ -406,6 +442,46 @@ impl BlobStore {
         })
     }
 
+    /// The content headers of exactly the version `if_match` of a blob or snapshot (a HEAD
+    /// `If-Match` it). A version that is no longer there answers 412, reported with the code
+    /// `SourceConditionNotMet` like a failed `x-ms-source-if-match` of a copy, because this is
+    /// read as a copy's source.
+    pub async fn content_headers(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+        if_match: Option<&Etag>,
+    ) -> Result<ContentHeaders, StorageError> {
+        let what = format!("properties of {container}/{blob}");
+        let rsp = self
+            .blob(container, blob, snapshot)?
+            .get_properties(Some(BlobClientGetPropertiesOptions {
+                if_match: if_match.map(|e| e.quoted().into()),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| match StorageError::from_azure(&what, e) {
+                StorageError::PreconditionFailed { what, .. } => StorageError::PreconditionFailed {
+                    what,
+                    code: "SourceConditionNotMet".into(),
+                },
+                other => other,
+            })?;
+        let bad = |e: azure_core::Error| StorageError::Permanent {
+            what: what.clone(),
+            detail: e.to_string(),
+        };
+        Ok(ContentHeaders {
+            content_type: rsp.content_type().map_err(bad)?,
+            content_encoding: rsp.content_encoding().map_err(bad)?,
+            content_language: rsp.content_language().map_err(bad)?,
+            content_disposition: rsp.content_disposition().map_err(bad)?,
+            cache_control: rsp.cache_control().map_err(bad)?,
+            content_md5: rsp.content_md5().map_err(bad)?,
+        })
+    }
+
     /// Snapshots a blob only if it still has `if_match`: the snapshot is then exactly the version
     /// that was listed (the reference implementation snapshotted unconditionally and could name
     /// version X in the message while the snapshot held Y). `metadata` replaces the snapshot's
@@ -610,12 +686,30 @@ impl BlobStore {
         container: &str,
         blob: &str,
         snapshot: Option<&str>,
+        sink: impl FnMut(&[u8]),
+    ) -> Result<u64, StorageError> {
+        self.download_with_if(container, blob, snapshot, None, sink)
+            .await
+    }
+
+    /// [`download_with`](Self::download_with) only while the blob or snapshot has `if_match`
+    /// (412 otherwise).
+    pub async fn download_with_if(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+        if_match: Option<&Etag>,
         mut sink: impl FnMut(&[u8]),
     ) -> Result<u64, StorageError> {
         let what = format!("download {container}/{blob}");
+        let options = azure_storage_blob::models::BlobClientDownloadOptions {
+            if_match: if_match.map(|e| e.quoted().into()),
+            ..Default::default()
+        };
         let rsp = self
             .blob(container, blob, snapshot)?
-            .download(None)
+            .download(Some(options))
             .await
             .map_err(|e| StorageError::from_azure(&what, e))?;
         let mut body = rsp.body;
@@ -710,13 +804,13 @@ impl BlobStore {
         Ok(())
     }
 
-    /// Put Block List: commits staged blocks in order, with content type and metadata.
+    /// Put Block List: commits staged blocks in order, with the content headers and metadata.
     pub async fn commit_blocks(
         &self,
         container: &str,
         blob: &str,
         block_ids: Vec<Vec<u8>>,
-        content_type: Option<&str>,
+        headers: &ContentHeaders,
         metadata: &BTreeMap<String, String>,
         target_condition: TargetCondition,
     ) -> Result<Etag, StorageError> {
@@ -727,7 +821,12 @@ impl BlobStore {
         };
         let (if_match, if_none_match) = target_condition.headers();
         let options = BlockBlobClientCommitBlockListOptions {
-            blob_content_type: content_type.map(str::to_owned),
+            blob_content_type: headers.content_type.clone(),
+            blob_content_encoding: headers.content_encoding.clone(),
+            blob_content_language: headers.content_language.clone(),
+            blob_content_disposition: headers.content_disposition.clone(),
+            blob_cache_control: headers.cache_control.clone(),
+            blob_content_md5: headers.content_md5.clone(),
             metadata: Some(
                 metadata
                     .iter()

@@ -5,6 +5,12 @@
 //! private endpoint with a corporate CA looks like, which is what `LAKEGUARD_CA_CERT` is for.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -68,9 +74,76 @@ impl TestPki {
         pki
     }
 
+    /// A TLS server configuration presenting the leaf (for test servers over https).
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.leaf_cert)
+            .expect("read leaf.pem")
+            .collect::<Result<_, _>>()
+            .expect("parse leaf.pem");
+        let key = PrivateKeyDer::from_pem_file(&self.leaf_key).expect("parse leaf-key.pem");
+        let config = ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server certificate");
+        Arc::new(config)
+    }
+
+    /// A reqwest client that trusts exactly this CA.
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .tls_certs_only([self.reqwest_ca()])
+            .build()
+            .expect("https client")
+    }
+
     /// The CA as a reqwest root certificate.
     pub fn reqwest_ca(&self) -> reqwest::Certificate {
         let pem = std::fs::read(&self.ca_cert).expect("read ca.pem");
         reqwest::Certificate::from_pem(&pem).expect("parse ca.pem")
+    }
+}
+
+/// An axum listener that serves TLS with a [`TestPki`] leaf: `axum::serve(TlsListener::bind(..),
+/// app)`. A failed handshake (a client that does not trust the CA) drops that connection only.
+pub struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+}
+
+impl TlsListener {
+    pub async fn bind(pki: &TestPki) -> TlsListener {
+        TlsListener {
+            tcp: tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind 127.0.0.1:0"),
+            acceptor: TlsAcceptor::from(pki.server_config()),
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            let handshake = self.acceptor.accept(tcp);
+            if let Ok(Ok(tls)) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await
+            {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }

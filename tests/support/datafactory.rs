@@ -975,10 +975,15 @@ pub struct StandInState {
     seq: AtomicU64,
 }
 
+/// The stand-in, served over https (`https://127.0.0.1:<port>`): lakeguard refuses an http ARM
+/// endpoint, since it sends bearer tokens there. Clients must trust [`Self::pki`]'s CA
+/// ([`Self::http_client`], or `LAKEGUARD_CA_CERT` = `pki.ca_cert`).
 pub struct DataFactoryStandIn {
     pub base_url: String,
     pub state: Arc<StandInState>,
+    pub pki: crate::support::TestPki,
     task: tokio::task::JoinHandle<()>,
+    _pki_dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for DataFactoryStandIn {
@@ -1033,11 +1038,27 @@ pub fn bearer_has_audience(authorization: Option<&str>, audience: &str) -> Resul
 }
 
 impl DataFactoryStandIn {
+    /// The stand-in with a PKI of its own.
     pub async fn start(
         subscription: &str,
         resource_group: &str,
         factory: &str,
         storage: Arc<dyn StandInStorage>,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pki = crate::support::TestPki::generate(dir.path());
+        let mut s = Self::start_with_pki(subscription, resource_group, factory, storage, pki).await;
+        s._pki_dir = Some(dir);
+        s
+    }
+
+    /// The stand-in presenting `pki`'s leaf (e.g. Azurite's, whose CA lakeguard already trusts).
+    pub async fn start_with_pki(
+        subscription: &str,
+        resource_group: &str,
+        factory: &str,
+        storage: Arc<dyn StandInStorage>,
+        pki: crate::support::TestPki,
     ) -> Self {
         let state = Arc::new(StandInState {
             subscription: subscription.into(),
@@ -1065,16 +1086,23 @@ impl DataFactoryStandIn {
             )
             .fallback(fallback)
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let listener = crate::support::certs::TlsListener::bind(&pki).await;
+        let addr = axum::serve::Listener::local_addr(&listener).unwrap();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
         DataFactoryStandIn {
-            base_url: format!("http://{addr}"),
+            base_url: format!("https://{addr}"),
             state,
+            pki,
             task,
+            _pki_dir: None,
         }
+    }
+
+    /// A client that trusts the stand-in's CA.
+    pub fn http_client(&self) -> reqwest::Client {
+        self.pki.client()
     }
 
     /// The next `n` requests (any operation) get `status` with the given Retry-After.

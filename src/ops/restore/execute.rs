@@ -292,13 +292,9 @@ impl Exec<'_> {
                 overwrote: target_etag.is_some(),
                 undo,
             },
-            Err(e) if is_condition_failure(&e) && target_etag.is_none() => {
-                let o = Outcome::Changed(e.to_string());
-                self.restored_already(name, version, false, o).await
-            }
             Err(e) if is_condition_failure(&e) => {
                 let t = self.ends.target;
-                if source_moved(
+                let outcome = if source_moved(
                     &e,
                     t,
                     self.ends.target_container,
@@ -312,6 +308,12 @@ impl Exec<'_> {
                     ))
                 } else {
                     Outcome::Changed(e.to_string())
+                };
+                // A new blob in its place may be this version, restored by an earlier attempt.
+                if target_etag.is_none() && matches!(outcome, Outcome::Changed(_)) {
+                    self.restored_already(name, version, false, outcome).await
+                } else {
+                    outcome
                 }
             }
             Err(e) => Outcome::Failed(e.to_string()),

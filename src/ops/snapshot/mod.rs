@@ -727,6 +727,8 @@ fn version_props(blob: &BlobEntry, copy_etag: &Etag) -> VersionProps {
 /// to that older snapshot (or reports the request superseded: the new version is a change, which
 /// the producer or the next reconcile requests).
 pub async fn enqueue_live(app: &App, container: &str, blob: &BlobEntry) -> Result<(), String> {
+    // A request the worker would refuse (poison) on arrival, run after run: report it here.
+    crate::model::check_addressable(&blob.name)?;
     let request = BackupRequest::live(container, &blob.name, &blob.etag)
         .with_backup_absent(true)
         .with_props(version_props(blob, &blob.etag));
