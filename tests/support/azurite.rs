@@ -64,6 +64,28 @@ impl Service {
     }
 }
 
+/// Where Azurite keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// `--inMemoryPersistence`: fastest; gone when the process ends (every ordinary test).
+    Memory,
+    /// `--location <scratch>/data-{blob,queue}`: survives [`Azurite::restart`].
+    Disk,
+}
+
+/// How [`Azurite::restart`] stops the running services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGKILL. Azurite 3.37 keeps its metadata in LokiJS databases that it writes to disk every
+    /// 5 s (`autosaveInterval: 5000`): a kill loses what was acknowledged since the last save
+    /// (tests/chaos.rs `azurite_loses_acknowledged_writes_on_sigkill`), which the real service
+    /// never does.
+    Kill,
+    /// SIGTERM, then wait for the exit: Azurite closes its server and its databases (LokiJS
+    /// saves on close), so everything acknowledged survives.
+    Graceful,
+}
+
 /// One line of Azurite's access log (morgan "common" format):
 /// `127.0.0.1 - - [22/Nov/2026:03:14:32 +0000] "GET /devstoreaccount1?comp=list HTTP/1.1" 403 -`
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +160,8 @@ struct Proc {
     stderr: PathBuf,
     /// Access-log lines written before the harness declared the service ready (its own probes).
     baseline: usize,
+    /// On-disk data directory (`--location`); `None` = `--inMemoryPersistence`.
+    location: Option<PathBuf>,
 }
 
 impl Proc {
@@ -211,8 +235,14 @@ enum StartError {
 }
 
 impl Azurite {
-    /// Starts blob and queue services and waits until both answer as Azurite 3.37.0 (30 s).
+    /// Starts blob and queue services (in memory) and waits until both answer as Azurite 3.37.0
+    /// (30 s).
     pub async fn start(mode: Mode) -> Azurite {
+        Self::start_with(mode, Persistence::Memory).await
+    }
+
+    /// `start` with a choice of persistence ([`Persistence::Disk`] for [`Azurite::restart`]).
+    pub async fn start_with(mode: Mode, persistence: Persistence) -> Azurite {
         let dir = tempfile::Builder::new()
             .prefix("lakeguard-azurite-")
             .tempdir()
@@ -223,10 +253,33 @@ impl Azurite {
         };
         let client = http_client(pki.as_ref());
         let mut last_error = String::new();
+        let location = |name: &str| match persistence {
+            Persistence::Memory => None,
+            Persistence::Disk => {
+                let d = dir.path().join(format!("data-{name}"));
+                std::fs::create_dir_all(&d).expect("data dir");
+                Some(d)
+            }
+        };
         for attempt in 0..5 {
-            let mut blob = spawn(Service::Blob, mode, pki.as_ref(), dir.path(), attempt)
+            let spec = |name: &str| Spawn {
+                port: free_port(),
+                location: location(name),
+                logs: (
+                    dir.path().join(format!("{name}-{attempt}.access.log")),
+                    dir.path().join(format!("{name}-{attempt}.stderr.log")),
+                ),
+                debug_log: dir.path().join(format!("{name}-{attempt}.debug.log")),
+            };
+            let mut blob = spawn(Service::Blob, mode, pki.as_ref(), dir.path(), spec("blob"))
                 .unwrap_or_else(|e| panic!("{e}"));
-            let mut queue = match spawn(Service::Queue, mode, pki.as_ref(), dir.path(), attempt) {
+            let mut queue = match spawn(
+                Service::Queue,
+                mode,
+                pki.as_ref(),
+                dir.path(),
+                spec("queue"),
+            ) {
                 Ok(q) => q,
                 Err(e) => {
                     blob.kill();
@@ -424,6 +477,107 @@ impl Azurite {
         matches!(self.blob.child.try_wait(), Ok(None))
             && matches!(self.queue.child.try_wait(), Ok(None))
     }
+
+    /// Stops both services (`stop`), then starts them again on the same ports and the same data
+    /// directories, and waits until both answer. Needs [`Persistence::Disk`]. Requests made
+    /// meanwhile fail to connect, as in an outage. Access logs continue in the same files (the
+    /// restart's readiness probes are counted in them). Returns how long the services were down.
+    pub async fn restart(&mut self, stop: Stop) -> Duration {
+        assert!(
+            self.blob.location.is_some() && self.queue.location.is_some(),
+            "Azurite::restart needs Persistence::Disk (in memory, a restart loses everything)"
+        );
+        let down = Instant::now();
+        match stop {
+            Stop::Kill => {
+                self.blob.kill();
+                self.queue.kill();
+            }
+            Stop::Graceful => {
+                for p in [&self.blob, &self.queue] {
+                    // SAFETY: plain syscall on our own child.
+                    unsafe {
+                        libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM);
+                    }
+                }
+                for p in [&mut self.blob, &mut self.queue] {
+                    wait_exit(&mut p.child, p.service.bin()).await;
+                }
+            }
+        }
+        let spec = |p: &Proc, name: &str| Spawn {
+            port: p.port,
+            location: p.location.clone(),
+            logs: (p.stdout.clone(), p.stderr.clone()),
+            debug_log: self.dir.path().join(format!("{name}-restarted.debug.log")),
+        };
+        let (blob_spec, queue_spec) = (spec(&self.blob, "blob"), spec(&self.queue, "queue"));
+        // Both boot at once (node takes seconds to start each).
+        let (blob, queue) = tokio::join!(
+            self.respawn(Service::Blob, blob_spec, self.blob.baseline),
+            self.respawn(Service::Queue, queue_spec, self.queue.baseline)
+        );
+        self.blob = blob;
+        self.queue = queue;
+        down.elapsed()
+    }
+
+    /// Starts `which` again on its old port and data; retries while the port is briefly taken.
+    async fn respawn(&self, which: Service, spec: Spawn, baseline: usize) -> Proc {
+        let client = http_client(self.pki.as_ref());
+        let mut last = String::new();
+        for _ in 0..10 {
+            let mut proc = spawn(
+                which,
+                self.mode,
+                self.pki.as_ref(),
+                self.dir.path(),
+                spec.clone(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            match wait_ready(&client, self.mode, &mut proc, deadline).await {
+                Ok(()) => {
+                    // The harness's first probes stay excluded; the restart's are counted.
+                    proc.baseline = baseline;
+                    return proc;
+                }
+                Err(StartError::PortRace(msg)) => {
+                    proc.kill();
+                    last = msg;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(StartError::Fatal(msg)) => {
+                    proc.kill();
+                    panic!("restarting {}: {msg}", which.bin());
+                }
+            }
+        }
+        panic!(
+            "{} could not take its port {} again: {last}",
+            which.bin(),
+            spec.port
+        );
+    }
+}
+
+/// Waits up to 30 s for a process sent SIGTERM to exit (Azurite closes its server and saves its
+/// databases first); one that does not is killed and the test fails (a hung shutdown would
+/// otherwise pass for a clean one).
+async fn wait_exit(child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            // Helpers forked by node (none expected) go with the group.
+            kill_group(child);
+            return;
+        }
+        if Instant::now() > deadline {
+            kill_group(child);
+            panic!("{what} did not exit within 30 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Drop for Azurite {
@@ -443,20 +597,37 @@ fn http_client(pki: Option<&TestPki>) -> reqwest::Client {
     builder.build().expect("reqwest client")
 }
 
+/// What one service process gets: its port, its data (`None` = in memory), its log files
+/// (appended to, so that a restarted service continues them) and its debug log's path.
+#[derive(Clone)]
+struct Spawn {
+    port: u16,
+    location: Option<PathBuf>,
+    logs: (PathBuf, PathBuf),
+    debug_log: PathBuf,
+}
+
+fn append(path: &Path) -> Result<File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn spawn(
     service: Service,
     mode: Mode,
     pki: Option<&TestPki>,
     dir: &Path,
-    attempt: u32,
+    spec: Spawn,
 ) -> Result<Proc, String> {
-    let port = free_port();
-    let name = match service {
-        Service::Blob => "blob",
-        Service::Queue => "queue",
-    };
-    let stdout = dir.join(format!("{name}-{attempt}.access.log"));
-    let stderr = dir.join(format!("{name}-{attempt}.stderr.log"));
+    let Spawn {
+        port,
+        location,
+        logs: (stdout, stderr),
+        debug_log,
+    } = spec;
     let mut cmd = Command::new(azurite_bin(service.bin()));
     cmd.env_clear()
         .envs(base_env())
@@ -466,23 +637,22 @@ fn spawn(
         )
         .current_dir(dir)
         .stdin(Stdio::null())
-        .stdout(File::create(&stdout).map_err(|e| e.to_string())?)
-        .stderr(File::create(&stderr).map_err(|e| e.to_string())?)
+        .stdout(append(&stdout)?)
+        .stderr(append(&stderr)?)
         .process_group(0);
     match service {
         Service::Blob => cmd.args(["--blobHost", "127.0.0.1", "--blobPort"]),
         Service::Queue => cmd.args(["--queueHost", "127.0.0.1", "--queuePort"]),
     };
-    cmd.arg(port.to_string()).args([
-        "--inMemoryPersistence",
-        "--loose",
-        "--skipApiVersionCheck",
-        "--disableTelemetry",
-    ]);
+    cmd.arg(port.to_string())
+        .args(["--loose", "--skipApiVersionCheck", "--disableTelemetry"]);
+    match &location {
+        None => cmd.arg("--inMemoryPersistence"),
+        Some(d) => cmd.arg("--location").arg(d),
+    };
     if std::env::var_os("LAKEGUARD_TEST_AZURITE_DEBUG").is_some() {
         // Azurite's debug log explains its bare 500s and 403s (e.g. why a copy source failed).
-        cmd.arg("--debug")
-            .arg(dir.join(format!("{name}-{attempt}.debug.log")));
+        cmd.arg("--debug").arg(&debug_log);
     }
     if mode == Mode::OAuthHttps {
         let pki = pki.expect("OAuthHttps needs a PKI");
@@ -504,6 +674,7 @@ fn spawn(
         stdout,
         stderr,
         baseline: 0,
+        location,
     })
 }
 

@@ -13,6 +13,7 @@ pub mod app;
 pub mod azurite;
 pub mod certs;
 pub mod counting_proxy;
+pub mod fault_proxy;
 pub mod handler;
 pub mod host;
 pub mod identity;
@@ -25,10 +26,12 @@ use std::thread::JoinHandle;
 
 pub use app::app;
 pub use azurite::{
-    free_port, AccessLogEntry, Azurite, Mode, BACKUP_ACCOUNT, BACKUP_KEY, DEV_ACCOUNT, DEV_KEY,
+    free_port, AccessLogEntry, Azurite, Mode, Persistence, Stop, BACKUP_ACCOUNT, BACKUP_KEY,
+    DEV_ACCOUNT, DEV_KEY,
 };
 pub use certs::TestPki;
 pub use counting_proxy::CountingProxy;
+pub use fault_proxy::FaultProxy;
 pub use handler::{assert_free_of, run_cli, Handler};
 pub use host::{QueueAccess, QueueTrigger};
 pub use identity::IdentityServer;
@@ -146,11 +149,16 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(mode: Mode) -> Stack {
+        Self::start_with(mode, Persistence::Memory).await
+    }
+
+    /// `start` with Azurite's data in memory or on disk (`Persistence::Disk`: restartable).
+    pub async fn start_with(mode: Mode, persistence: Persistence) -> Stack {
         let identity = match mode {
             Mode::OAuthHttps => Some(IdentityServer::start()),
             Mode::SharedKeyHttp => None,
         };
-        let azurite = Azurite::start(mode).await;
+        let azurite = Azurite::start_with(mode, persistence).await;
         Stack {
             azurite,
             identity,
@@ -247,6 +255,41 @@ impl Stack {
         let source = az.connection_string_via(DEV_ACCOUNT, &proxy.endpoint(DEV_ACCOUNT));
         let backup = az.connection_string_via(BACKUP_ACCOUNT, &proxy.endpoint(BACKUP_ACCOUNT));
         self.env_with(&[("SourceStorage", &source), ("BackupStorage", &backup)])
+    }
+
+    /// `env()` with every blob and queue request of all three connections routed through
+    /// `proxy` (which must front this stack's Azurite). Shared Key only.
+    pub fn env_via_fault_proxy(&self, proxy: &FaultProxy) -> Vec<(String, String)> {
+        assert_eq!(
+            self.mode(),
+            Mode::SharedKeyHttp,
+            "the fault proxy is plain HTTP"
+        );
+        let cs = |account: &str| {
+            format!(
+                "DefaultEndpointsProtocol=http;AccountName={account};AccountKey={};BlobEndpoint={};QueueEndpoint={};",
+                self.azurite.account_key(account),
+                proxy.blob_endpoint(account),
+                proxy.queue_endpoint(account),
+            )
+        };
+        let (source, backup) = (cs(DEV_ACCOUNT), cs(BACKUP_ACCOUNT));
+        self.env_with(&[
+            ("SourceStorage", &source),
+            ("BackupStorage", &backup),
+            ("AzureWebJobsStorage", &source),
+        ])
+    }
+
+    /// A fault proxy in front of this stack's blob and queue services (faults off until
+    /// `set_rates`).
+    pub fn fault_proxy(&self, seed: u64) -> FaultProxy {
+        FaultProxy::start(
+            self.azurite.blob_port(),
+            self.azurite.queue_port(),
+            self.queues(),
+            seed,
+        )
     }
 
     /// A counting proxy in front of this stack's blob service.

@@ -101,7 +101,8 @@ impl StorageRest {
     }
 
     /// Sends a request. `path` is relative to the account and already percent-encoded
-    /// (e.g. `/container/dir/a%20b.txt`, or `""` for the account itself).
+    /// (e.g. `/container/dir/a%20b.txt`, or `""` for the account itself). Panics on a transport
+    /// error (see `try_send`).
     pub async fn send(
         &self,
         method: Method,
@@ -110,6 +111,21 @@ impl StorageRest {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> RestResponse {
+        self.try_send(method, path, query, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `send`, with a transport error (connection refused or closed without an answer) returned
+    /// instead of a panic: what a test of a fault-injecting proxy observes.
+    pub async fn try_send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<RestResponse, String> {
         let mut url = url::Url::parse(&format!("{}{}", self.endpoint, path)).expect("url");
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
@@ -159,15 +175,19 @@ impl StorageRest {
             .timeout(Duration::from_secs(120))
             .send()
             .await
-            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+            .map_err(|e| format!("{method} {url}: {e}"))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = resp.bytes().await.expect("read body").to_vec();
-        RestResponse {
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| format!("{method} {url}: reading the body: {e}"))?
+            .to_vec();
+        Ok(RestResponse {
             status,
             headers,
             body,
-        }
+        })
     }
 
     // ----- blob service -----
@@ -613,7 +633,7 @@ pub fn xml_unescape(s: &str) -> String {
 }
 
 /// The raw inner XML of every `<tag>...</tag>` (or `<tag attr..>`) element, not nested.
-fn xml_elements(xml: &str, tag: &str) -> Vec<String> {
+pub fn xml_elements(xml: &str, tag: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = xml;
     while let Some((inner, after)) = next_element(rest, tag) {
