@@ -458,7 +458,7 @@ impl FaultProxy {
             self.shared.held.lock().unwrap().drain().collect();
         let mut n = 0;
         for ((queue, id), receipt) in held {
-            if release(&self.shared, &queue, &id, &receipt).await {
+            if release(&self.shared, &queue, &id, &receipt).await == Some(true) {
                 n += 1;
             }
         }
@@ -492,7 +492,15 @@ async fn accept_loop(listener: tokio::net::TcpListener, svc: Svc, shared: Arc<Sh
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = Arc::clone(&shared);
-                async move { handle(shared, svc, req).await }
+                // In a task of its own: when the client disconnects (a consumer SIGKILLed while
+                // its Get Messages is on the way), hyper drops this future, but the exchange with
+                // Azurite and its bookkeeping (the messages handed out, the in-flight count) must
+                // finish, or those messages stay hidden, untracked, for their whole timeout.
+                async move {
+                    tokio::spawn(handle(shared, svc, req))
+                        .await
+                        .unwrap_or(Err(Closed("proxy task failed")))
+                }
             });
             // An Err from the service makes hyper close the connection without writing anything:
             // that is how `drop` and `lost` look to the client.
@@ -915,24 +923,31 @@ fn schedule_release(shared: &Arc<Shared>, queue: String, id: String, receipt: St
             .unwrap()
             .get(&(queue.clone(), id.clone()))
             .is_some_and(|r| *r == receipt);
-        if still {
-            release(&shared2, &queue, &id, &receipt).await;
+        // Azurite may be restarting: try again a few times (the message stays tracked, and
+        // `release_held` takes it otherwise).
+        for _ in 0..20 {
+            if !still || release(&shared2, &queue, &id, &receipt).await.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
 }
 
-/// Update Message `visibilitytimeout=0` straight to Azurite; `true` if the message was there.
-async fn release(shared: &Shared, queue: &str, id: &str, receipt: &str) -> bool {
+/// Update Message `visibilitytimeout=0` straight to Azurite; `Some(true)` if the message was
+/// there, `None` if Azurite did not answer (restarting).
+async fn release(shared: &Shared, queue: &str, id: &str, receipt: &str) -> Option<bool> {
     let resp = shared
         .queues
-        .send(
+        .try_send(
             Method::PUT,
             &format!("/{queue}/messages/{id}"),
             &[("popreceipt", receipt), ("visibilitytimeout", "0")],
             &[],
             vec![],
         )
-        .await;
+        .await
+        .ok()?;
     let ok = resp.is_success();
     shared.log.lock().unwrap().push(Logged {
         at_ms: shared.started.elapsed().as_millis(),
@@ -954,7 +969,7 @@ async fn release(shared: &Shared, queue: &str, id: &str, receipt: &str) -> bool 
             .unwrap()
             .remove(&(queue.to_string(), id.to_string()));
     }
-    ok
+    Some(ok)
 }
 
 /// Runs the triggers matching `seen`; `true` if one of them reported the client gone.
