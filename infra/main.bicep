@@ -21,6 +21,7 @@ param environmentName string
 })
 param location string
 
+@minLength(1)
 @description('Resource id of the EXISTING storage account to protect (/subscriptions/…/resourceGroups/…/providers/Microsoft.Storage/storageAccounts/NAME). It may be in another resource group or subscription of the same tenant.')
 param sourceStorageAccountId string
 
