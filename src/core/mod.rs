@@ -6,6 +6,7 @@ pub mod history;
 pub mod join;
 pub mod reconcile;
 pub mod restore;
+pub mod retention;
 pub mod watermark;
 
 pub use join::{group_by_name, JoinError, NameGroups, NameOrder};
