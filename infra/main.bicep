@@ -80,6 +80,9 @@ param concurrency int = 16
 @description('LAKEGUARD_RECONCILE_SCHEDULE: NCRONTAB of the Reconcile timer (six fields).')
 param reconcileSchedule string = '0 0 * * * *'
 
+@description('LAKEGUARD_PRUNE_SCHEDULE: NCRONTAB of the Prune timer. The timer is disabled here (AzureWebJobs.Prune.Disabled): the function identity has no delete right on the backup account, so pruning runs from an operator\'s CLI (`lakeguard prune`).')
+param pruneSchedule string = '0 30 3 * * *'
+
 @minLength(3)
 @maxLength(56)
 @description('LAKEGUARD_BACKUP_QUEUE (its poison queue is <name>-poison).')
@@ -275,6 +278,7 @@ module functionApp 'app/function.bicep' = {
     backupQueueName: backupQueueName
     reconcileQueueName: reconcileQueueName
     reconcileSchedule: reconcileSchedule
+    pruneSchedule: pruneSchedule
     concurrency: concurrency
     containersInclude: containersInclude
     containersExclude: containersExclude

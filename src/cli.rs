@@ -133,6 +133,32 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Apply the retention policy: delete backup versions and lakeguard's source snapshots that
+    /// no promised restore point needs (plan first, then delete; every delete conditional).
+    Prune {
+        /// Only this container (default: every covered one).
+        #[arg(long)]
+        container: Option<String>,
+        /// Print the plan and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Refuse a plan deleting more than this many rows (default: the configured share of
+        /// the rows listed, LAKEGUARD_PRUNE_MAX_DELETE_PERCENT).
+        #[arg(long)]
+        max_delete: Option<u64>,
+        /// Backup policy, overriding LAKEGUARD_RETENTION_BACKUP (e.g. `within=30d,monthly=12`).
+        #[arg(long)]
+        keep: Option<String>,
+        /// Source-snapshot policy, overriding LAKEGUARD_RETENTION_SOURCE_SNAPSHOTS.
+        #[arg(long)]
+        keep_source: Option<String>,
+        /// How long a deleted blob's history is kept (`90d`, or `none`), overriding
+        /// LAKEGUARD_TOMBSTONE_RETENTION.
+        #[arg(long)]
+        tombstone_retention: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Seed a demo data lake (container `demo-lake`) and run producer and worker on it: the
     /// README's main job, against the local Azurite that `scripts/demo` starts.
     Demo,
@@ -350,6 +376,46 @@ pub fn drain_text(report: &crate::ops::backup::DrainReport) -> String {
         },
         report.elapsed_ms
     )
+}
+
+/// A prune report for a terminal.
+pub fn prune_text(r: &crate::ops::prune::PruneReport) -> String {
+    let mut out = format!(
+        "prune {}{}: {} containers, {} names, {} rows listed
+  policy: {}
+  planned: {} backup snapshots, {} whole deleted names, {} source snapshots, {} bookkeeping ({} bytes)
+  deleted: {} backup snapshots, {} names, {} source snapshots, {} bookkeeping ({} bytes freed)
+  kept (not provably in the backup): {}, unplaceable names: {}, locked: {}, gone already: {}, changed: {}, failed: {}",
+        r.run_id,
+        if r.dry_run { " (dry run)" } else { "" },
+        r.containers,
+        r.names_scanned,
+        r.rows_scanned,
+        r.policy,
+        r.planned.backup_snapshots,
+        r.planned.backup_names,
+        r.planned.source_snapshots,
+        r.planned.bookkeeping,
+        r.planned.bytes,
+        r.deleted.backup_snapshots,
+        r.deleted.backup_names,
+        r.deleted.source_snapshots,
+        r.deleted.bookkeeping,
+        r.deleted.bytes,
+        r.kept_not_in_backup,
+        r.unplaceable,
+        r.locked,
+        r.already_gone,
+        r.changed,
+        r.failed,
+    );
+    if let Some(why) = &r.refused {
+        out.push_str(&format!("\n  REFUSED: {why}"));
+    }
+    for f in &r.failures {
+        out.push_str(&format!("\n  failed: {}: {}", f.blob, f.error));
+    }
+    out
 }
 
 /// The restore drill's report for a terminal.

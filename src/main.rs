@@ -202,6 +202,52 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Prune {
+            container,
+            dry_run,
+            max_delete,
+            keep,
+            keep_source,
+            tombstone_retention,
+            output,
+        } => {
+            let mut policy = app.settings.retention.clone();
+            let parse =
+                |t: &str| lakeguard::core::retention::Keep::parse(t).map_err(OpError::InvalidInput);
+            if let Some(k) = keep {
+                policy.backup = parse(&k)?;
+            }
+            if let Some(k) = keep_source {
+                policy.source_snapshots = parse(&k)?;
+            }
+            if let Some(t) = tombstone_retention {
+                policy.tombstone_retention = if t.trim().eq_ignore_ascii_case("none") {
+                    None
+                } else {
+                    Some(
+                        lakeguard::core::retention::parse_duration(&t)
+                            .map_err(OpError::InvalidInput)?,
+                    )
+                };
+            }
+            let opts = ops::prune::PruneOptions {
+                container,
+                dry_run,
+                max_delete,
+                policy: Some(policy),
+            };
+            let bar = Bar::new("prune", output);
+            let report = ops::prune::run(&app, &opts, bar.clone()).await?;
+            bar.finish();
+            print(output, &report, || lakeguard::cli::prune_text(&report));
+            Ok(if report.refused.is_some() {
+                ExitCode::from(3)
+            } else if report.is_complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Reconcile {
             container,
             dry_run,

@@ -78,6 +78,16 @@ pub struct Settings {
     /// `LAKEGUARD_RESTORE_CHUNK_ITEMS`: plan items per chunk (one queue message each) of a
     /// restore started over HTTP.
     pub restore_chunk_items: u32,
+    /// Retention (`core::retention`): `LAKEGUARD_RETENTION_BACKUP`,
+    /// `LAKEGUARD_RETENTION_SOURCE_SNAPSHOTS`, `LAKEGUARD_TOMBSTONE_RETENTION`.
+    pub retention: crate::core::retention::Policy,
+    /// Whether any retention setting was given: the `Prune` timer does nothing otherwise.
+    pub retention_set: bool,
+    /// `LAKEGUARD_UNDO_RETENTION`: how long a restore's undo data and records are kept.
+    pub undo_retention: Duration,
+    /// `LAKEGUARD_PRUNE_MAX_DELETE_PERCENT`: a prune planning to delete more than this share of
+    /// the rows it listed is refused (unless the operator passes `--max-delete`).
+    pub prune_max_delete_percent: u32,
     /// `LAKEGUARD_RECONCILE_QUEUE`: reconcile continuations (ReconcileWorker's trigger queue).
     pub reconcile_queue: String,
     /// `LAKEGUARD_LIST_PAGE_SIZE`: `maxresults` of reconcile's flat listings (`None` = the
@@ -245,6 +255,35 @@ impl Settings {
             None => None,
             Some(_) => Some(number(vars, "LAKEGUARD_LIST_PAGE_SIZE", 5000, 1, 5000)? as u32),
         };
+        let keep = |name: &'static str, default: &str| {
+            crate::core::retention::Keep::parse(get(name).as_deref().unwrap_or(default))
+                .map_err(|problem| SettingsError::Invalid { name, problem })
+        };
+        let retention_set = [
+            "LAKEGUARD_RETENTION_BACKUP",
+            "LAKEGUARD_RETENTION_SOURCE_SNAPSHOTS",
+            "LAKEGUARD_TOMBSTONE_RETENTION",
+        ]
+        .iter()
+        .any(|k| get(k).is_some());
+        let duration = |name: &'static str, default: &str| {
+            let v = get(name).unwrap_or_else(|| default.to_owned());
+            if v.trim().eq_ignore_ascii_case("none") {
+                return Ok(None);
+            }
+            crate::core::retention::parse_duration(&v)
+                .map(Some)
+                .map_err(|problem| SettingsError::Invalid { name, problem })
+        };
+        let retention = crate::core::retention::Policy {
+            backup: keep("LAKEGUARD_RETENTION_BACKUP", "within=30d,monthly=12")?,
+            source_snapshots: keep("LAKEGUARD_RETENTION_SOURCE_SNAPSHOTS", "within=7d")?,
+            tombstone_retention: duration("LAKEGUARD_TOMBSTONE_RETENTION", "400d")?,
+        };
+        let undo_retention = duration("LAKEGUARD_UNDO_RETENTION", "30d")?
+            .unwrap_or(Duration::from_secs(100 * 365 * 86_400));
+        let prune_max_delete_percent =
+            number(vars, "LAKEGUARD_PRUNE_MAX_DELETE_PERCENT", 20, 0, 100)? as u32;
         let restore_chunk_items =
             number(vars, "LAKEGUARD_RESTORE_CHUNK_ITEMS", 256, 1, 5000)? as u32;
         let drain_idle =
@@ -355,6 +394,10 @@ impl Settings {
             producer_budget,
             drain_idle,
             restore_chunk_items,
+            retention,
+            retention_set,
+            undo_retention,
+            prune_max_delete_percent,
             reconcile_queue,
             list_page_size,
             producer_page_size,

@@ -41,6 +41,7 @@ param reconcileQueueName string = 'lakeguard-backup-reconcile'
 
 @description('NCRONTAB (six fields) of the Reconcile timer.')
 param reconcileSchedule string = '0 0 * * * *'
+param pruneSchedule string = '0 30 3 * * *'
 
 @minValue(1)
 @maxValue(256)
@@ -93,6 +94,11 @@ var baseSettings = {
   LAKEGUARD_BACKUP_QUEUE: backupQueueName
   LAKEGUARD_RECONCILE_QUEUE: reconcileQueueName
   LAKEGUARD_RECONCILE_SCHEDULE: reconcileSchedule
+  // The Prune timer deletes backups: with this identity's no-delete role it could only fail, so
+  // it is disabled; prune runs under an operator identity (`lakeguard prune`).
+  LAKEGUARD_PRUNE_SCHEDULE: pruneSchedule
+  'AzureWebJobs.Prune.Disabled': 'true'
+  'AzureWebJobs.PruneNow.Disabled': 'true'
   LAKEGUARD_MAX_DEQUEUE_COUNT: string(hostJson.extensions.queues.maxDequeueCount)
   LAKEGUARD_CONCURRENCY: string(concurrency)
   LAKEGUARD_NAME_ORDER: nameOrder

@@ -191,7 +191,7 @@ def settings_problems(settings: dict, model: cm.SettingsModel, data_factory: boo
             if conn not in known_connections or suffix not in CONNECTION_SUFFIXES:
                 problems.append(f"{key}: not a setting of a connection lakeguard reads")
             continue
-        if key in PLATFORM_SETTINGS:
+        if key in PLATFORM_SETTINGS or re.fullmatch(r"AzureWebJobs\.[A-Za-z0-9]+\.Disabled", key):
             continue
         if key in FLEX_UNSUPPORTED_SETTINGS:
             problems.append(f"{key}: not supported on Flex Consumption")
@@ -640,7 +640,14 @@ def datafactory_problems(files: dict) -> list[str]:
 # operator's identity, never in the function.
 ALLOWED_BACKUP_DELETES = {
     "src/ops/verify.rs": "verify --restore-drill removes its scratch container (CLI only)",
+    # Prune is the one operation that deletes backups. Its functions (Prune, PruneNow) are
+    # disabled in the deployment (`AzureWebJobs.<name>.Disabled`, checked below): it runs
+    # under an operator identity with the CLI.
+    "src/ops/prune.rs": "lakeguard prune (operator identity); its functions are disabled in infra",
 }
+
+# Functions whose code deletes in the backup account: the deployment must disable them.
+DELETING_FUNCTIONS = ("Prune", "PruneNow")
 
 
 def backup_delete_problems(calls) -> list[str]:
@@ -655,3 +662,12 @@ def backup_delete_problems(calls) -> list[str]:
         if re.search(r"\bverify::", path.read_text()):
             problems.append(f"{path.relative_to(ROOT)} calls ops::verify: its restore drill deletes in the backup account")
     return problems
+
+
+def deleting_functions_problems(settings: dict) -> list[str]:
+    """Every function that would delete backups is disabled by an app setting."""
+    return [
+        f"function {f} deletes in the backup account but is not disabled (AzureWebJobs.{f}.Disabled = 'true')"
+        for f in DELETING_FUNCTIONS
+        if str(settings.get(f"AzureWebJobs.{f}.Disabled", "")).lower() != "true"
+    ]

@@ -57,7 +57,12 @@ class SettingsAgainstCode(unittest.TestCase):
         exprs = checks.percent_expressions()
         self.assertEqual(
             set(exprs),
-            {"LAKEGUARD_BACKUP_QUEUE", "LAKEGUARD_RECONCILE_QUEUE", "LAKEGUARD_RECONCILE_SCHEDULE"},
+            {
+                "LAKEGUARD_BACKUP_QUEUE",
+                "LAKEGUARD_RECONCILE_QUEUE",
+                "LAKEGUARD_RECONCILE_SCHEDULE",
+                "LAKEGUARD_PRUNE_SCHEDULE",
+            },
             "function.json expressions changed: check the app settings and this test",
         )
         for df in (False, True):
@@ -188,6 +193,13 @@ class CodePath(unittest.TestCase):
         calls = cm.backup_delete_calls()
         self.assertTrue(any(p == "src/ops/verify.rs" for p, _, _ in calls), "the drill's delete moved: update the allow list")
         self.assertEqual(checks.backup_delete_problems(calls), [])
+
+    def test_functions_that_delete_backups_are_disabled(self):
+        for df in (False, True):
+            settings = checks.app_settings(FILES, df)
+            self.assertEqual(checks.deleting_functions_problems(settings), [])
+            del settings["AzureWebJobs.PruneNow.Disabled"]
+            self.assertEqual(len(checks.deleting_functions_problems(settings)), 1)
 
     def test_a_new_backup_delete_is_reported(self):
         calls = cm.backup_delete_calls() + [("src/ops/watermark.rs", 1, "app.backup.delete(STATE, name)")]

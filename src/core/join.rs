@@ -159,6 +159,11 @@ impl<T: Named> SortedInput<T> {
         self.ended = true;
     }
 
+    /// The next item not yet taken by the join.
+    pub(crate) fn front(&self) -> Option<&T> {
+        self.buf.front()
+    }
+
     pub(crate) fn pushed(&self) -> u64 {
         self.pushed
     }

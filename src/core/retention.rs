@@ -424,8 +424,18 @@ pub fn plan_name(
         let keep = needed(&source_hist, &policy.source_snapshots, now);
         // Versions the backup provably holds: a copy with the same length, which records the
         // source snapshot it came from (so the restore's windows do not rest on this snapshot).
+        // Only rows this plan keeps count: a version whose backup copies go now is not held.
+        let going: BTreeSet<&str> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                PruneAction::BackupSnapshot { snapshot, .. } => Some(snapshot.as_str()),
+                _ => None,
+            })
+            .collect();
         let held: BTreeSet<(Etag, u64)> = backup
             .iter()
+            .filter(|r| r.snapshot.as_deref().is_none_or(|s| !going.contains(s)))
             .filter(|r| r.meta(BACKED_UP_AT).is_some() && r.meta(SOURCE_SNAPSHOT).is_some())
             .filter_map(|r| {
                 r.meta(SOURCE_ETAG)
@@ -644,6 +654,29 @@ mod tests {
             matches!(&plan.actions[0], PruneAction::SourceSnapshot { version, .. } if version.as_str() == "v1")
         );
         assert_eq!(plan.kept_not_in_backup, 1);
+        // A version whose backup copy this same plan deletes is not held: its source snapshot
+        // stays (no version ever leaves both places).
+        let both = Policy {
+            backup: Keep {
+                last: 1,
+                ..Default::default()
+            },
+            ..policy
+        };
+        let backup = vec![
+            snapshot(proven(v("s", "b1", "v1", 10, None), 11), 21),
+            proven(v("s", "b3", "v3", 30, None), 31),
+        ];
+        let plan = plan_name(&backup, &source, &both, ts(100));
+        assert!(
+            plan.actions
+                .iter()
+                .all(|a| !matches!(a, PruneAction::SourceSnapshot { .. })),
+            "{plan:?}"
+        );
+        assert!(plan.actions.iter().any(
+            |a| matches!(a, PruneAction::BackupSnapshot { version, .. } if version.as_str() == "v1")
+        ));
     }
 }
 

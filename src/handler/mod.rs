@@ -7,6 +7,7 @@
 
 pub mod backup_worker;
 pub mod protocol;
+pub mod prune;
 pub mod reconcile;
 pub mod restore;
 pub mod snapshot_producer;
@@ -36,6 +37,8 @@ pub fn router(app: App) -> Router {
         .route("/Reconcile", post(reconcile::timer))
         .route("/ReconcileWorker", post(reconcile::worker))
         .route("/api/reconcile", get(reconcile::now).post(reconcile::now))
+        .route("/Prune", post(prune::timer))
+        .route("/api/prune", get(prune::now).post(prune::now))
         .fallback(not_found)
         .with_state(app)
 }

@@ -118,6 +118,18 @@ pub async fn worker(State(app): State<App>, headers: HeaderMap, body: Bytes) -> 
                 rsp.return_value = serde_json::to_value(&report).ok();
                 (StatusCode::OK, Json(rsp)).into_response()
             }
+            ContinuationOutcome::Prune(report) => {
+                let mut rsp = InvocationResponse::with_logs(vec![format!(
+                    "prune hop: planned {}, deleted {}, locked {}, failed {}{}",
+                    report.planned.data(),
+                    report.deleted.data(),
+                    report.locked,
+                    report.failed,
+                    report.refused.as_deref().map(|r| format!("; refused: {r}")).unwrap_or_default()
+                )]);
+                rsp.return_value = serde_json::to_value(&report).ok();
+                (StatusCode::OK, Json(rsp)).into_response()
+            }
             ContinuationOutcome::Restore(report) => {
                 let mut rsp = InvocationResponse::with_logs(vec![format!(
                     "restore chunk: restored {}, deleted {}, changed {}, failed {}",

@@ -3,6 +3,8 @@
 
 pub mod backup;
 pub mod demo;
+pub mod history_stream;
+pub mod prune;
 pub mod reconcile;
 pub mod restore;
 pub mod snapshot;

@@ -452,6 +452,8 @@ pub enum ContinuationOutcome {
     Producer(Box<crate::ops::snapshot::SnapshotReport>),
     /// A chunk of a restore started over HTTP.
     Restore(Box<crate::ops::restore::ExecReport>),
+    /// A container hop of a prune run.
+    Prune(Box<crate::ops::prune::PruneReport>),
 }
 
 /// `ReconcileWorker`: one hop of a container's chain, within the configured budget.
@@ -462,6 +464,13 @@ pub async fn run_continuation(app: &App, text: &str) -> ContinuationOutcome {
             crate::ops::restore::ChunkOutcome::Done(r) => ContinuationOutcome::Restore(r),
             crate::ops::restore::ChunkOutcome::Malformed(e) => ContinuationOutcome::Malformed(e),
             crate::ops::restore::ChunkOutcome::Retry(e) => ContinuationOutcome::Retry(e),
+        };
+    }
+    if kind.as_deref() == Some(crate::ops::prune::MESSAGE_KIND) {
+        return match crate::ops::prune::run_hop(app, text).await {
+            crate::ops::prune::Hop::Done(r) => ContinuationOutcome::Prune(r),
+            crate::ops::prune::Hop::Malformed(e) => ContinuationOutcome::Malformed(e),
+            crate::ops::prune::Hop::Retry(e) => ContinuationOutcome::Retry(e),
         };
     }
     if kind.as_deref() == Some(crate::ops::snapshot::run_state::MESSAGE_KIND) {
@@ -548,7 +557,7 @@ pub async fn run_continuation(app: &App, text: &str) -> ContinuationOutcome {
 
 /// Covered containers of both accounts (a container that exists only in the backup had its
 /// source container deleted: its blobs are tombstoned), sorted, without duplicates.
-async fn covered_containers(app: &App) -> Result<Vec<String>, StorageError> {
+pub(crate) async fn covered_containers(app: &App) -> Result<Vec<String>, StorageError> {
     let mut names = std::collections::BTreeSet::new();
     for store in [&app.source, &app.backup] {
         let mut marker = None;
@@ -1044,6 +1053,13 @@ pub async fn drain_continuations(app: &App) -> Result<ReconcileReport, StorageEr
             }
             ContinuationOutcome::Restore(r) => {
                 complete &= r.failed == 0;
+                queue.delete(&msg).await?;
+            }
+            ContinuationOutcome::Prune(r) => {
+                complete &= r.is_complete();
+                for f in &r.failures {
+                    total.error("", Some(&f.blob), f.error.clone());
+                }
                 queue.delete(&msg).await?;
             }
             ContinuationOutcome::Producer(r) => {

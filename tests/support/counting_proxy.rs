@@ -55,8 +55,13 @@ impl ProxiedRequest {
     }
 }
 
-/// Which requests to answer with 503 instead of forwarding, and how many more times.
-type Fault = (Box<dyn Fn(&str, &str) -> bool + Send + Sync>, usize);
+/// Which requests to answer instead of forwarding, how many more times, and with what (status
+/// and `x-ms-error-code`).
+type Fault = (
+    Box<dyn Fn(&str, &str) -> bool + Send + Sync>,
+    usize,
+    (StatusCode, &'static str),
+);
 
 struct Shared {
     upstream: SocketAddr,
@@ -107,7 +112,24 @@ impl CountingProxy {
         times: usize,
         matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
     ) {
-        *self.shared.fault.lock().unwrap() = Some((Box::new(matches), times));
+        self.answer_next(
+            times,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServerBusy",
+            matches,
+        );
+    }
+
+    /// Answers the next `times` matching requests with `status` and `x-ms-error-code: code`
+    /// (e.g. 409 `BlobImmutableDueToPolicy`, which the emulator cannot produce), not forwarded.
+    pub fn answer_next(
+        &self,
+        times: usize,
+        status: StatusCode,
+        code: &'static str,
+        matches: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
+    ) {
+        *self.shared.fault.lock().unwrap() = Some((Box::new(matches), times, (status, code)));
     }
 
     /// Forgets everything counted so far (e.g. after a set-up phase).
@@ -163,18 +185,18 @@ async fn forward(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     let injected = {
         let mut fault = shared.fault.lock().unwrap();
         match fault.as_mut() {
-            Some((matches, left)) if *left > 0 && matches(&method, &target) => {
+            Some((matches, left, answer)) if *left > 0 && matches(&method, &target) => {
                 *left -= 1;
-                true
+                Some(*answer)
             }
-            _ => false,
+            _ => None,
         }
     };
-    if injected {
-        record(503);
+    if let Some((status, code)) = injected {
+        record(status.as_u16());
         return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("x-ms-error-code", "ServerBusy")],
+            status,
+            [("x-ms-error-code", code)],
             "injected by the test proxy",
         )
             .into_response();

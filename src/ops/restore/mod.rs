@@ -48,13 +48,13 @@ use tracing::{info, warn};
 use super::{BlobFailure, OpError, Progress, MAX_REPORTED_FAILURES};
 use crate::app::App;
 use crate::copy::direct::{server_side_copy, BlockOptions, CopyFrom, CopyTo};
-use crate::core::join::{JoinError, NameGroups};
+use crate::core::join::JoinError;
 use crate::core::restore::{
     name_state, HistoryFrom, PlanItem, PlanOptions, PlanStep, PlanSummary, RestorePlanner,
     RestoreTarget,
 };
-use crate::model::{metadata, BlobEntry, Etag};
-use crate::storage::blob::{ListOptions, ListPage, TargetCondition};
+use crate::model::{metadata, Etag};
+use crate::storage::blob::{ListOptions, TargetCondition};
 use crate::storage::sas::DelegationKeyCache;
 use crate::storage::{BlobStore, Lister, StorageError};
 

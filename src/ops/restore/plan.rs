@@ -9,8 +9,8 @@
 //! source listing also is the target listing (its base rows): no third listing.
 
 use super::*;
-use crate::core::join::{join_step, JoinStep, Named, SortedInput};
 use crate::core::restore::{NameState, StateContext};
+use crate::ops::history_stream::{HistoryStream, Sides};
 
 /// The stores and containers of one restore.
 pub(super) struct Ends<'a> {
@@ -69,199 +69,6 @@ fn same_account(a: &BlobStore, b: &BlobStore) -> bool {
     ua.host_str() == ub.host_str()
         && ua.port_or_known_default() == ub.port_or_known_default()
         && ua.path() == ub.path()
-}
-
-/// All rows of one name in one account's history listing, and an instant by which that
-/// listing's page had been served (its live rows were current at some instant before it).
-struct Group {
-    rows: Vec<BlobEntry>,
-    listed_by: Option<OffsetDateTime>,
-}
-
-impl Named for Group {
-    fn name(&self) -> &str {
-        &self.rows[0].name
-    }
-}
-
-/// One name's rows in both history accounts.
-pub(super) struct NameRows {
-    pub(super) backup: Vec<BlobEntry>,
-    pub(super) source: Vec<BlobEntry>,
-    pub(super) listed_by: Option<OffsetDateTime>,
-}
-
-/// One account's listing of the restored container, grouped by name.
-struct SideListing<'a> {
-    store: &'a BlobStore,
-    container: &'a str,
-    pages: Lister,
-    groups: NameGroups,
-    marker: Option<String>,
-    /// A missing container is an empty history (the source container of a disaster recovery)
-    /// rather than an error.
-    missing_is_empty: bool,
-}
-
-impl SideListing<'_> {
-    /// The next page's complete groups; `None` once the listing is over.
-    async fn next(&mut self, sorted: &mut SortedInput<Group>) -> Result<(), OpError> {
-        let page = match self.pages.page(self.marker.take()).await {
-            Ok(p) => p,
-            Err(e) if e.is_not_found() && self.missing_is_empty => ListPage::default(),
-            Err(e) if e.is_not_found() => {
-                return Err(OpError::ContainerNotFound(format!(
-                    "{}` in account `{}",
-                    self.container,
-                    self.store.account()
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        // Date has one-second precision and is taken when the answer is sent, after the rows
-        // were read: the end of its second is an instant by which they had been read.
-        let listed_by = page.served_at.map(|d| d + time::Duration::SECOND);
-        self.groups.push(page.entries).map_err(plan_error)?;
-        let last = page.next_marker.is_none();
-        if last {
-            self.groups.end();
-        } else {
-            self.marker = page.next_marker;
-        }
-        let mut complete = Vec::new();
-        while let Some(rows) = self.groups.pop() {
-            complete.push(Group { rows, listed_by });
-        }
-        sorted
-            .push(self.groups_order(), complete)
-            .map_err(plan_error)?;
-        if last {
-            sorted.end();
-        }
-        Ok(())
-    }
-
-    fn groups_order(&self) -> crate::core::NameOrder {
-        self.groups.order()
-    }
-}
-
-/// The history listings of a restore joined by name, in name order; memory one page per
-/// listing (plus the page fetched ahead).
-pub(super) struct HistoryStream<'a> {
-    order: crate::core::NameOrder,
-    backup: Option<SideListing<'a>>,
-    source: Option<SideListing<'a>>,
-    backup_groups: SortedInput<Group>,
-    source_groups: SortedInput<Group>,
-}
-
-impl<'a> HistoryStream<'a> {
-    fn side(
-        store: &'a BlobStore,
-        container: &'a str,
-        opts: ListOptions,
-        order: crate::core::NameOrder,
-        label: &'static str,
-        missing_is_empty: bool,
-    ) -> SideListing<'a> {
-        let mut pages = Lister::new(store, container, opts);
-        pages.prefetch(None);
-        SideListing {
-            store,
-            container,
-            pages,
-            groups: NameGroups::new(order, label),
-            marker: None,
-            missing_is_empty,
-        }
-    }
-
-    /// `backup` / `source`: whether to read that account, and whether with snapshots.
-    /// `missing_is_empty`: a container missing on one side is an empty history there (for
-    /// `--from backup`, which reads both: nothing backed up yet, or a source container lost).
-    pub(super) fn new(
-        app: &'a App,
-        container: &'a str,
-        prefix: Option<&str>,
-        backup: Option<bool>,
-        source: Option<bool>,
-        missing_is_empty: bool,
-    ) -> Self {
-        let both = missing_is_empty;
-        let order = app.settings.name_order;
-        let opts = |snapshots| ListOptions {
-            prefix: prefix.map(str::to_owned),
-            snapshots,
-            metadata: true,
-            max_results: None,
-        };
-        let mut backup_groups = SortedInput::new("backup history");
-        let mut source_groups = SortedInput::new("source history");
-        let backup = backup.map(|snaps| {
-            Self::side(
-                &app.backup,
-                container,
-                opts(snaps),
-                order,
-                "backup history",
-                both,
-            )
-        });
-        let source = source.map(|snaps| {
-            Self::side(
-                &app.source,
-                container,
-                opts(snaps),
-                order,
-                "source history",
-                both,
-            )
-        });
-        if backup.is_none() {
-            backup_groups.end();
-        }
-        if source.is_none() {
-            source_groups.end();
-        }
-        HistoryStream {
-            order,
-            backup,
-            source,
-            backup_groups,
-            source_groups,
-        }
-    }
-
-    /// The next names with their rows; `None` when both listings are over. Each call lists at
-    /// most one page per account.
-    pub(super) async fn next_batch(&mut self) -> Result<Option<Vec<NameRows>>, OpError> {
-        let mut out = Vec::new();
-        loop {
-            match join_step(self.order, &mut self.backup_groups, &mut self.source_groups) {
-                JoinStep::Pair(b, s) => {
-                    let listed_by = s.as_ref().and_then(|g| g.listed_by);
-                    out.push(NameRows {
-                        backup: b.map(|g| g.rows).unwrap_or_default(),
-                        source: s.map(|g| g.rows).unwrap_or_default(),
-                        listed_by,
-                    });
-                }
-                JoinStep::NeedLeft | JoinStep::NeedRight if !out.is_empty() => {
-                    return Ok(Some(out))
-                }
-                JoinStep::NeedLeft => {
-                    let side = self.backup.as_mut().expect("an unread side is ended");
-                    side.next(&mut self.backup_groups).await?;
-                }
-                JoinStep::NeedRight => {
-                    let side = self.source.as_mut().expect("an unread side is ended");
-                    side.next(&mut self.source_groups).await?;
-                }
-                JoinStep::Done => return Ok((!out.is_empty()).then_some(out)),
-            }
-        }
-    }
 }
 
 /// The restore time must be a real instant in the past: a time in the future would "restore"
@@ -375,9 +182,11 @@ pub async fn plan(app: &App, req: &RestoreRequest) -> Result<Plan, OpError> {
         app,
         &req.container,
         req.prefix.as_deref(),
-        backup_side,
-        source_side,
-        req.from == HistoryFrom::Backup,
+        Sides {
+            backup: backup_side,
+            source: source_side,
+            missing_is_empty: req.from == HistoryFrom::Backup,
+        },
     );
     let ctx = |listed_by| StateContext {
         at: req.at,
