@@ -61,14 +61,19 @@ pub enum Command {
     /// Restore a container (or a prefix) to a point in time, from the backup account's history or
     /// the source's own snapshots. Prints the plan first; writes only with explicit intent.
     Restore {
-        #[arg(long)]
-        container: String,
+        /// The container (with --undo: optional, checked against the restore's).
+        #[arg(long, required_unless_present = "undo")]
+        container: Option<String>,
         /// Only names starting with this string.
         #[arg(long)]
         prefix: Option<String>,
         /// The point in time (RFC 3339, e.g. 2026-11-22T03:00:00Z).
-        #[arg(long)]
-        at: String,
+        #[arg(long, required_unless_present = "undo")]
+        at: Option<String>,
+        /// Instead of a restore: reverse the in-place restore with this id from its undo data,
+        /// for every blob still as that restore left it (the rest is left and reported).
+        #[arg(long, conflicts_with_all = ["prefix", "at", "to_account", "to_container"])]
+        undo: Option<String>,
         #[arg(long, value_enum, default_value_t)]
         from: RestoreFrom,
         /// Restore into another account: a connection string, or the name of a connection
@@ -156,6 +161,21 @@ pub enum Command {
         /// LAKEGUARD_TOMBSTONE_RETENTION.
         #[arg(long)]
         tombstone_retention: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// What the backup holds and costs: per container, versions and bytes in the backup
+    /// (current, history, tombstoned), lakeguard's source snapshots, the oldest restorable point,
+    /// and an estimate of the monthly storage and of the requests a full and an incremental run
+    /// make (prices: LAKEGUARD_PRICE_*). Read-only.
+    Usage {
+        /// Only this container (default: every covered one).
+        #[arg(long)]
+        container: Option<String>,
+        /// Share of the live blobs an incremental run changes, in percent (default:
+        /// LAKEGUARD_USAGE_CHANGED_PERCENT, 1).
+        #[arg(long)]
+        changed_percent: Option<f64>,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -249,8 +269,89 @@ pub fn restore_text(r: &crate::ops::restore::RestoreReport) -> String {
             "done: restored {} (overwritten {}), deleted {}, undo snapshots {}, undo copies {}, changed since plan {}, failed {}, not attempted {} in {} ms",
             e.restored, e.overwritten, e.deleted, e.undo_snapshots, e.undo_copies, e.changed_since_plan, e.failed, e.not_attempted, r.elapsed_ms
         );
+        if e.undo_records_failed > 0 {
+            let _ = writeln!(
+                out,
+                "  {} item(s) have no undo record (see the log): `restore --undo {}` leaves them",
+                e.undo_records_failed, r.id
+            );
+        } else if r.request.in_place {
+            let _ = writeln!(
+                out,
+                "  undo with: lakeguard restore --undo {} --force",
+                r.id
+            );
+        }
         for n in &e.changed {
             let _ = writeln!(out, "  changed since plan, left as it is: {n}");
+        }
+        for f in &e.failures {
+            let _ = writeln!(out, "  failed: {}: {}", f.blob, f.error);
+        }
+    }
+    out.trim_end().to_owned()
+}
+
+/// An undo plan and its outcome, for a terminal.
+pub fn undo_text(r: &crate::ops::restore::undo::UndoReport) -> String {
+    use crate::ops::restore::undo::UndoItem;
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "undo of restore {} in container {} (this undo's id: {})",
+        r.undoes, r.container, r.id
+    );
+    let _ = writeln!(out, "{:<14} NAME", "ACTION");
+    for item in &r.items {
+        let (kind, detail) = match item {
+            UndoItem::PutBack { snapshot, .. } => {
+                ("put back", format!("from undo snapshot {snapshot}"))
+            }
+            UndoItem::Remove { .. } => ("remove", "created by the restore".to_owned()),
+            UndoItem::Recreate { undo_copy, .. } => ("recreate", format!("from {undo_copy}")),
+            UndoItem::AlreadyUndone { why, .. } => ("already undone", why.clone()),
+            UndoItem::Changed { why, .. } => ("CHANGED", format!("{why}; left as it is")),
+            UndoItem::Unavailable { why, .. } => ("UNAVAILABLE", why.clone()),
+        };
+        let _ = writeln!(out, "{kind:<14} {}  {detail}", item.name());
+    }
+    if r.items_truncated {
+        let _ = writeln!(out, "... (more items; counts below are complete)");
+    }
+    let p = &r.plan;
+    let _ = writeln!(
+        out,
+        "plan: put back {}, remove {}, recreate {}, already undone {}, changed since the restore {}, unavailable {}",
+        p.put_back, p.remove, p.recreate, p.already_undone, p.changed, p.unavailable
+    );
+    if r.snapshot_copies_kept > 0 {
+        let _ = writeln!(
+            out,
+            "kept, not recreated as snapshots: {} copies of snapshots of deleted blobs under lakeguard-restores/{}/undo-snapshots/",
+            r.snapshot_copies_kept, r.undoes
+        );
+    }
+    if r.unrecorded_undo_copies > 0 {
+        let _ = writeln!(
+            out,
+            "left: {} undo copies with no recorded delete (kept under lakeguard-restores/{}/undo/)",
+            r.unrecorded_undo_copies, r.undoes
+        );
+    }
+    if let Some(why) = &r.refused {
+        let _ = writeln!(out, "REFUSED: {why}");
+    } else if !r.executed {
+        let _ = writeln!(out, "dry run: nothing written");
+    }
+    if let Some(e) = &r.execution {
+        let _ = writeln!(
+            out,
+            "done: put back or recreated {}, removed {}, undo snapshots {}, undo copies {}, changed since the plan {}, failed {} in {} ms",
+            e.restored, e.deleted, e.undo_snapshots, e.undo_copies, e.changed_since_plan, e.failed, r.elapsed_ms
+        );
+        for n in &e.changed {
+            let _ = writeln!(out, "  changed since the plan, left as it is: {n}");
         }
         for f in &e.failures {
             let _ = writeln!(out, "  failed: {}: {}", f.blob, f.error);

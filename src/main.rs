@@ -115,10 +115,36 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             from,
             to_account,
             to_container,
+            undo,
             dry_run,
             force,
             output,
         } => {
+            if let Some(id) = undo {
+                let req = ops::restore::undo::UndoRequest {
+                    id,
+                    container,
+                    dry_run,
+                    force,
+                };
+                let bar = Bar::new("undo", output);
+                let report = ops::restore::undo::run(&app, &req, bar.clone()).await?;
+                bar.finish();
+                print(output, &report, || lakeguard::cli::undo_text(&report));
+                return Ok(if report.refused.is_some() {
+                    ExitCode::from(3)
+                } else if !report.executed || report.is_complete() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+            let (Some(container), Some(at)) = (container, at) else {
+                return Err(OpError::InvalidInput(
+                    "restore needs --container and --at (or --undo <id>)".into(),
+                )
+                .into());
+            };
             let at = lakeguard::model::metadata::parse_time(&at).ok_or_else(|| {
                 OpError::InvalidInput(format!(
                     "--at `{at}` is not an RFC 3339 time (e.g. 2026-11-22T03:00:00Z)"
@@ -309,6 +335,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Usage {
+            container,
+            changed_percent,
+            output,
+        } => {
+            let opts = ops::usage::UsageOptions {
+                container,
+                changed_percent,
+            };
+            let report = ops::usage::run(&app, &opts).await?;
+            print(output, &report, || ops::usage::text(&report));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
             println!("{}", ops::demo::run(&app).await?);

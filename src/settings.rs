@@ -90,6 +90,11 @@ pub struct Settings {
     pub prune_max_delete_percent: u32,
     /// `LAKEGUARD_RECONCILE_QUEUE`: reconcile continuations (ReconcileWorker's trigger queue).
     pub reconcile_queue: String,
+    /// `LAKEGUARD_PRICE_*`: unit prices of `lakeguard usage`'s cost estimate (USD).
+    pub prices: crate::core::usage::Prices,
+    /// `LAKEGUARD_USAGE_CHANGED_PERCENT`: share of the live blobs an incremental run copies, in
+    /// `lakeguard usage`'s forecast.
+    pub usage_changed_percent: f64,
     /// `LAKEGUARD_LIST_PAGE_SIZE`: `maxresults` of reconcile's flat listings (`None` = the
     /// service's maximum, 5000). Snapshot listings always use the service default.
     pub list_page_size: Option<u32>,
@@ -286,6 +291,16 @@ impl Settings {
             number(vars, "LAKEGUARD_PRUNE_MAX_DELETE_PERCENT", 20, 0, 100)? as u32;
         let restore_chunk_items =
             number(vars, "LAKEGUARD_RESTORE_CHUNK_ITEMS", 256, 1, 5000)? as u32;
+        let defaults = crate::core::usage::Prices::default();
+        let prices = crate::core::usage::Prices {
+            gb_month: decimal(vars, "LAKEGUARD_PRICE_GB_MONTH", defaults.gb_month, 1e6)?,
+            write_10k: decimal(vars, "LAKEGUARD_PRICE_WRITE_10K", defaults.write_10k, 1e6)?,
+            read_10k: decimal(vars, "LAKEGUARD_PRICE_READ_10K", defaults.read_10k, 1e6)?,
+            list_10k: decimal(vars, "LAKEGUARD_PRICE_LIST_10K", defaults.list_10k, 1e6)?,
+            other_10k: decimal(vars, "LAKEGUARD_PRICE_OTHER_10K", defaults.other_10k, 1e6)?,
+            queue_10k: decimal(vars, "LAKEGUARD_PRICE_QUEUE_10K", defaults.queue_10k, 1e6)?,
+        };
+        let usage_changed_percent = decimal(vars, "LAKEGUARD_USAGE_CHANGED_PERCENT", 1.0, 100.0)?;
         let drain_idle =
             Duration::from_secs(number(vars, "LAKEGUARD_DRAIN_IDLE_SECS", 120, 1, 3600)?);
         let producer_page_size = match get("LAKEGUARD_PRODUCER_PAGE_SIZE") {
@@ -399,6 +414,8 @@ impl Settings {
             undo_retention,
             prune_max_delete_percent,
             reconcile_queue,
+            prices,
+            usage_changed_percent,
             list_page_size,
             producer_page_size,
             name_order,
@@ -434,6 +451,25 @@ fn number(
             _ => Err(SettingsError::Invalid {
                 name,
                 problem: format!("`{v}` is not a number in {min}..={max}"),
+            }),
+        },
+    }
+}
+
+/// A non-negative decimal number up to `max` (prices, percentages).
+fn decimal(
+    vars: &HashMap<String, String>,
+    name: &'static str,
+    default: f64,
+    max: f64,
+) -> Result<f64, SettingsError> {
+    match vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(v) => match v.parse::<f64>() {
+            Ok(n) if n.is_finite() && (0.0..=max).contains(&n) => Ok(n),
+            _ => Err(SettingsError::Invalid {
+                name,
+                problem: format!("`{v}` is not a decimal number in 0..={max}"),
             }),
         },
     }
@@ -626,6 +662,30 @@ mod tests {
             "lakeguard-reconcile".into(),
         );
         assert!(Settings::from_map(&m).is_ok());
+    }
+
+    #[test]
+    fn prices_and_the_changed_share() {
+        let s = Settings::from_map(&base()).unwrap();
+        assert_eq!(s.prices, crate::core::usage::Prices::default());
+        assert_eq!(s.usage_changed_percent, 1.0);
+        let mut m = base();
+        m.insert("LAKEGUARD_PRICE_GB_MONTH".into(), "0.018".into());
+        m.insert("LAKEGUARD_USAGE_CHANGED_PERCENT".into(), "12.5".into());
+        let s = Settings::from_map(&m).unwrap();
+        assert_eq!(s.prices.gb_month, 0.018);
+        assert_eq!(s.usage_changed_percent, 12.5);
+        for (k, v) in [
+            ("LAKEGUARD_PRICE_WRITE_10K", "-1"),
+            ("LAKEGUARD_PRICE_READ_10K", "cheap"),
+            ("LAKEGUARD_PRICE_LIST_10K", "NaN"),
+            ("LAKEGUARD_USAGE_CHANGED_PERCENT", "101"),
+        ] {
+            let mut m = base();
+            m.insert(k.into(), v.into());
+            let err = Settings::from_map(&m).unwrap_err().to_string();
+            assert!(err.contains(k), "{k}={v}: {err}");
+        }
     }
 
     #[test]

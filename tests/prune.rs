@@ -342,3 +342,79 @@ async fn locked_versions_are_skipped_and_reported_not_failed() {
         1
     );
 }
+
+/// Issue 17, item 6: a restore's undo data (the undo snapshot in the source; the undo copy and
+/// the undo records in the backup account) is kept while younger than
+/// `LAKEGUARD_UNDO_RETENTION`, then pruned with the rest of the restore's bookkeeping.
+#[tokio::test]
+async fn prune_keeps_undo_data_younger_than_the_undo_retention() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let app = support::app(&stack.env());
+    let src = stack.source();
+    let c = unique_name("undokeep");
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "f.csv", b"f version 1", &[])
+        .await
+        .ok("put");
+    cycle(&app, &c).await;
+    let t = mark().await;
+    src.put_blob(&c, "f.csv", b"f version 2", &[])
+        .await
+        .ok("put");
+    src.put_blob(&c, "new.csv", b"created after t", &[])
+        .await
+        .ok("put");
+    cycle(&app, &c).await;
+    let mut req = ops::restore::RestoreRequest::new(c.as_str(), t);
+    req.force = true;
+    let r = ops::restore::run(&app, &req, no_progress()).await.unwrap();
+    assert!(r.is_complete(), "{r:#?}");
+    let id = r.id.clone();
+    let undo_data = || {
+        let (src, backup, c, id) = (stack.source(), stack.backup(), c.clone(), id.clone());
+        async move {
+            let snapshots = src
+                .list_blobs(&c, None)
+                .await
+                .iter()
+                .filter(|b| b.metadata.get(ops::restore::RESTORE_UNDO) == Some(&id))
+                .count();
+            let kept = backup
+                .list_blobs(ops::restore::RESERVED_CONTAINER, Some(&format!("{id}/")))
+                .await
+                .len();
+            (snapshots, kept)
+        }
+    };
+    // The undo snapshot of f.csv; the undo copy of new.csv and two undo records.
+    assert_eq!(undo_data().await, (1, 3));
+
+    let args = ["--container", c.as_str()];
+    let (code, v) = prune(
+        &stack.env_with(&[("LAKEGUARD_UNDO_RETENTION", "1h")]),
+        &args,
+    )
+    .await;
+    assert_eq!(code, Some(0), "{v:#}");
+    assert_eq!(v["deleted"]["bookkeeping"], 0, "{v:#}");
+    assert_eq!(
+        undo_data().await,
+        (1, 3),
+        "younger than the retention: kept"
+    );
+
+    // Restore ids carry their start to the second: 3 s later they are older than 2 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (code, v) = prune(
+        &stack.env_with(&[("LAKEGUARD_UNDO_RETENTION", "2s")]),
+        &args,
+    )
+    .await;
+    assert_eq!(code, Some(0), "{v:#}");
+    assert!(v["deleted"]["bookkeeping"].as_u64().unwrap() >= 4, "{v:#}");
+    assert_eq!(
+        undo_data().await,
+        (0, 0),
+        "older than the retention: pruned"
+    );
+}

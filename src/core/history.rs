@@ -70,6 +70,10 @@ pub struct ContentRef {
     /// `None`: the base blob (mutable); a snapshot id otherwise (immutable, preferred).
     pub snapshot: Option<String>,
     pub etag: Etag,
+    /// The container holding it when it is not the restored container's namesake: an undo
+    /// copy in `lakeguard-restores`, which `restore --undo` copies back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// One version of one name, as it was in the source.
@@ -353,6 +357,7 @@ fn build_versions(name: &str, mut obs: Vec<Observation>) -> Vec<Version> {
             name: name.to_owned(),
             snapshot: o.row.snapshot.clone(),
             etag: o.row.etag.clone(),
+            container: None,
         });
         let in_backup = o.side == Side::Backup && o.has_content;
         let rank = o.content_rank();

@@ -7,6 +7,7 @@ pub mod join;
 pub mod reconcile;
 pub mod restore;
 pub mod retention;
+pub mod usage;
 pub mod watermark;
 
 pub use join::{group_by_name, JoinError, NameGroups, NameOrder};

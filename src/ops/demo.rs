@@ -1,6 +1,6 @@
 //! `lakeguard demo`: the README's main job on an embedded default. Seeds a small data lake with
 //! awkward names in the source account, runs the producer and the worker, and shows source and
-//! backup side by side. Used against the local Azurite that `scripts/demo` starts.
+//! backup side by side, damages and restores it, and ends with the usage report. Used against the local Azurite that `scripts/demo` starts.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -213,6 +213,20 @@ pub async fn run(app: &App) -> Result<String, OpError> {
     );
     let _ = writeln!(out, "\n{}", side_by_side(app, DEMO_CONTAINER).await?);
     out.push_str(&restore_act(app).await?);
+    // What the backup now holds, and what keeping it costs.
+    let usage = ops::usage::run(
+        app,
+        &ops::usage::UsageOptions {
+            container: Some(DEMO_CONTAINER.into()),
+            changed_percent: None,
+        },
+    )
+    .await?;
+    let _ = writeln!(
+        out,
+        "\n== lakeguard usage --container {DEMO_CONTAINER}:\n{}",
+        ops::usage::text(&usage)
+    );
     Ok(out)
 }
 

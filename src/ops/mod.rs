@@ -9,6 +9,7 @@ pub mod reconcile;
 pub mod restore;
 pub mod snapshot;
 pub mod state;
+pub mod usage;
 pub mod verify;
 pub mod watermark;
 

@@ -1,19 +1,24 @@
 //! Phase 3 of a restore: the spooled plan carried out, every write conditional.
 
 use super::plan::{ends, Ends};
+use super::undo::{self, UndoRecord};
 use super::*;
 use crate::core::restore::Side;
+use crate::storage::blob::SnapshotTaken;
 
 const DELETED_SINCE_PLAN: &str = "deleted since the plan";
 
 enum Outcome {
+    /// `unrecorded`: done, but its undo record could not be written.
     Restored {
         overwrote: bool,
         undo: bool,
+        unrecorded: bool,
     },
     /// With the number of the blob's snapshots copied to the undo area first.
     Deleted {
         snapshot_copies: u64,
+        unrecorded: bool,
     },
     Changed(String),
     Failed(String),
@@ -69,7 +74,8 @@ pub(super) async fn execute_items(
 ) -> Result<(), OpError> {
     let ends = ends(app, req)?;
     ends.target.ensure_container(ends.target_container).await?;
-    if items.iter().any(|i| matches!(i, PlanItem::Delete { .. })) {
+    // In place every item leaves an undo record; deletes leave undo copies anywhere.
+    if ends.in_place || items.iter().any(|i| matches!(i, PlanItem::Delete { .. })) {
         app.backup.ensure_container(RESERVED_CONTAINER).await?;
     }
     let ctx = Exec {
@@ -93,15 +99,24 @@ pub(super) async fn execute_items(
     for (name, outcome) in results {
         progress.inc(1);
         match outcome {
-            Outcome::Restored { overwrote, undo } => {
+            Outcome::Restored {
+                overwrote,
+                undo,
+                unrecorded,
+            } => {
                 report.restored += 1;
                 report.overwritten += u64::from(overwrote);
                 report.undo_snapshots += u64::from(undo);
+                report.undo_records_failed += u64::from(unrecorded);
             }
-            Outcome::Deleted { snapshot_copies } => {
+            Outcome::Deleted {
+                snapshot_copies,
+                unrecorded,
+            } => {
                 report.deleted += 1;
                 report.undo_copies += 1;
                 report.undo_snapshot_copies += snapshot_copies;
+                report.undo_records_failed += u64::from(unrecorded);
             }
             Outcome::Changed(why) => {
                 info!(blob = %name, %why, "target changed since the plan; left as it is");
@@ -156,6 +171,51 @@ fn is_condition_failure(e: &StorageError) -> bool {
 }
 
 impl Exec<'_> {
+    /// Keeps what an in-place restore did to `name` (`undo::UndoRecord`): the proof
+    /// `restore --undo` needs that the blob still is what this restore left. Restores
+    /// elsewhere keep none (they are not undone). `false` when it could not be written: the
+    /// item is done all the same, and counted (`undo_records_failed`).
+    async fn record(&self, name: &str, record: &UndoRecord) -> bool {
+        self.write_record(name, record, TargetCondition::Any).await
+    }
+
+    /// [`record`](Self::record), unless an earlier attempt recorded it already.
+    async fn record_if_absent(&self, name: &str, record: &UndoRecord) -> bool {
+        self.write_record(name, record, TargetCondition::Absent)
+            .await
+    }
+
+    async fn write_record(&self, name: &str, record: &UndoRecord, cond: TargetCondition) -> bool {
+        if !self.ends.in_place {
+            return true;
+        }
+        let blob = undo::record_name(self.id, self.ends.target_container, name);
+        if blob.chars().count() > 1024 {
+            warn!(blob = %name, "the name is too long to keep an undo record under lakeguard-restores/; this item cannot be undone by `restore --undo`");
+            return false;
+        }
+        match self
+            .app
+            .backup
+            .upload_if(
+                RESERVED_CONTAINER,
+                &blob,
+                Vec::new(),
+                None,
+                &record.to_metadata(),
+                &cond,
+            )
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if crate::ops::state::is_lost_race(&e) => true,
+            Err(e) => {
+                warn!(blob = %name, error = %e, "could not write the undo record; this item cannot be undone by `restore --undo`");
+                false
+            }
+        }
+    }
+
     async fn item(&self, item: PlanItem) -> Outcome {
         match item {
             PlanItem::Restore {
@@ -195,9 +255,11 @@ impl Exec<'_> {
                     == Some(&version.source_etag)
                     && p.content_length == version.content_length =>
             {
+                // Done by an earlier attempt, whose record stands.
                 Outcome::Restored {
                     overwrote,
                     undo: false,
+                    unrecorded: false,
                 }
             }
             _ => otherwise,
@@ -236,6 +298,8 @@ impl Exec<'_> {
             return Outcome::Failed("the version's content is not held (planner bug)".into());
         };
         let mut undo = false;
+        let mut undo_snapshot: Option<SnapshotTaken> = None;
+        let mut previous_length = 0;
         let condition = match &target_etag {
             None => TargetCondition::Absent,
             Some(planned) => {
@@ -246,13 +310,17 @@ impl Exec<'_> {
                 // Keep the state being replaced, so that this restore can be undone.
                 let mut meta = props.metadata.clone();
                 meta.insert(RESTORE_UNDO.into(), self.id.to_owned());
+                previous_length = props.content_length;
                 match self
                     .ends
                     .target
                     .create_snapshot(self.ends.target_container, name, planned, &meta)
                     .await
                 {
-                    Ok(_) => undo = true,
+                    Ok(taken) => {
+                        undo = true;
+                        undo_snapshot = Some(taken);
+                    }
                     Err(e) if e.is_precondition_failed() || e.is_not_found() => {
                         return Outcome::Changed(format!("changed before its undo snapshot: {e}"))
                     }
@@ -273,7 +341,7 @@ impl Exec<'_> {
         let from = CopyFrom {
             store,
             keys,
-            container: &self.req.container,
+            container: content.container.as_deref().unwrap_or(&self.req.container),
             blob: &content.name,
             snapshot: content.snapshot.as_deref(),
             if_match: Some(content.etag.clone()),
@@ -288,10 +356,22 @@ impl Exec<'_> {
             metadata: &meta,
         };
         match server_side_copy(&from, &to, &self.blocks).await {
-            Ok(_) => Outcome::Restored {
-                overwrote: target_etag.is_some(),
-                undo,
-            },
+            Ok(written) => {
+                let record = match (&target_etag, &undo_snapshot) {
+                    (Some(previous), Some(snap)) => UndoRecord::Overwrote {
+                        written,
+                        previous: previous.clone(),
+                        previous_length,
+                        snapshot: snap.id.clone(),
+                    },
+                    _ => UndoRecord::Created { written },
+                };
+                Outcome::Restored {
+                    overwrote: target_etag.is_some(),
+                    undo,
+                    unrecorded: !self.record(name, &record).await,
+                }
+            }
             Err(e) if is_condition_failure(&e) => {
                 let t = self.ends.target;
                 let outcome = if source_moved(
@@ -340,7 +420,16 @@ impl Exec<'_> {
                     .properties(RESERVED_CONTAINER, &undo_name, None)
                     .await
                 {
-                    Ok(_) => Outcome::Deleted { snapshot_copies: 0 },
+                    Ok(_) => {
+                        let record = UndoRecord::Deleted {
+                            previous: planned.clone(),
+                            previous_length: None,
+                        };
+                        Outcome::Deleted {
+                            snapshot_copies: 0,
+                            unrecorded: !self.record_if_absent(name, &record).await,
+                        }
+                    }
                     Err(_) => Outcome::Changed(why),
                 };
             }
@@ -379,8 +468,17 @@ impl Exec<'_> {
             Err(e) => return Outcome::Failed(format!("undo copy: {e}")),
         }
         let target = self.ends.target;
+        let record = UndoRecord::Deleted {
+            previous: planned.clone(),
+            previous_length: Some(props.content_length),
+        };
         match target.delete(c, name, None, Some(planned), false).await {
-            Ok(()) => return Outcome::Deleted { snapshot_copies: 0 },
+            Ok(()) => {
+                return Outcome::Deleted {
+                    snapshot_copies: 0,
+                    unrecorded: !self.record(name, &record).await,
+                }
+            }
             Err(e) if e.code() == "SnapshotsPresent" => {}
             Err(e) if e.is_precondition_failed() || e.is_not_found() => {
                 return Outcome::Changed(e.to_string())
@@ -434,6 +532,7 @@ impl Exec<'_> {
         match target.delete(c, name, None, Some(planned), true).await {
             Ok(()) => Outcome::Deleted {
                 snapshot_copies: copies,
+                unrecorded: !self.record(name, &record).await,
             },
             Err(e) if e.is_precondition_failed() || e.is_not_found() => {
                 Outcome::Changed(e.to_string())

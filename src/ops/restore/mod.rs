@@ -146,6 +146,10 @@ pub struct ExecReport {
     /// under `lakeguard-restores/<id>/undo-snapshots/` before the snapshots went with their blob.
     #[serde(default)]
     pub undo_snapshot_copies: u64,
+    /// Items carried out whose undo record (in place: `lakeguard-restores/<id>/written/`) could
+    /// not be written: `restore --undo` cannot prove them unchanged and leaves them.
+    #[serde(default)]
+    pub undo_records_failed: u64,
     /// Target blobs that changed between plan and execution: left untouched.
     pub changed_since_plan: u64,
     pub changed: Vec<String>,
@@ -389,6 +393,7 @@ pub async fn run(
 mod execute;
 mod plan;
 mod status;
+pub mod undo;
 
 pub use execute::execute;
 use execute::execute_items;

@@ -232,6 +232,7 @@ pub async fn read_status(app: &App, id: &str) -> Result<Option<RestoreStatus>, S
                 undo_snapshots: count(e, "lakeguard_undo_snapshots"),
                 undo_copies: count(e, "lakeguard_deleted"),
                 undo_snapshot_copies: count(e, "lakeguard_undo_snapshot_copies"),
+                undo_records_failed: count(e, "lakeguard_undo_records_failed"),
                 ..Default::default()
             }
         };
@@ -289,6 +290,7 @@ fn merge(total: &mut ExecReport, r: ExecReport) {
     total.undo_snapshots += r.undo_snapshots;
     total.undo_copies += r.undo_copies;
     total.undo_snapshot_copies += r.undo_snapshot_copies;
+    total.undo_records_failed += r.undo_records_failed;
     total.changed_since_plan += r.changed_since_plan;
     total.failed += r.failed;
     total.not_attempted += r.not_attempted;
@@ -476,6 +478,7 @@ pub async fn run_chunk(app: &App, text: &str) -> ChunkOutcome {
         ("lakeguard_deleted", exec.deleted),
         ("lakeguard_undo_snapshots", exec.undo_snapshots),
         ("lakeguard_undo_snapshot_copies", exec.undo_snapshot_copies),
+        ("lakeguard_undo_records_failed", exec.undo_records_failed),
         ("lakeguard_changed", exec.changed_since_plan),
         ("lakeguard_failed", exec.failed),
     ] {
