@@ -203,6 +203,7 @@ impl Fixture {
             self.adf.http_client(),
             self.cred.clone(),
             self.storage.clone(),
+            self.storage.clone(),
         )
     }
 
@@ -454,9 +455,20 @@ fn managed_identity_only_no_secrets() {
         }
     }
     assert_eq!(web, 2, "one Web activity per target condition");
-    // The source authorisation is a SecureString parameter (masked by Data Factory).
+    // The source is read with a SAS, a SecureString parameter (masked by Data Factory); no bearer
+    // token of the function is handed over.
     let params = declared_parameters(def.pipeline("lakeguard-backup-copy").unwrap());
-    assert_eq!(params["sourceAuthorization"].0, "SecureString");
+    assert_eq!(params["sourceSas"].0, "SecureString");
+    assert!(!params.contains_key("sourceAuthorization"));
+    for a in all_activities(def.pipeline("lakeguard-backup-copy").unwrap()) {
+        assert!(
+            a["typeProperties"]["headers"]
+                .get("x-ms-copy-source-authorization")
+                .is_none(),
+            "{} hands over a token",
+            a["name"]
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,10 +497,42 @@ async fn copies_exactly_the_snapshot_into_the_backup_blob() {
     let enc_path = |s: &str| s.split('/').map(enc).collect::<Vec<_>>().join("/");
     assert_eq!(c.method, "PUT");
     assert_eq!(c.url, format!("{BAK}/raw/{}", enc_path(blob)));
+    // The snapshot URL, then the SAS the engine had issued for exactly that snapshot.
+    let (src_path, sas) = c
+        .source_url()
+        .unwrap()
+        .split_once("&")
+        .expect("a SAS after ?snapshot=");
     assert_eq!(
-        c.source_url().unwrap(),
+        src_path,
         format!("{SRC}/raw/{}?snapshot={}", enc_path(blob), enc(SNAP))
     );
+    let issued: Vec<IssuedSas> = f
+        .storage
+        .issued_sas
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    assert_eq!(issued.len(), 1, "one SAS per run");
+    assert_eq!(issued[0].query, sas);
+    assert_eq!(
+        (
+            issued[0].container.as_str(),
+            issued[0].blob.as_str(),
+            issued[0].snapshot.as_str()
+        ),
+        ("raw", blob, SNAP)
+    );
+    assert!(issued[0].expiry - issued[0].start <= time::Duration::minutes(30));
+    assert!(
+        issued[0].expiry - time::OffsetDateTime::now_utc() >= time::Duration::minutes(20),
+        "the SAS must outlast a queued run and the activity's retries"
+    );
+    assert_eq!(c.header("x-ms-copy-source-authorization"), None);
+    // An explicit empty body: Content-Length 0, as Put Blob From URL requires.
+    assert_eq!(c.header("content-length"), Some("0"));
     assert_eq!(
         split_blob_url(c.source_url().unwrap(), SRC),
         Some(("raw".into(), blob.into(), Some(SNAP.into())))
@@ -537,7 +581,11 @@ async fn copies_exactly_the_snapshot_into_the_backup_blob() {
         .body
         .unwrap();
     assert_eq!(body["sourceSnapshot"], SNAP);
-    assert_eq!(body["sourceContentLength"], content.len() as u64);
+    assert_eq!(body["sourceContentLength"], content.len().to_string());
+    assert_eq!(
+        body["sourceSas"], "<masked>",
+        "the stand-in masks SecureString parameters"
+    );
     assert_eq!(body["sourceBlobEndpoint"], SRC);
     assert_eq!(body["backupBlobEndpoint"], BAK);
 }
@@ -801,15 +849,29 @@ async fn redelivery_after_a_failed_run_starts_a_new_one() {
 }
 
 /// The run parameters the shipped pipeline expects for `job`, built independently of the engine.
-fn params_for(job: &CopyJob, storage_token: &str) -> Value {
+fn params_for(job: &CopyJob, sas: &str) -> Value {
     json!({
         "sourceBlobEndpoint": SRC, "sourceContainer": job.source_container, "sourceBlob": job.source_blob,
         "sourceSnapshot": job.source_snapshot, "sourceEtag": job.source_etag.quoted(),
         "sourceSnapshotEtag": job.snapshot_etag.as_ref().unwrap().quoted(),
         "targetIfMatch": job.expected_target.as_ref().map(Etag::quoted).unwrap_or_default(),
-        "sourceContentLength": job.content_length, "sourceAuthorization": format!("Bearer {storage_token}"),
+        "sourceContentLength": job.content_length.to_string(), "sourceSas": sas,
         "backupBlobEndpoint": BAK, "targetContainer": job.target_container, "targetBlob": job.target_blob,
     })
+}
+
+/// A copy-source SAS for `job`'s snapshot, issued by the fixture's storage like the engine's.
+async fn sas_for(f: &Fixture, job: &CopyJob) -> String {
+    use lakeguard::copy::datafactory::SourceAuthorizer;
+    f.storage
+        .snapshot_sas(
+            &job.source_container,
+            &job.source_blob,
+            job.source_snapshot.as_deref().unwrap(),
+            time::Duration::minutes(25),
+        )
+        .await
+        .unwrap()
 }
 
 async fn raw_create_run(f: &Fixture, body: &Value) -> reqwest::Response {
@@ -837,19 +899,13 @@ async fn a_lost_create_run_answer_is_not_sent_twice() {
     let job = seed(&f, "l.csv", "\"0x1\"", b"abc");
     // ARM accepted a createRun for this version but the answer was lost (the engine saw a 500):
     // the run exists. The engine must find it instead of sending createRun again.
-    let storage = f
-        .cred
-        .get_token(&["https://storage.azure.com/.default"], None)
-        .await
-        .unwrap();
+    let sas = sas_for(&f, &job).await;
     f.adf.script_next_run(RunScript {
         in_progress_for: Duration::from_millis(300),
         ..Default::default()
     });
     assert_eq!(
-        raw_create_run(&f, &params_for(&job, storage.token.secret()))
-            .await
-            .status(),
+        raw_create_run(&f, &params_for(&job, &sas)).await.status(),
         200
     );
     f.adf.fail_next(1, 500, None);
@@ -888,8 +944,13 @@ async fn tokens_are_requested_once_for_many_jobs() {
     );
     assert_eq!(
         f.identity_requests("https://storage.azure.com"),
-        1,
-        "storage token not cached"
+        0,
+        "the function's storage token is never handed to the factory (a SAS per snapshot is)"
+    );
+    assert_eq!(
+        f.storage.issued_sas.lock().unwrap().len(),
+        6,
+        "one SAS per run"
     );
 }
 
@@ -958,6 +1019,7 @@ async fn authorisation_and_configuration_errors_are_permanent() {
         f.adf.http_client(),
         Arc::new(WrongAudience),
         f.storage.clone(),
+        f.storage.clone(),
     );
     match e.copy(&job).await.unwrap_err() {
         CopyError::Permanent(m) => assert!(
@@ -1001,6 +1063,22 @@ async fn no_token_reaches_the_logs() {
         assert!(!log.contains(sig_less), "a token reached the log");
     }
     assert!(!log.contains("Bearer"), "a bearer header reached the log");
+    let issued: Vec<String> = f
+        .storage
+        .issued_sas
+        .lock()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert!(!issued.is_empty());
+    for sig in issued {
+        let encoded: String = url::form_urlencoded::byte_serialize(sig.as_bytes()).collect();
+        assert!(
+            !log.contains(&sig) && !log.contains(&encoded),
+            "a SAS signature reached the log"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1025,7 +1103,8 @@ async fn stand_in_rejects_what_data_factory_rejects() {
         "{}/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.DataFactory/factories/{FACTORY}",
         f.adf.base_url
     );
-    let good = params_for(&job("a", "\"0x1\"", 3), storage.token.secret());
+    let a = job("a", "\"0x1\"", 3);
+    let good = params_for(&a, &sas_for(&f, &a).await);
     let post = |url: String, token: Option<&str>, body: &Value| {
         let mut r = http.post(url).json(body);
         if let Some(t) = token {
@@ -1104,7 +1183,8 @@ async fn stand_in_rejects_what_data_factory_rejects() {
         400
     );
     let mut wrong_type = good.clone();
-    wrong_type["sourceContentLength"] = json!("3");
+    // A length is a String (see the pipeline): a number is the wrong type.
+    wrong_type["sourceContentLength"] = json!(3);
     assert_eq!(
         st(post(
             format!("{create}?api-version=2018-06-01"),
@@ -1269,18 +1349,12 @@ async fn a_backup_rewritten_after_the_run_is_not_stamped() {
 // ---------------------------------------------------------------------------------------------
 
 /// Performs the pipeline's resolved requests on Azurite. Azurite 3.37 lacks Put Blob From URL
-/// (501), so the same request is made as Copy Blob From URL (sync), with the same source URL,
-/// `x-ms-source-if-match`, target condition and metadata headers. Azurite ignores
-/// `x-ms-copy-source-authorization` and needs a SAS on a cross-account source: the test adds
-/// lakeguard's own copy-source SAS (`storage::sas::read_sas`: a service SAS for exactly that
-/// snapshot, signed with the emulator's well-known key) in place of the bearer token the service
-/// would check.
+/// (501), so the same request is made as Copy Blob From URL (sync), with the same source URL
+/// (the snapshot and the engine's SAS: Azurite checks that SAS, a service SAS in Shared Key mode
+/// and a user-delegation SAS in OAuth mode), `x-ms-source-if-match`, target condition and
+/// metadata headers, and Put Blob From URL's `Content-Length: 0`.
 struct AzuriteStorage {
-    /// Built from the source's connection string: only signs the copy-source SAS, locally.
-    sas_signer: lakeguard::storage::blob::BlobStore,
-    source: lakeguard::storage::blob::BlobStore,
     backup: lakeguard::storage::blob::BlobStore,
-    keys: lakeguard::storage::sas::DelegationKeyCache,
     source_endpoint: String,
     backup_endpoint: String,
 }
@@ -1301,26 +1375,15 @@ fn storage_err(e: lakeguard::storage::StorageError) -> String {
 impl StandInStorage for AzuriteStorage {
     async fn put_blob_from_url(&self, copy: &ResolvedCopy) -> Result<String, String> {
         use lakeguard::storage::blob::{CopySource, TargetCondition};
+        if copy.header("content-length") != Some("0") {
+            return Err("400 InvalidHeaderValue: Put Blob From URL needs Content-Length: 0".into());
+        }
         let src = copy.source_url().ok_or("no x-ms-copy-source")?;
-        let (sc, sb, snap) = split_blob_url(src, &self.source_endpoint)
-            .ok_or("source outside the source account")?;
+        split_blob_url(src, &self.source_endpoint).ok_or("source outside the source account")?;
         let (tc, tb, _) = split_blob_url(&copy.url, &self.backup_endpoint)
             .ok_or("target outside the backup account")?;
-        let sas = lakeguard::storage::sas::read_sas(
-            &self.sas_signer,
-            &self.keys,
-            &sc,
-            &sb,
-            snap.as_deref(),
-            time::Duration::minutes(10),
-        )
-        .await
-        .map_err(storage_err)?;
         let source = CopySource {
-            url: lakeguard::storage::sas::with_sas(
-                self.source.url(&sc, Some(&sb), snap.as_deref()),
-                &sas,
-            ),
+            url: Url::parse(src).map_err(|e| format!("400 bad x-ms-copy-source: {e}"))?,
             if_match: copy.header("x-ms-source-if-match").map(Etag::new),
             authorization: None,
         };
@@ -1450,16 +1513,8 @@ async fn az_factory(mode: support::Mode) -> AzFactory {
     let clients = lakeguard::storage::Clients::new(&plain).unwrap();
     let source = clients.blob_store(&plain.source).unwrap();
     let backup = clients.blob_store(&plain.backup).unwrap();
-    let signer = lakeguard::storage::connection::Connection::parse_connection_string(
-        "SourceSasSigner",
-        &az.connection_string(support::DEV_ACCOUNT),
-    )
-    .unwrap();
     let storage = Arc::new(AzuriteStorage {
-        sas_signer: clients.blob_store(&signer).unwrap(),
-        source: source.clone(),
         backup: backup.clone(),
-        keys: Default::default(),
         source_endpoint: src_ep.clone(),
         backup_endpoint: bak_ep.clone(),
     });
