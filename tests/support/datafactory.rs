@@ -587,8 +587,8 @@ pub struct ResolvedCopy {
     pub method: String,
     /// Target blob URL (the request URL of Put Blob From URL).
     pub url: String,
-    /// Header names lower-cased. `x-ms-copy-source-authorization` holds a bearer token: tests may
-    /// check it, never print it.
+    /// Header names lower-cased (plus `content-length`, from the body). `x-ms-copy-source` holds
+    /// the SAS: tests may check it, never print it.
     pub headers: BTreeMap<String, String>,
     /// MSI resource of the activity's authentication.
     pub msi_resource: String,
