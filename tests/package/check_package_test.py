@@ -9,6 +9,7 @@ damaged copies of it (its executable bit dropped, a GLIBC_2.28 renamed GLIBC_2.3
 e_machine changed) must fail.
 """
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import io
@@ -186,7 +187,10 @@ class CheckPackage(unittest.TestCase):
             bad = os.path.join(d, "bad.zip")
             with open(bad, "wb") as f:
                 f.write(make_zip(make_elf(machine=40)))
-            self.assertEqual(cp.main([bad, "--functions", d]), 1)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                self.assertEqual(cp.main([bad, "--functions", d]), 1)
+            self.assertIn("not x86-64", err.getvalue())
 
 
 @unittest.skipUnless(os.environ.get("LAKEGUARD_PACKAGE_ZIP"), "LAKEGUARD_PACKAGE_ZIP not set")
