@@ -85,9 +85,11 @@ pub async fn now(
     } else {
         match serde_json::from_slice::<Body>(&body) {
             Ok(b) => b,
-            Err(e) => return op_error_response(&OpError::InvalidInput(format!(
+            Err(e) => {
+                return op_error_response(&OpError::InvalidInput(format!(
                 "body must be a JSON object {{\"container\"?, \"max_delete\"?, \"confirm\"?}}: {e}"
-            ))),
+            )))
+            }
         }
     };
     if let Some(c) = query.get("container") {

@@ -15,12 +15,18 @@ use super::Etag;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EventKind {
     /// A blob was created or replaced; `etag` is the version it then had.
-    BlobCreated { etag: Option<Etag> },
+    BlobCreated {
+        etag: Option<Etag>,
+    },
     BlobDeleted,
     /// ADLS Gen2: a file renamed from `from` (a name in the same container).
-    BlobRenamed { from: String },
+    BlobRenamed {
+        from: String,
+    },
     /// ADLS Gen2: a directory renamed from `from`; every path under it moved.
-    DirectoryRenamed { from: String },
+    DirectoryRenamed {
+        from: String,
+    },
     /// ADLS Gen2: a directory deleted (with everything under it when recursive).
     DirectoryDeleted,
     /// Any other type (tier changes, directory creation, …): acknowledged, counted.
@@ -121,7 +127,9 @@ fn one(v: serde_json::Value) -> Result<BlobEvent, EventError> {
         .split_once("/blobs/")
         .ok_or_else(|| EventError::Schema(format!("subject {subject:?} names no blob")))?;
     if container.is_empty() || name.is_empty() {
-        return Err(EventError::Schema(format!("subject {subject:?} names no blob")));
+        return Err(EventError::Schema(format!(
+            "subject {subject:?} names no blob"
+        )));
     }
     let from = || {
         w.data
@@ -243,13 +251,19 @@ mod tests {
     #[test]
     fn urls_are_decoded_and_path_style_urls_understood() {
         assert_eq!(
-            path_in_container("http://127.0.0.1:10000/devstoreaccount1/c/a%20b/%C3%BC.txt", "c"),
+            path_in_container(
+                "http://127.0.0.1:10000/devstoreaccount1/c/a%20b/%C3%BC.txt",
+                "c"
+            ),
             Some("a b/ü.txt".into())
         );
         assert_eq!(
             path_in_container("https://acct.dfs.core.windows.net/fs/dir/x", "fs"),
             Some("dir/x".into())
         );
-        assert_eq!(path_in_container("https://acct.blob.core.windows.net/other/x", "fs"), None);
+        assert_eq!(
+            path_in_container("https://acct.blob.core.windows.net/other/x", "fs"),
+            None
+        );
     }
 }

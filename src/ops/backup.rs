@@ -120,7 +120,13 @@ pub async fn process_request(
     match result {
         Ok(outcome) => Ok(outcome),
         Err(Failure::Permanent(e)) => {
-            poison(queue, text, &format!("permanent failure: {e}"), dequeue_count).await
+            poison(
+                queue,
+                text,
+                &format!("permanent failure: {e}"),
+                dequeue_count,
+            )
+            .await
         }
         Err(Failure::Retryable(e)) if dequeue_count >= app.settings.max_dequeue_count => {
             poison(

@@ -18,6 +18,7 @@
 //!   their sources are gone. **DirectoryDeleted**: the directory's backups are tombstoned.
 //! - Events of another account, a container reconcile does not cover, or outside
 //!   `LAKEGUARD_EVENT_PREFIXES` are acknowledged and counted; other event types are ignored.
+//!
 //! A message that is not an event goes to `<queue>-poison` with the reason.
 
 use serde::Serialize;
@@ -37,8 +38,13 @@ use crate::storage::{BackupQueue, StorageError};
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventOutcome {
     /// The worker's outcome for the version the event named.
-    Backup { outcome: backup::Outcome },
-    Tombstoned { container: String, blob: String },
+    Backup {
+        outcome: backup::Outcome,
+    },
+    Tombstoned {
+        container: String,
+        blob: String,
+    },
     /// A deletion event that did not lead to a tombstone (the blob exists again, has no
     /// backup, is tombstoned already, …).
     NotTombstoned {
@@ -52,8 +58,12 @@ pub enum EventOutcome {
         requested: u64,
         tombstoned: u64,
     },
-    OutOfScope { why: String },
-    Ignored { event_type: String },
+    OutOfScope {
+        why: String,
+    },
+    Ignored {
+        event_type: String,
+    },
 }
 
 impl EventOutcome {
@@ -72,7 +82,9 @@ impl EventOutcome {
                 container,
                 requested,
                 tombstoned,
-            } => format!("{container}: directory change: {requested} requested, {tombstoned} tombstoned"),
+            } => format!(
+                "{container}: directory change: {requested} requested, {tombstoned} tombstoned"
+            ),
             EventOutcome::OutOfScope { why } => format!("out of scope: {why}"),
             EventOutcome::Ignored { event_type } => format!("{event_type}: ignored"),
         }
@@ -144,7 +156,8 @@ pub async fn process_message(
     };
     let mut out = Vec::with_capacity(events.len());
     for e in events {
-        let span = tracing::info_span!("event", id = %e.id, container = %e.container, blob = %e.name);
+        let span =
+            tracing::info_span!("event", id = %e.id, container = %e.container, blob = %e.name);
         if let Some(why) = out_of_scope(app, &e) {
             span.in_scope(|| info!(%why, "event out of scope; acknowledged"));
             out.push(EventOutcome::OutOfScope { why });
@@ -177,7 +190,16 @@ async fn one(
 ) -> Result<(), Retry> {
     let o = match &e.kind {
         EventKind::BlobCreated { etag } => {
-            created(app, queue, text, &e.container, &e.name, etag.as_ref(), dequeue_count).await?
+            created(
+                app,
+                queue,
+                text,
+                &e.container,
+                &e.name,
+                etag.as_ref(),
+                dequeue_count,
+            )
+            .await?
         }
         EventKind::BlobDeleted => deleted(app, &e.container, &e.name).await?,
         EventKind::BlobRenamed { from } => {
@@ -225,7 +247,11 @@ async fn created(
     let version = etag.cloned().unwrap_or_else(|| live.etag.clone());
     // A duplicate event, or the producer was faster: nothing to do.
     if let Some(b) = head(&app.backup, c, name).await.map_err(retry)? {
-        if b.metadata.get(metadata::SOURCE_ETAG).map(Etag::new).as_ref() == Some(&version)
+        if b.metadata
+            .get(metadata::SOURCE_ETAG)
+            .map(Etag::new)
+            .as_ref()
+            == Some(&version)
             && !b.metadata.contains_key(metadata::DELETED_AT)
         {
             return Ok(EventOutcome::Backup {
@@ -361,9 +387,15 @@ async fn directory(
         }
     }
     if tombstoned > 0 || requested > 0 {
-        info!(container = c, requested, tombstoned, "directory event handled");
+        info!(
+            container = c,
+            requested, tombstoned, "directory event handled"
+        );
     } else {
-        warn!(container = c, "directory event: nothing to request or tombstone");
+        warn!(
+            container = c,
+            "directory event: nothing to request or tombstone"
+        );
     }
     Ok(EventOutcome::Directory {
         container: c.into(),
