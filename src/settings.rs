@@ -645,7 +645,8 @@ mod tests {
             let err = Settings::from_map(&m).unwrap_err().to_string();
             assert!(err.contains(k), "{k}={v}: {err}");
         }
-        // A long backup queue name needs an explicit reconcile queue (the default would be too long).
+        // A long backup queue name needs explicit reconcile and event queues (the defaults derived
+        // from it would be too long).
         let mut m = base();
         m.insert("LAKEGUARD_BACKUP_QUEUE".into(), "q".repeat(50));
         assert!(Settings::from_map(&m).is_err());
@@ -653,6 +654,9 @@ mod tests {
             "LAKEGUARD_RECONCILE_QUEUE".into(),
             "lakeguard-reconcile".into(),
         );
+        let err = Settings::from_map(&m).unwrap_err().to_string();
+        assert!(err.contains("LAKEGUARD_EVENT_QUEUE"), "{err}");
+        m.insert("LAKEGUARD_EVENT_QUEUE".into(), "lakeguard-events".into());
         assert!(Settings::from_map(&m).is_ok());
     }
 
