@@ -93,6 +93,14 @@ param backupQueueName string = 'lakeguard-backup'
 @description('LAKEGUARD_RECONCILE_QUEUE: reconcile and producer continuations.')
 param reconcileQueueName string = 'lakeguard-backup-reconcile'
 
+@minLength(3)
+@maxLength(56)
+@description('LAKEGUARD_EVENT_QUEUE: the queue the Event Grid subscription fills (EventBackup).')
+param eventQueueName string = 'lakeguard-backup-events'
+
+@description('Create the Event Grid system topic of the source account and the subscription that feeds EventBackup (minutes-level RPO).')
+param deployEventGrid bool = true
+
 @description('LAKEGUARD_CONTAINERS_INCLUDE (comma list; empty: all containers).')
 param containersInclude string = ''
 
@@ -135,6 +143,8 @@ var queueNames = [
   '${backupQueueName}-poison'
   reconcileQueueName
   '${reconcileQueueName}-poison'
+  eventQueueName
+  '${eventQueueName}-poison'
 ]
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
@@ -252,6 +262,41 @@ module backupAccess 'app/backup-access.bicep' = {
   }
 }
 
+module eventsTopic 'app/events-topic.bicep' = if (deployEventGrid) {
+  name: 'events-topic'
+  scope: resourceGroup(sourceSubscriptionId, sourceResourceGroupName)
+  params: {
+    accountName: sourceAccountName
+    tags: tags
+  }
+}
+
+module eventsRole 'app/events-role.bicep' = if (deployEventGrid) {
+  name: 'events-role'
+  scope: rg
+  dependsOn: [
+    jobsStorage
+  ]
+  params: {
+    accountName: jobsAccountName
+    topicPrincipalId: deployEventGrid ? eventsTopic!.outputs.principalId : ''
+  }
+}
+
+module eventsSubscription 'app/events-subscription.bicep' = if (deployEventGrid) {
+  name: 'events-subscription'
+  scope: resourceGroup(sourceSubscriptionId, sourceResourceGroupName)
+  dependsOn: [
+    eventsRole
+  ]
+  params: {
+    topicName: deployEventGrid ? eventsTopic!.outputs.name : ''
+    jobsAccountId: resourceId(subscription().subscriptionId, appResourceGroupName, 'Microsoft.Storage/storageAccounts', jobsAccountName)
+    queueName: eventQueueName
+    containers: empty(containersInclude) ? [] : split(containersInclude, ',')
+  }
+}
+
 module functionApp 'app/function.bicep' = {
   name: 'function'
   scope: rg
@@ -277,6 +322,7 @@ module functionApp 'app/function.bicep' = {
     applicationInsightsConnectionString: monitoring.outputs.connectionString
     backupQueueName: backupQueueName
     reconcileQueueName: reconcileQueueName
+    eventQueueName: eventQueueName
     reconcileSchedule: reconcileSchedule
     pruneSchedule: pruneSchedule
     concurrency: concurrency

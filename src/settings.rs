@@ -78,6 +78,11 @@ pub struct Settings {
     /// `LAKEGUARD_RESTORE_CHUNK_ITEMS`: plan items per chunk (one queue message each) of a
     /// restore started over HTTP.
     pub restore_chunk_items: u32,
+    /// `LAKEGUARD_EVENT_QUEUE`: the queue an Event Grid subscription fills (EventBackup).
+    pub event_queue: String,
+    /// `LAKEGUARD_EVENT_PREFIXES`: comma list of blob-name prefixes events are acted on for
+    /// (empty: all); events outside are acknowledged and counted.
+    pub event_prefixes: Vec<String>,
     /// Retention (`core::retention`): `LAKEGUARD_RETENTION_BACKUP`,
     /// `LAKEGUARD_RETENTION_SOURCE_SNAPSHOTS`, `LAKEGUARD_TOMBSTONE_RETENTION`.
     pub retention: crate::core::retention::Policy,
@@ -289,6 +294,27 @@ impl Settings {
             .unwrap_or(Duration::from_secs(100 * 365 * 86_400));
         let prune_max_delete_percent =
             number(vars, "LAKEGUARD_PRUNE_MAX_DELETE_PERCENT", 20, 0, 100)? as u32;
+        let event_queue =
+            get("LAKEGUARD_EVENT_QUEUE").unwrap_or_else(|| format!("{backup_queue}-events"));
+        validate_queue_name(&event_queue).map_err(|problem| SettingsError::Invalid {
+            name: "LAKEGUARD_EVENT_QUEUE",
+            problem,
+        })?;
+        if event_queue == backup_queue || event_queue == reconcile_queue {
+            return Err(SettingsError::Invalid {
+                name: "LAKEGUARD_EVENT_QUEUE",
+                problem: "must differ from the backup and reconcile queues".into(),
+            });
+        }
+        let event_prefixes: Vec<String> = get("LAKEGUARD_EVENT_PREFIXES")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
         let restore_chunk_items =
             number(vars, "LAKEGUARD_RESTORE_CHUNK_ITEMS", 256, 1, 5000)? as u32;
         let defaults = crate::core::usage::Prices::default();
@@ -409,6 +435,8 @@ impl Settings {
             producer_budget,
             drain_idle,
             restore_chunk_items,
+            event_queue,
+            event_prefixes,
             retention,
             retention_set,
             undo_retention,
@@ -653,7 +681,8 @@ mod tests {
             let err = Settings::from_map(&m).unwrap_err().to_string();
             assert!(err.contains(k), "{k}={v}: {err}");
         }
-        // A long backup queue name needs an explicit reconcile queue (the default would be too long).
+        // A long backup queue name needs explicit reconcile and event queues (the defaults derived
+        // from it would be too long).
         let mut m = base();
         m.insert("LAKEGUARD_BACKUP_QUEUE".into(), "q".repeat(50));
         assert!(Settings::from_map(&m).is_err());
@@ -661,6 +690,9 @@ mod tests {
             "LAKEGUARD_RECONCILE_QUEUE".into(),
             "lakeguard-reconcile".into(),
         );
+        let err = Settings::from_map(&m).unwrap_err().to_string();
+        assert!(err.contains("LAKEGUARD_EVENT_QUEUE"), "{err}");
+        m.insert("LAKEGUARD_EVENT_QUEUE".into(), "lakeguard-events".into());
         assert!(Settings::from_map(&m).is_ok());
     }
 

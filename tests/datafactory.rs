@@ -203,6 +203,7 @@ impl Fixture {
             self.adf.http_client(),
             self.cred.clone(),
             self.storage.clone(),
+            self.storage.clone(),
         )
     }
 
@@ -454,9 +455,20 @@ fn managed_identity_only_no_secrets() {
         }
     }
     assert_eq!(web, 2, "one Web activity per target condition");
-    // The source authorisation is a SecureString parameter (masked by Data Factory).
+    // The source is read with a SAS, a SecureString parameter (masked by Data Factory); no bearer
+    // token of the function is handed over.
     let params = declared_parameters(def.pipeline("lakeguard-backup-copy").unwrap());
-    assert_eq!(params["sourceAuthorization"].0, "SecureString");
+    assert_eq!(params["sourceSas"].0, "SecureString");
+    assert!(!params.contains_key("sourceAuthorization"));
+    for a in all_activities(def.pipeline("lakeguard-backup-copy").unwrap()) {
+        assert!(
+            a["typeProperties"]["headers"]
+                .get("x-ms-copy-source-authorization")
+                .is_none(),
+            "{} hands over a token",
+            a["name"]
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -485,10 +497,42 @@ async fn copies_exactly_the_snapshot_into_the_backup_blob() {
     let enc_path = |s: &str| s.split('/').map(enc).collect::<Vec<_>>().join("/");
     assert_eq!(c.method, "PUT");
     assert_eq!(c.url, format!("{BAK}/raw/{}", enc_path(blob)));
+    // The snapshot URL, then the SAS the engine had issued for exactly that snapshot.
+    let (src_path, sas) = c
+        .source_url()
+        .unwrap()
+        .split_once("&")
+        .expect("a SAS after ?snapshot=");
     assert_eq!(
-        c.source_url().unwrap(),
+        src_path,
         format!("{SRC}/raw/{}?snapshot={}", enc_path(blob), enc(SNAP))
     );
+    let issued: Vec<IssuedSas> = f
+        .storage
+        .issued_sas
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    assert_eq!(issued.len(), 1, "one SAS per run");
+    assert_eq!(issued[0].query, sas);
+    assert_eq!(
+        (
+            issued[0].container.as_str(),
+            issued[0].blob.as_str(),
+            issued[0].snapshot.as_str()
+        ),
+        ("raw", blob, SNAP)
+    );
+    assert!(issued[0].expiry - issued[0].start <= time::Duration::minutes(30));
+    assert!(
+        issued[0].expiry - time::OffsetDateTime::now_utc() >= time::Duration::minutes(20),
+        "the SAS must outlast a queued run and the activity's retries"
+    );
+    assert_eq!(c.header("x-ms-copy-source-authorization"), None);
+    // An explicit empty body: Content-Length 0, as Put Blob From URL requires.
+    assert_eq!(c.header("content-length"), Some("0"));
     assert_eq!(
         split_blob_url(c.source_url().unwrap(), SRC),
         Some(("raw".into(), blob.into(), Some(SNAP.into())))
@@ -537,7 +581,11 @@ async fn copies_exactly_the_snapshot_into_the_backup_blob() {
         .body
         .unwrap();
     assert_eq!(body["sourceSnapshot"], SNAP);
-    assert_eq!(body["sourceContentLength"], content.len() as u64);
+    assert_eq!(body["sourceContentLength"], content.len().to_string());
+    assert_eq!(
+        body["sourceSas"], "<masked>",
+        "the stand-in masks SecureString parameters"
+    );
     assert_eq!(body["sourceBlobEndpoint"], SRC);
     assert_eq!(body["backupBlobEndpoint"], BAK);
 }
@@ -801,15 +849,29 @@ async fn redelivery_after_a_failed_run_starts_a_new_one() {
 }
 
 /// The run parameters the shipped pipeline expects for `job`, built independently of the engine.
-fn params_for(job: &CopyJob, storage_token: &str) -> Value {
+fn params_for(job: &CopyJob, sas: &str) -> Value {
     json!({
         "sourceBlobEndpoint": SRC, "sourceContainer": job.source_container, "sourceBlob": job.source_blob,
         "sourceSnapshot": job.source_snapshot, "sourceEtag": job.source_etag.quoted(),
         "sourceSnapshotEtag": job.snapshot_etag.as_ref().unwrap().quoted(),
         "targetIfMatch": job.expected_target.as_ref().map(Etag::quoted).unwrap_or_default(),
-        "sourceContentLength": job.content_length, "sourceAuthorization": format!("Bearer {storage_token}"),
+        "sourceContentLength": job.content_length.to_string(), "sourceSas": sas,
         "backupBlobEndpoint": BAK, "targetContainer": job.target_container, "targetBlob": job.target_blob,
     })
+}
+
+/// A copy-source SAS for `job`'s snapshot, issued by the fixture's storage like the engine's.
+async fn sas_for(f: &Fixture, job: &CopyJob) -> String {
+    use lakeguard::copy::datafactory::SourceAuthorizer;
+    f.storage
+        .snapshot_sas(
+            &job.source_container,
+            &job.source_blob,
+            job.source_snapshot.as_deref().unwrap(),
+            time::Duration::minutes(25),
+        )
+        .await
+        .unwrap()
 }
 
 async fn raw_create_run(f: &Fixture, body: &Value) -> reqwest::Response {
@@ -837,19 +899,13 @@ async fn a_lost_create_run_answer_is_not_sent_twice() {
     let job = seed(&f, "l.csv", "\"0x1\"", b"abc");
     // ARM accepted a createRun for this version but the answer was lost (the engine saw a 500):
     // the run exists. The engine must find it instead of sending createRun again.
-    let storage = f
-        .cred
-        .get_token(&["https://storage.azure.com/.default"], None)
-        .await
-        .unwrap();
+    let sas = sas_for(&f, &job).await;
     f.adf.script_next_run(RunScript {
         in_progress_for: Duration::from_millis(300),
         ..Default::default()
     });
     assert_eq!(
-        raw_create_run(&f, &params_for(&job, storage.token.secret()))
-            .await
-            .status(),
+        raw_create_run(&f, &params_for(&job, &sas)).await.status(),
         200
     );
     f.adf.fail_next(1, 500, None);
@@ -888,8 +944,13 @@ async fn tokens_are_requested_once_for_many_jobs() {
     );
     assert_eq!(
         f.identity_requests("https://storage.azure.com"),
-        1,
-        "storage token not cached"
+        0,
+        "the function's storage token is never handed to the factory (a SAS per snapshot is)"
+    );
+    assert_eq!(
+        f.storage.issued_sas.lock().unwrap().len(),
+        6,
+        "one SAS per run"
     );
 }
 
@@ -958,6 +1019,7 @@ async fn authorisation_and_configuration_errors_are_permanent() {
         f.adf.http_client(),
         Arc::new(WrongAudience),
         f.storage.clone(),
+        f.storage.clone(),
     );
     match e.copy(&job).await.unwrap_err() {
         CopyError::Permanent(m) => assert!(
@@ -1001,6 +1063,22 @@ async fn no_token_reaches_the_logs() {
         assert!(!log.contains(sig_less), "a token reached the log");
     }
     assert!(!log.contains("Bearer"), "a bearer header reached the log");
+    let issued: Vec<String> = f
+        .storage
+        .issued_sas
+        .lock()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert!(!issued.is_empty());
+    for sig in issued {
+        let encoded: String = url::form_urlencoded::byte_serialize(sig.as_bytes()).collect();
+        assert!(
+            !log.contains(&sig) && !log.contains(&encoded),
+            "a SAS signature reached the log"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1025,7 +1103,8 @@ async fn stand_in_rejects_what_data_factory_rejects() {
         "{}/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.DataFactory/factories/{FACTORY}",
         f.adf.base_url
     );
-    let good = params_for(&job("a", "\"0x1\"", 3), storage.token.secret());
+    let a = job("a", "\"0x1\"", 3);
+    let good = params_for(&a, &sas_for(&f, &a).await);
     let post = |url: String, token: Option<&str>, body: &Value| {
         let mut r = http.post(url).json(body);
         if let Some(t) = token {
@@ -1104,7 +1183,8 @@ async fn stand_in_rejects_what_data_factory_rejects() {
         400
     );
     let mut wrong_type = good.clone();
-    wrong_type["sourceContentLength"] = json!("3");
+    // A length is a String (see the pipeline): a number is the wrong type.
+    wrong_type["sourceContentLength"] = json!(3);
     assert_eq!(
         st(post(
             format!("{create}?api-version=2018-06-01"),
@@ -1269,18 +1349,12 @@ async fn a_backup_rewritten_after_the_run_is_not_stamped() {
 // ---------------------------------------------------------------------------------------------
 
 /// Performs the pipeline's resolved requests on Azurite. Azurite 3.37 lacks Put Blob From URL
-/// (501), so the same request is made as Copy Blob From URL (sync), with the same source URL,
-/// `x-ms-source-if-match`, target condition and metadata headers. Azurite ignores
-/// `x-ms-copy-source-authorization` and needs a SAS on a cross-account source: the test adds
-/// lakeguard's own copy-source SAS (`storage::sas::read_sas`: a service SAS for exactly that
-/// snapshot, signed with the emulator's well-known key) in place of the bearer token the service
-/// would check.
+/// (501), so the same request is made as Copy Blob From URL (sync), with the same source URL
+/// (the snapshot and the engine's SAS: Azurite checks that SAS, a service SAS in Shared Key mode
+/// and a user-delegation SAS in OAuth mode), `x-ms-source-if-match`, target condition and
+/// metadata headers, and Put Blob From URL's `Content-Length: 0`.
 struct AzuriteStorage {
-    /// Built from the source's connection string: only signs the copy-source SAS, locally.
-    sas_signer: lakeguard::storage::blob::BlobStore,
-    source: lakeguard::storage::blob::BlobStore,
     backup: lakeguard::storage::blob::BlobStore,
-    keys: lakeguard::storage::sas::DelegationKeyCache,
     source_endpoint: String,
     backup_endpoint: String,
 }
@@ -1301,26 +1375,15 @@ fn storage_err(e: lakeguard::storage::StorageError) -> String {
 impl StandInStorage for AzuriteStorage {
     async fn put_blob_from_url(&self, copy: &ResolvedCopy) -> Result<String, String> {
         use lakeguard::storage::blob::{CopySource, TargetCondition};
+        if copy.header("content-length") != Some("0") {
+            return Err("400 InvalidHeaderValue: Put Blob From URL needs Content-Length: 0".into());
+        }
         let src = copy.source_url().ok_or("no x-ms-copy-source")?;
-        let (sc, sb, snap) = split_blob_url(src, &self.source_endpoint)
-            .ok_or("source outside the source account")?;
+        split_blob_url(src, &self.source_endpoint).ok_or("source outside the source account")?;
         let (tc, tb, _) = split_blob_url(&copy.url, &self.backup_endpoint)
             .ok_or("target outside the backup account")?;
-        let sas = lakeguard::storage::sas::read_sas(
-            &self.sas_signer,
-            &self.keys,
-            &sc,
-            &sb,
-            snap.as_deref(),
-            time::Duration::minutes(10),
-        )
-        .await
-        .map_err(storage_err)?;
         let source = CopySource {
-            url: lakeguard::storage::sas::with_sas(
-                self.source.url(&sc, Some(&sb), snap.as_deref()),
-                &sas,
-            ),
+            url: Url::parse(src).map_err(|e| format!("400 bad x-ms-copy-source: {e}"))?,
             if_match: copy.header("x-ms-source-if-match").map(Etag::new),
             authorization: None,
         };
@@ -1450,16 +1513,8 @@ async fn az_factory(mode: support::Mode) -> AzFactory {
     let clients = lakeguard::storage::Clients::new(&plain).unwrap();
     let source = clients.blob_store(&plain.source).unwrap();
     let backup = clients.blob_store(&plain.backup).unwrap();
-    let signer = lakeguard::storage::connection::Connection::parse_connection_string(
-        "SourceSasSigner",
-        &az.connection_string(support::DEV_ACCOUNT),
-    )
-    .unwrap();
     let storage = Arc::new(AzuriteStorage {
-        sas_signer: clients.blob_store(&signer).unwrap(),
-        source: source.clone(),
         backup: backup.clone(),
-        keys: Default::default(),
         source_endpoint: src_ep.clone(),
         backup_endpoint: bak_ep.clone(),
     });
@@ -1728,4 +1783,321 @@ async fn worker_with_the_datafactory_engine() {
         "version 1 not kept in the backup account: {:#?}",
         page.entries
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: what Put Blob From URL needs, the SAS, blobs above 2 GiB
+// ---------------------------------------------------------------------------------------------
+
+/// A 3 GiB version (above 2^31 - 1, below Put Blob From URL's 5000 MiB): createRun carries its
+/// length as a String, the stand-in (Int = 32-bit) accepts the body, and the pipeline's size check
+/// compares it with Get Metadata's size as text, so the run succeeds.
+#[tokio::test]
+async fn a_3_gib_version_builds_a_valid_create_run_and_is_copied() {
+    let f = fixture().await;
+    let size: u64 = 3 << 30;
+    f.storage.add_snapshot_sized(
+        "raw",
+        "big.bin",
+        SNAP,
+        "\"0xB1G\"",
+        b"stands for 3 GiB",
+        size,
+    );
+    let j = job("big.bin", "\"0xB1G\"", size);
+    f.engine().copy(&j).await.expect("a 3 GiB copy");
+    let body = f
+        .adf
+        .requests()
+        .into_iter()
+        .find(|r| r.is_create_run())
+        .unwrap()
+        .body
+        .unwrap();
+    assert_eq!(body["sourceContentLength"], json!("3221225472"));
+    assert_eq!(f.storage.backup_blob("raw", "big.bin").unwrap().size, size);
+    assert_eq!(f.adf.create_run_count(), 1);
+
+    // One byte off is still caught by the size check.
+    f.storage
+        .add_snapshot_sized("raw", "big2.bin", SNAP, "\"0xB1G2\"", b"x", size);
+    let wrong = job("big2.bin", "\"0xB1G2\"", size + 1);
+    match f.engine().copy(&wrong).await.unwrap_err() {
+        CopyError::Retryable(m) => assert!(m.contains("3221225473 bytes expected"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The stand-in refuses an `Int` above 32 bits, so a pipeline that declared the length `Int`
+/// (as it did) fails the 3 GiB test above at createRun.
+#[test]
+fn the_stand_in_treats_int_parameters_as_32_bit() {
+    identity();
+    let pipeline = json!({"properties": {"parameters": {"n": {"type": "Int"}}}});
+    assert!(validate_run_parameters(&pipeline, &json!({"n": 2147483647})).is_ok());
+    let err = validate_run_parameters(&pipeline, &json!({"n": 3221225472u64})).unwrap_err();
+    assert!(err.contains("must be of type Int"), "{err}");
+    assert!(validate_run_parameters(&pipeline, &json!({"n": "3"})).is_err());
+    let shipped = FactoryDefinition::shipped();
+    let params = declared_parameters(shipped.pipeline("lakeguard-backup-copy").unwrap());
+    assert_eq!(params["sourceContentLength"].0, "String");
+}
+
+/// A factory that takes the docs literally ("the endpoint must return JSON") fails the Web
+/// activity on Put Blob From URL's empty 201, after the write; its retries then meet the written
+/// blob (409). The engine sees this run's marker with the version's length on the backup and
+/// counts the copy as done, with the job's metadata: exactly one write, no second run.
+#[tokio::test]
+async fn a_factory_that_refuses_the_empty_201_still_backs_up_the_version_once() {
+    let f = fixture().await;
+    f.adf.set_web_response_policy(WebResponsePolicy::JsonOnly);
+    let content = b"version X";
+    let j = seed(&f, "e.csv", "\"0x8DE1\"", content);
+    let out = f.engine().copy(&j).await.expect("the copy landed");
+    assert!(matches!(out, CopyOutcome::Copied { .. }));
+    let run = &f.adf.runs()[0];
+    assert_eq!(run.status, "Failed", "the strict factory failed the run");
+    // The last attempt's error: the retry found the blob the first attempt wrote.
+    assert!(run.message.contains("409"), "{}", run.message);
+    assert_eq!(
+        f.storage.copies.lock().unwrap().len(),
+        4,
+        "first attempt + 3 retries"
+    );
+    let b = f.storage.backup_blob("raw", "e.csv").unwrap();
+    assert_eq!(b.content, content);
+    assert_eq!(b.metadata, j.metadata, "stamped with the job's metadata");
+    assert_eq!(f.adf.create_run_count(), 1);
+
+    // But a failed run whose copy did not land (412 on the source) is still a failure.
+    let mut other = seed(&f, "e2.csv", "\"0x8DE2\"", content);
+    other.snapshot_etag = Some(Etag::new("\"0xNOPE\""));
+    assert!(matches!(
+        f.engine().copy(&other).await,
+        Err(CopyError::Retryable(ref m)) if m.contains("412")
+    ));
+    assert!(f.storage.backup_blob("raw", "e2.csv").is_none());
+}
+
+/// The Web activity contract as documented, enforced by the stand-in: `datasets` and
+/// `linkedServices` are required, PUT needs a `body`, which is what goes on the wire (Put Blob
+/// From URL refuses a Content-Length other than 0), and an answer that is not a JSON object is
+/// refused unless it is empty (observed) — with `JsonOnly`, even then.
+#[test]
+fn the_web_activity_contract_is_enforced() {
+    identity();
+    let def = FactoryDefinition::shipped();
+    let pipeline = def.pipeline("lakeguard-backup-copy").unwrap();
+    let web: Vec<Value> = all_activities(pipeline)
+        .into_iter()
+        .filter(|a| a["type"] == "WebActivity")
+        .collect();
+    let j = job("w.csv", "\"0x1\"", 3);
+    let mut ctx = ExprContext {
+        run_id: "run-1".into(),
+        ..Default::default()
+    };
+    let params = params_for(&j, "sv=2021-08-06&sr=bs&sp=r&sig=abc");
+    ctx.pipeline_parameters = params.as_object().unwrap().clone();
+    for a in &web {
+        let name = a["name"].as_str().unwrap();
+        let req = resolve_web_request(name, a, &ctx).unwrap();
+        assert_eq!(req.header("content-length"), Some("0"), "{name}");
+        assert!(req
+            .source_url()
+            .unwrap()
+            .ends_with("&sv=2021-08-06&sr=bs&sp=r&sig=abc"));
+        for (field, fragment) in [
+            ("body", "'body' is required for PUT"),
+            ("datasets", "'datasets' is required"),
+            ("linkedServices", "'linkedServices' is required"),
+        ] {
+            let mut without = a.clone();
+            without["typeProperties"]
+                .as_object_mut()
+                .unwrap()
+                .remove(field);
+            let err = resolve_web_request(name, &without, &ctx).unwrap_err();
+            assert!(err.contains(fragment), "{err}");
+        }
+        let mut json_body = a.clone();
+        json_body["typeProperties"]["body"] = json!("{}");
+        let req = resolve_web_request(name, &json_body, &ctx).unwrap();
+        assert_eq!(req.header("content-length"), Some("2"));
+    }
+    assert_eq!(web.len(), 2);
+    use WebResponsePolicy::*;
+    assert_eq!(
+        web_activity_output(EmptyIsTolerated, 201, b"", "\"e\"").unwrap()["Response"],
+        ""
+    );
+    assert!(web_activity_output(JsonOnly, 201, b"", "\"e\"").is_err());
+    assert!(web_activity_output(EmptyIsTolerated, 200, b"<xml/>", "\"e\"").is_err());
+    assert!(web_activity_output(EmptyIsTolerated, 200, b"[1]", "\"e\"").is_err());
+    assert_eq!(
+        web_activity_output(JsonOnly, 200, br#"{"a":1}"#, "\"e\"").unwrap()["a"],
+        1
+    );
+}
+
+/// A body other than the empty string reaches storage as a Content-Length other than 0, which
+/// Put Blob From URL refuses: the run fails and nothing is written.
+#[tokio::test]
+async fn a_non_empty_body_fails_put_blob_from_url() {
+    let f = fixture().await;
+    let j = seed(&f, "nb.csv", "\"0x1\"", b"abc");
+    let mut copy = ResolvedCopy {
+        run_id: "r".into(),
+        activity: "A".into(),
+        method: "PUT".into(),
+        url: format!("{BAK}/raw/nb.csv"),
+        headers: BTreeMap::new(),
+        msi_resource: "https://storage.azure.com/".into(),
+    };
+    let sas = sas_for(&f, &j).await;
+    copy.headers.insert(
+        "x-ms-copy-source".into(),
+        format!(
+            "{SRC}/raw/nb.csv?snapshot={}&{sas}",
+            url::form_urlencoded::byte_serialize(SNAP.as_bytes()).collect::<String>()
+        ),
+    );
+    copy.headers
+        .insert("x-ms-blob-type".into(), "BlockBlob".into());
+    copy.headers.insert("content-length".into(), "2".into());
+    let err = f.storage.put_blob_from_url(&copy).await.unwrap_err();
+    assert!(err.contains("Content-Length: 0"), "{err}");
+    copy.headers.insert("content-length".into(), "0".into());
+    f.storage
+        .put_blob_from_url(&copy)
+        .await
+        .expect("with Content-Length 0");
+    assert_eq!(
+        f.storage.backup_content("raw", "nb.csv").as_deref(),
+        Some(&b"abc"[..])
+    );
+}
+
+/// The SAS reads exactly the snapshot it was made for: not another snapshot, not another blob, not
+/// the live blob, and not once expired (the storage side of the stand-in, like the service).
+#[tokio::test]
+async fn the_source_sas_reads_only_its_snapshot() {
+    let f = fixture().await;
+    let j = seed(&f, "s.csv", "\"0x1\"", b"abc");
+    f.storage.add_snapshot(
+        "raw",
+        "s.csv",
+        "2026-11-22T03:09:00.0000000Z",
+        "\"0x2\"",
+        b"other",
+    );
+    f.storage
+        .add_snapshot("raw", "t.csv", SNAP, "\"0x1\"", b"t");
+    let sas = sas_for(&f, &j).await;
+    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let attempt = |source: String, target: &str| {
+        let mut headers = BTreeMap::new();
+        headers.insert("x-ms-copy-source".to_owned(), source);
+        headers.insert("x-ms-blob-type".to_owned(), "BlockBlob".to_owned());
+        headers.insert("content-length".to_owned(), "0".to_owned());
+        ResolvedCopy {
+            run_id: "r".into(),
+            activity: "A".into(),
+            method: "PUT".into(),
+            url: format!("{BAK}/raw/{target}"),
+            headers,
+            msi_resource: "https://storage.azure.com/".into(),
+        }
+    };
+    for (source, why) in [
+        (
+            format!(
+                "{SRC}/raw/s.csv?snapshot={}&{sas}",
+                enc("2026-11-22T03:09:00.0000000Z")
+            ),
+            "another snapshot",
+        ),
+        (
+            format!("{SRC}/raw/t.csv?snapshot={}&{sas}", enc(SNAP)),
+            "another blob",
+        ),
+        (format!("{SRC}/raw/s.csv?{sas}"), "the live blob"),
+        (format!("{SRC}/raw/s.csv?snapshot={}", enc(SNAP)), "no SAS"),
+    ] {
+        let err = f
+            .storage
+            .put_blob_from_url(&attempt(source, "x.csv"))
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("403"), "{why}: {err}");
+        assert!(!err.contains("sig="), "an error quotes the SAS: {err}");
+    }
+    let good = attempt(
+        format!("{SRC}/raw/s.csv?snapshot={}&{sas}", enc(SNAP)),
+        "s.csv",
+    );
+    f.storage
+        .put_blob_from_url(&good)
+        .await
+        .expect("its own snapshot");
+    f.storage.expire_issued_sas();
+    let err = f.storage.put_blob_from_url(&good).await.unwrap_err();
+    assert!(err.contains("expiry"), "{err}");
+}
+
+/// A run that starts its copy after the SAS expired (a long queue) fails with the service's 403;
+/// the error is retryable, and the redelivery starts a new run with a fresh SAS (a failed run is
+/// never adopted), which copies the version.
+#[tokio::test]
+async fn a_run_that_outlives_its_sas_is_replaced_with_a_fresh_sas() {
+    let f = fixture().await;
+    let mut j = seed(&f, "x.csv", "\"0x1\"", b"abc");
+    f.adf.script_next_run(RunScript {
+        queued_for: Duration::from_millis(400),
+        ..Default::default()
+    });
+    let engine = f.engine();
+    let jj = j.clone();
+    let copy = tokio::spawn(async move { engine.copy(&jj).await });
+    // The run is queued: its SAS expires before the copy starts.
+    for _ in 0..200 {
+        if !f.storage.issued_sas.lock().unwrap().is_empty() && f.adf.runs().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f.storage.expire_issued_sas();
+    match copy.await.unwrap().unwrap_err() {
+        CopyError::Retryable(m) => assert!(m.contains("403") && m.contains("expiry"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(f.storage.backup_blob("raw", "x.csv").is_none());
+    j.attempt = 2;
+    f.engine()
+        .copy(&j)
+        .await
+        .expect("a new run with a fresh SAS");
+    assert_eq!(f.adf.create_run_count(), 2);
+    assert_eq!(f.storage.issued_sas.lock().unwrap().len(), 2);
+    assert_eq!(
+        f.storage.backup_content("raw", "x.csv").as_deref(),
+        Some(&b"abc"[..])
+    );
+}
+
+/// A run's message that quotes the copy-source URL never carries the SAS signature out of the
+/// engine (the worker logs and poisons with this error).
+#[tokio::test]
+async fn a_run_message_never_carries_the_sas_signature() {
+    let f = fixture().await;
+    let j = seed(&f, "r.csv", "\"0x1\"", b"abc");
+    f.adf.script_next_run(RunScript {
+        fail_with: Some(format!(
+            "Operation on target CopySnapshotToNewBackup failed: 403 for {SRC}/raw/r.csv?snapshot=x&sv=2021-08-06&sr=bs&sp=r&sig=S3cr3tSig%3D&se=2026"
+        )),
+        ..Default::default()
+    });
+    let err = f.engine().copy(&j).await.unwrap_err().to_string();
+    assert!(!err.contains("S3cr3tSig"), "{err}");
+    assert!(err.contains("sig=REDACTED"), "{err}");
 }

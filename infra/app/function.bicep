@@ -42,6 +42,7 @@ param reconcileQueueName string = 'lakeguard-backup-reconcile'
 @description('NCRONTAB (six fields) of the Reconcile timer.')
 param reconcileSchedule string = '0 0 * * * *'
 param pruneSchedule string = '0 30 3 * * *'
+param eventQueueName string = 'lakeguard-backup-events'
 
 @minValue(1)
 @maxValue(256)
@@ -96,6 +97,7 @@ var baseSettings = {
   LAKEGUARD_RECONCILE_SCHEDULE: reconcileSchedule
   // The Prune timer deletes backups: with this identity's no-delete role it could only fail, so
   // it is disabled; prune runs under an operator identity (`lakeguard prune`).
+  LAKEGUARD_EVENT_QUEUE: eventQueueName
   LAKEGUARD_PRUNE_SCHEDULE: pruneSchedule
   'AzureWebJobs.Prune.Disabled': 'true'
   'AzureWebJobs.PruneNow.Disabled': 'true'

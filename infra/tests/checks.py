@@ -23,6 +23,8 @@ DOCUMENTED_BUILTIN_ROLES = {
     "storageQueueDataContributor": "974c5e8b-45b9-4653-ba55-5f855dd0fb88",
     "storageTableDataContributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
     "monitoringMetricsPublisher": "3913510d-42f4-4e42-8a64-420c390055eb",
+    # Event Grid's delivery to the event queue (built-in roles reference, Storage section).
+    "storageQueueDataMessageSender": "c6a89b2d-59bc-44d0-9896-0f6e12d7b80a",
 }
 
 # App settings that Flex Consumption does not support (functionAppConfig replaces them).

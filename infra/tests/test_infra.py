@@ -62,6 +62,7 @@ class SettingsAgainstCode(unittest.TestCase):
                 "LAKEGUARD_RECONCILE_QUEUE",
                 "LAKEGUARD_RECONCILE_SCHEDULE",
                 "LAKEGUARD_PRUNE_SCHEDULE",
+                "LAKEGUARD_EVENT_QUEUE",
             },
             "function.json expressions changed: check the app settings and this test",
         )

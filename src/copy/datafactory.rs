@@ -23,8 +23,20 @@
 //!   writes a marker (`lakeguard_copy_run` = runId) and the engine then replaces the metadata
 //!   with the job's, `If-Match` on the ETag of the blob that carries *its* run's marker. A backup
 //!   overwritten meanwhile is never stamped with this version's metadata.
+//! * **The source is read with a SAS for that one snapshot**, read only, short-lived
+//!   ([`crate::storage::sas::read_sas`]: a user-delegation SAS with managed identity), passed as the
+//!   SecureString parameter `sourceSas` and appended to `x-ms-copy-source` by the pipeline. The
+//!   function's own storage token never leaves the process: a leaked run parameter reads one
+//!   version for minutes, not every account the identity can reach for an hour.
+//! * **The empty answer of Put Blob From URL is tolerated.** Data Factory documents that a Web
+//!   activity's endpoint must answer JSON; Put Blob From URL answers `201` with no body. Observed
+//!   factories accept that (output `Response: ""`), but should one fail the activity after the
+//!   write, the run fails although the copy landed: the engine then reads the backup, and a blob
+//!   carrying *this run's* marker with the version's length is the version (Put Blob From URL is
+//!   atomic and was conditional on the snapshot's ETag), so the copy counts as done.
 //! * **Tokens come from one credential** (azure_identity caches per scope), never one per message,
-//!   and never reach a log: tracing fields are runId, container, blob and ETag only.
+//!   and never reach a log: tracing fields are runId, container, blob and ETag only, and a run's
+//!   message is passed on with any SAS signature (`sig=`) redacted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -45,6 +57,7 @@ use crate::model::{metadata, Etag};
 use crate::settings::Settings;
 use crate::storage::blob::BlobStore;
 use crate::storage::connection::Credential;
+use crate::storage::sas::{self, DelegationKeyCache};
 use crate::storage::{Clients, StorageError};
 
 /// Data Factory REST API version of every call (Pipelines - Create Run, Pipeline Runs - Get,
@@ -52,9 +65,6 @@ use crate::storage::{Clients, StorageError};
 pub const API_VERSION: &str = "2018-06-01";
 /// Token scope for Azure Resource Manager.
 pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
-/// Token scope for Azure Storage: the pipeline sends this token as `x-ms-copy-source-authorization`
-/// so that the *source* read is authorised by this function's managed identity.
-pub const STORAGE_SCOPE: &str = "https://storage.azure.com/.default";
 /// Name of the shipped pipeline (`datafactory/pipeline/lakeguard-backup-copy.json`).
 pub const DEFAULT_PIPELINE: &str = "lakeguard-backup-copy";
 /// Metadata marker the pipeline's copy activity writes on the backup blob: the runId.
@@ -63,16 +73,21 @@ pub const RUN_MARKER: &str = "lakeguard_copy_run";
 /// (Put Block From URL in blocks), which this pipeline does not do.
 pub const MAX_COPY_BYTES: u64 = 5000 * 1024 * 1024;
 
+/// What the engine reads of a backup blob after a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupBlobInfo {
+    pub etag: Etag,
+    /// Keys lower-cased.
+    pub metadata: BTreeMap<String, String>,
+    pub content_length: u64,
+}
+
 /// The backup account as the engine needs it after a run: read the blob the run wrote and stamp
 /// its metadata. Implemented for [`BlobStore`]; tests supply their own.
 #[async_trait]
 pub trait BackupBlobs: Send + Sync + std::fmt::Debug {
-    /// ETag and metadata (keys lower-cased) of a backup blob; `Ok(None)` only for a real 404.
-    async fn head(
-        &self,
-        container: &str,
-        blob: &str,
-    ) -> Result<Option<(Etag, BTreeMap<String, String>)>, CopyError>;
+    /// A backup blob's ETag, metadata and length; `Ok(None)` only for a real 404.
+    async fn head(&self, container: &str, blob: &str) -> Result<Option<BackupBlobInfo>, CopyError>;
     /// Replaces the metadata, only while the blob still has `if_match`.
     async fn set_metadata(
         &self,
@@ -96,13 +111,13 @@ fn storage_error(e: StorageError) -> CopyError {
 
 #[async_trait]
 impl BackupBlobs for BlobStore {
-    async fn head(
-        &self,
-        container: &str,
-        blob: &str,
-    ) -> Result<Option<(Etag, BTreeMap<String, String>)>, CopyError> {
+    async fn head(&self, container: &str, blob: &str) -> Result<Option<BackupBlobInfo>, CopyError> {
         match self.properties(container, blob, None).await {
-            Ok(p) => Ok(Some((p.etag, p.metadata))),
+            Ok(p) => Ok(Some(BackupBlobInfo {
+                etag: p.etag,
+                metadata: p.metadata,
+                content_length: p.content_length,
+            })),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(storage_error(e)),
         }
@@ -121,10 +136,73 @@ impl BackupBlobs for BlobStore {
     }
 }
 
-/// Builds the engine from the settings (`LAKEGUARD_COPY_ENGINE=datafactory`). The ARM and
-/// copy-source tokens come from the managed identity of the source connection (system-assigned
-/// unless `SourceStorage__clientId`): that identity needs a role on the factory and Storage Blob
-/// Data Reader on the source account.
+/// Read access to the source for one run: a SAS query string (no leading `?`) that reads exactly
+/// one snapshot. Implemented by [`SourceSnapshotSas`]; tests supply their own.
+#[async_trait]
+pub trait SourceAuthorizer: Send + Sync + std::fmt::Debug {
+    /// Never log the result.
+    async fn snapshot_sas(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: &str,
+        valid_for: time::Duration,
+    ) -> Result<String, CopyError>;
+}
+
+/// [`SourceAuthorizer`] of the source account: [`sas::read_sas`], so a user-delegation SAS
+/// (`sr=bs`, `sp=r`) signed with a key of the function's managed identity, or a service SAS with
+/// an account key; at most [`sas::MAX_LIFETIME`] in all.
+pub struct SourceSnapshotSas {
+    store: BlobStore,
+    keys: DelegationKeyCache,
+}
+
+impl SourceSnapshotSas {
+    pub fn new(store: BlobStore, keys: DelegationKeyCache) -> Self {
+        SourceSnapshotSas { store, keys }
+    }
+}
+
+impl std::fmt::Debug for SourceSnapshotSas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceSnapshotSas")
+            .field("account", &self.store.account())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl SourceAuthorizer for SourceSnapshotSas {
+    async fn snapshot_sas(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: &str,
+        valid_for: time::Duration,
+    ) -> Result<String, CopyError> {
+        sas::read_sas(
+            &self.store,
+            &self.keys,
+            container,
+            blob,
+            Some(snapshot),
+            valid_for,
+        )
+        .await
+        .map_err(|e| match e {
+            // Getting a user delegation key can be throttled like any storage call.
+            StorageError::Permanent { .. } => CopyError::Permanent(format!("copy-source SAS: {e}")),
+            other => CopyError::Retryable(format!("copy-source SAS: {other}")),
+        })
+    }
+}
+
+/// Builds the engine from the settings (`LAKEGUARD_COPY_ENGINE=datafactory`). The ARM token comes
+/// from the managed identity of the source connection (system-assigned unless
+/// `SourceStorage__clientId`), which needs a role on the factory; the copy-source SAS is signed
+/// with that identity's user delegation key of the source account (Storage Blob Data Reader
+/// includes `generateUserDelegationKey`), or with the source's account key.
 pub fn from_settings(
     settings: &Settings,
     clients: &Clients,
@@ -165,6 +243,10 @@ pub fn from_settings(
         clients.http().clone(),
         clients.credential(client_id.as_deref())?,
         Arc::new(clients.blob_store(&settings.backup)?),
+        Arc::new(SourceSnapshotSas::new(
+            clients.blob_store(&settings.source)?,
+            DelegationKeyCache::default(),
+        )),
     )))
 }
 
@@ -202,6 +284,13 @@ pub struct DataFactoryConfig {
     /// How far back a redelivery looks for an earlier run of the same version. Queue messages live
     /// 7 days, so by default so does the search.
     pub run_lookback: Duration,
+    /// Validity of the copy-source SAS from createRun on (capped by [`sas::MAX_LIFETIME`], whose
+    /// start lies 5 minutes back: at most 25 minutes ahead). Put Blob From URL authorises its
+    /// source read when the request starts, so the SAS must last until the Web activity's last
+    /// attempt starts (a queued run plus three retries 30 s apart take minutes); a run that
+    /// starts its copy later fails with the service's 403, the request is redelivered and the
+    /// next delivery starts a new run with a fresh SAS (a failed run is never adopted).
+    pub source_sas_lifetime: time::Duration,
 }
 
 impl DataFactoryConfig {
@@ -229,6 +318,7 @@ impl DataFactoryConfig {
             max_retry_after: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             run_lookback: Duration::from_secs(7 * 24 * 3600),
+            source_sas_lifetime: sas::MAX_LIFETIME,
         }
     }
 
@@ -337,23 +427,27 @@ pub struct DataFactoryEngine {
     http: reqwest::Client,
     credential: Arc<dyn TokenCredential>,
     backup: Arc<dyn BackupBlobs>,
+    source: Arc<dyn SourceAuthorizer>,
 }
 
 impl DataFactoryEngine {
     /// `credential` is the process-wide managed identity credential (production:
     /// `ManagedIdentityCredential`); it caches tokens per scope, so calling it per copy is cheap.
-    /// `backup` is the backup account (metadata of the copied blob).
+    /// `backup` is the backup account (metadata of the copied blob), `source` signs the
+    /// copy-source SAS of each run.
     pub fn new(
         config: DataFactoryConfig,
         http: reqwest::Client,
         credential: Arc<dyn TokenCredential>,
         backup: Arc<dyn BackupBlobs>,
+        source: Arc<dyn SourceAuthorizer>,
     ) -> Self {
         DataFactoryEngine {
             config,
             http,
             credential,
             backup,
+            source,
         }
     }
 
@@ -362,8 +456,8 @@ impl DataFactoryEngine {
     }
 
     /// The pipeline parameters for `job` (names and types as declared by the shipped pipeline).
-    /// `source_authorization` is a SecureString parameter: never log the result.
-    fn run_parameters(&self, job: &CopyJob, source_authorization: &str) -> Value {
+    /// `source_sas` is a SecureString parameter: never log the result.
+    fn run_parameters(&self, job: &CopyJob, source_sas: &str) -> Value {
         json!({
             "sourceBlobEndpoint": endpoint_str(&self.config.source_blob_endpoint),
             "sourceContainer": job.source_container,
@@ -373,8 +467,11 @@ impl DataFactoryEngine {
             // The snapshot's own ETag when the worker read it; a snapshot taken by lakeguard
             // carries its base's ETag otherwise.
             "sourceSnapshotEtag": job.snapshot_etag.as_ref().unwrap_or(&job.source_etag).quoted(),
-            "sourceContentLength": job.content_length,
-            "sourceAuthorization": source_authorization,
+            // A String, compared with the String of Get Metadata's size: Data Factory does not
+            // document the width of an `Int` parameter, and a 32-bit one would refuse a blob
+            // above 2 GiB (2^31 - 1 bytes) at createRun.
+            "sourceContentLength": job.content_length.to_string(),
+            "sourceSas": source_sas,
             "backupBlobEndpoint": endpoint_str(&self.config.backup_blob_endpoint),
             "targetContainer": job.target_container,
             "targetBlob": job.target_blob,
@@ -575,8 +672,19 @@ impl DataFactoryEngine {
         let url = self
             .config
             .factory_url(&["pipelines", &self.config.pipeline_name, "createRun"]);
-        let source_auth = format!("Bearer {}", self.token(STORAGE_SCOPE).await?);
-        let body = self.run_parameters(job, &source_auth);
+        let snapshot = job.source_snapshot.as_deref().ok_or_else(|| {
+            CopyError::Permanent("the Data Factory engine copies source snapshots only".into())
+        })?;
+        let source_sas = self
+            .source
+            .snapshot_sas(
+                &job.source_container,
+                &job.source_blob,
+                snapshot,
+                self.config.source_sas_lifetime,
+            )
+            .await?;
+        let body = self.run_parameters(job, &source_sas);
         let mut attempt = 0;
         loop {
             let outcome = self.call_once(Method::POST, &url, Some(&body)).await;
@@ -729,7 +837,12 @@ impl DataFactoryEngine {
     /// that run wrote (its marker) and only while it still is (If-Match).
     async fn stamp_metadata(&self, job: &CopyJob, run_id: &str) -> Result<CopyOutcome, CopyError> {
         let (c, b) = (&job.target_container, &job.target_blob);
-        let Some((etag, meta)) = self.backup.head(c, b).await? else {
+        let Some(BackupBlobInfo {
+            etag,
+            metadata: meta,
+            ..
+        }) = self.backup.head(c, b).await?
+        else {
             return Err(CopyError::Retryable(format!(
                 "Data Factory run {run_id} succeeded but the backup blob does not exist"
             )));
@@ -751,6 +864,22 @@ impl DataFactoryEngine {
         Err(CopyError::Retryable(format!(
             "the backup blob was rewritten after Data Factory run {run_id} (marker {marker:?}); the request will be re-evaluated"
         )))
+    }
+
+    /// Whether a failed run's Put Blob From URL nevertheless wrote the backup: the blob carries
+    /// this run's marker (only that request writes it, atomically, under `x-ms-source-if-match`
+    /// on the snapshot's ETag) and has the version's length. Then the failure came after the
+    /// write, e.g. from a factory that refuses the empty `201` answer, or from an activity retry
+    /// that found the blob already written (409/412).
+    async fn copy_landed(&self, job: &CopyJob, run_id: &str) -> Result<bool, CopyError> {
+        Ok(self
+            .backup
+            .head(&job.target_container, &job.target_blob)
+            .await?
+            .is_some_and(|b| {
+                b.metadata.get(RUN_MARKER).map(String::as_str) == Some(run_id)
+                    && b.content_length == job.content_length
+            }))
     }
 
     async fn copy_inner(&self, job: &CopyJob) -> Result<CopyOutcome, CopyError> {
@@ -782,12 +911,16 @@ impl DataFactoryEngine {
                 info!(run_id = %run.run_id, "Data Factory run succeeded");
                 self.stamp_metadata(job, &run.run_id).await
             }
+            RunStatus::Failed if self.copy_landed(job, &run.run_id).await? => {
+                warn!(run_id = %run.run_id, "Data Factory run failed after its copy landed (the backup carries this run's marker and the version's length); counting the copy as done");
+                self.stamp_metadata(job, &run.run_id).await
+            }
             status => {
                 warn!(run_id = %run.run_id, ?status, "Data Factory run did not succeed");
                 let message = if run.message.is_empty() {
                     "no message".to_owned()
                 } else {
-                    run.message
+                    redact_sas(&run.message)
                 };
                 Err(CopyError::Retryable(format!(
                     "Data Factory run {} {:?}: {}",
@@ -876,6 +1009,34 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(Duration::try_from(delta).unwrap_or(Duration::ZERO))
 }
 
+/// `text` with the value of every `sig=` query parameter replaced: a run's message (or an ARM
+/// error that echoes a parameter) may quote the copy-source URL, and the worker logs errors.
+pub fn redact_sas(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.to_ascii_lowercase().find("sig=") {
+        // Only a query parameter: at the start or after `?`, `&` or a separator.
+        let boundary = i == 0
+            || matches!(
+                rest.as_bytes()[i - 1],
+                b'?' | b'&' | b' ' | b'"' | b'\'' | b'(' | b'\n'
+            );
+        out.push_str(&rest[..i + 4]);
+        rest = &rest[i + 4..];
+        if boundary {
+            let end = rest
+                .find(|c: char| {
+                    c == '&' || c == '"' || c == '\'' || c.is_whitespace() || c == ')' || c == '<'
+                })
+                .unwrap_or(rest.len());
+            out.push_str("REDACTED");
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `: Code: message` from an ARM error body (`{"error":{"code","message"}}`), or nothing.
 fn arm_error_detail(body: &str) -> String {
     let Ok(v) = serde_json::from_str::<Value>(body) else {
@@ -884,6 +1045,7 @@ fn arm_error_detail(body: &str) -> String {
     let err = v.get("error").unwrap_or(&v);
     let code = err.get("code").and_then(Value::as_str).unwrap_or("");
     let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
+    let msg = redact_sas(msg);
     match (code.is_empty(), msg.is_empty()) {
         (true, true) => String::new(),
         (false, true) => format!(": {code}"),
@@ -961,6 +1123,19 @@ mod tests {
             endpoint_str(&c.backup_blob_endpoint),
             "https://b.blob.core.windows.net"
         );
+    }
+
+    #[test]
+    fn sas_signatures_are_redacted() {
+        let m = "Operation on target Copy failed: 403 for https://a.blob.core.windows.net/c/b?snapshot=s&sv=2021-08-06&sr=bs&sig=abc%2Bdef%3D&se=x, see \"sig=QQ\" and SIG=zz";
+        let r = redact_sas(m);
+        for secret in ["abc%2Bdef%3D", "QQ", "zz"] {
+            assert!(!r.contains(secret), "{r}");
+        }
+        assert!(r.contains("sr=bs&sig=REDACTED&se=x"), "{r}");
+        // Not a query parameter: left alone.
+        assert_eq!(redact_sas("design=ok"), "design=ok");
+        assert_eq!(redact_sas("no secret here"), "no secret here");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `http://127.0.0.1:{port}`, so that is the only address we bind.
 
 pub mod backup_worker;
+pub mod event_backup;
 pub mod protocol;
 pub mod prune;
 pub mod reconcile;
@@ -32,6 +33,7 @@ pub fn router(app: App) -> Router {
             get(snapshot_producer::handle).post(snapshot_producer::handle),
         )
         .route("/BackupWorker", post(backup_worker::handle))
+        .route("/EventBackup", post(event_backup::handle))
         .route("/api/restore", post(restore::post).get(restore::usage))
         .route("/api/restore/{id}", get(restore::status))
         .route("/Reconcile", post(reconcile::timer))

@@ -1,6 +1,7 @@
 //! Plain data shared by every layer: listing rows, queue messages, metadata names.
 
 pub mod entry;
+pub mod event;
 pub mod metadata;
 pub mod request;
 

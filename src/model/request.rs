@@ -108,6 +108,20 @@ impl BackupRequest {
 
     /// A request for the live blob while its ETag is `etag` (no snapshot named): the worker
     /// copies the base blob under `source-if-match`, or looks for a snapshot of the version.
+    /// A request naming only the version: the worker finds a snapshot of it, or takes one while
+    /// it is live (the reference schema's semantics; the event path's fallback).
+    pub fn version(container: &str, blob: &str, etag: &Etag) -> Self {
+        BackupRequest {
+            v: 1,
+            container: container.to_owned(),
+            blob: blob.to_owned(),
+            etag: etag.clone(),
+            snapshot: None,
+            props: None,
+            backup_absent: false,
+        }
+    }
+
     pub fn live(container: &str, blob: &str, etag: &Etag) -> Self {
         BackupRequest {
             v: 1,

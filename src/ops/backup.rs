@@ -102,13 +102,26 @@ pub async fn process_message(app: &App, text: &str, dequeue_count: u32) -> Resul
             .await
         }
     };
+    process_request(app, &app.queue, text, &request, dequeue_count).await
+}
+
+/// Backs up `request` (parsed from `text`, a message of `queue`): the worker's path, shared with
+/// the event path. Permanent failures, and retryable ones on the last delivery, go to
+/// `<queue>-poison` with `text` and the reason.
+pub async fn process_request(
+    app: &App,
+    queue: &BackupQueue,
+    text: &str,
+    request: &BackupRequest,
+    dequeue_count: u32,
+) -> Result<Outcome, Retry> {
     let span = tracing::info_span!("backup", container = %request.container, blob = %request.blob, etag = %request.etag);
-    let result = back_up(app, &request, dequeue_count).instrument(span).await;
+    let result = back_up(app, request, dequeue_count).instrument(span).await;
     match result {
         Ok(outcome) => Ok(outcome),
         Err(Failure::Permanent(e)) => {
             poison(
-                &app.queue,
+                queue,
                 text,
                 &format!("permanent failure: {e}"),
                 dequeue_count,
@@ -117,7 +130,7 @@ pub async fn process_message(app: &App, text: &str, dequeue_count: u32) -> Resul
         }
         Err(Failure::Retryable(e)) if dequeue_count >= app.settings.max_dequeue_count => {
             poison(
-                &app.queue,
+                queue,
                 text,
                 &format!("failed on all {dequeue_count} deliveries; last error: {e}"),
                 dequeue_count,
@@ -128,7 +141,7 @@ pub async fn process_message(app: &App, text: &str, dequeue_count: u32) -> Resul
     }
 }
 
-async fn poison(
+pub(crate) async fn poison(
     queue: &BackupQueue,
     text: &str,
     reason: &str,

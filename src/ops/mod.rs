@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod demo;
+pub mod event;
 pub mod history_stream;
 pub mod prune;
 pub mod reconcile;

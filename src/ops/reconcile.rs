@@ -809,7 +809,7 @@ fn join_error(e: JoinError) -> String {
 }
 
 /// Outcome of one action.
-enum Done {
+pub(crate) enum Done {
     Pending,
     Enqueued,
     /// A request for the live version (no snapshot made).
@@ -976,7 +976,18 @@ async fn needs_backup(
 }
 
 async fn tombstone(ctx: &Ctx<'_>, container: &str, backup: BlobEntry) -> Done {
-    let app = ctx.app;
+    tombstone_with(ctx.app, ctx.dry_run, container, backup).await
+}
+
+/// Records that `backup`'s source is gone (after a HEAD of the source: only a real 404 counts):
+/// the backup's current version is kept as a snapshot, then `lakeguard_deleted_at` is set, both
+/// `If-Match`. Shared by reconcile and the event path.
+pub(crate) async fn tombstone_with(
+    app: &App,
+    dry_run: bool,
+    container: &str,
+    backup: BlobEntry,
+) -> Done {
     if backup.meta(SOURCE_ETAG).is_none() {
         return Done::Skipped("backup blob not written by lakeguard");
     }
@@ -986,7 +997,7 @@ async fn tombstone(ctx: &Ctx<'_>, container: &str, backup: BlobEntry) -> Done {
         Err(e) if e.is_not_found() => {}
         Err(e) => return Done::Failed(format!("confirming the deletion: {e}")),
     }
-    if ctx.dry_run {
+    if dry_run {
         return Done::WouldTombstone;
     }
     // Keep the backup's current version before its metadata changes: history stays complete.

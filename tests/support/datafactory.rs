@@ -7,7 +7,19 @@
 //! * `Authorization: Bearer <jwt>` whose `aud` is ARM (401 `AuthenticationFailed` otherwise);
 //!   the JWT is not verified, only decoded, as the local identity endpoint issues unsigned ones;
 //! * createRun's body is checked against the parameters that the **shipped** pipeline JSON
-//!   declares: unknown names, missing required ones and wrong JSON types are 400 `BadRequest`.
+//!   declares: unknown names, missing required ones and wrong JSON types are 400 `BadRequest`. An
+//!   `Int` takes only 32-bit values: Data Factory does not document its width, so the stand-in
+//!   takes the reading under which a pipeline that relies on more fails (a length above 2 GiB);
+//! * a Web activity is held to the documented contract: `datasets` and `linkedServices` arrays
+//!   (required, may be empty), a `body` for PUT/POST/PATCH (required), which is what the request
+//!   then carries (`Content-Length` = its length, checked by the storage side: Put Blob From URL
+//!   needs 0); its endpoint must answer JSON. Put Blob From URL answers `201` with no body: by
+//!   default ([`WebResponsePolicy::EmptyIsTolerated`]) that becomes the output `Response: ""`, as
+//!   observed on real factories; [`WebResponsePolicy::JsonOnly`] fails the activity instead, the
+//!   literal reading of the docs ("non-JSON response: unsupported"), which the engine must survive;
+//! * the copy source is authorised only by the SAS in `x-ms-copy-source` (no bearer token):
+//!   [`MemoryStorage`] issues and checks it (read only, that one snapshot, unexpired, at most 30
+//!   minutes), Azurite checks the real one in the end-to-end tests.
 //!
 //! It answers like Data Factory (runId; Queued -> InProgress -> Succeeded/Failed; Get, Query By
 //! Factory with continuation tokens, Activity Runs) and it **executes the shipped pipeline**: the
@@ -88,6 +100,16 @@ impl FactoryDefinition {
     pub fn pipeline(&self, name: &str) -> Option<&Value> {
         self.pipelines.get(name)
     }
+
+    /// Names of the SecureString parameters of every pipeline (masked in records and answers).
+    pub fn secure_parameters(&self) -> std::collections::BTreeSet<String> {
+        self.pipelines
+            .values()
+            .flat_map(declared_parameters)
+            .filter(|(_, (ty, _))| ty.eq_ignore_ascii_case("SecureString"))
+            .map(|(k, _)| k)
+            .collect()
+    }
 }
 
 /// Declared parameters of a pipeline/dataset/linked service: name -> (type, defaultValue).
@@ -128,7 +150,7 @@ pub fn validate_run_parameters(
         };
         let ok = match ty.to_ascii_lowercase().as_str() {
             "string" | "securestring" => value.is_string(),
-            "int" => value.is_i64() || value.is_u64(),
+            "int" => value.as_i64().is_some_and(|n| i32::try_from(n).is_ok()),
             "float" => value.is_number(),
             "bool" => value.is_boolean(),
             "array" => value.is_array(),
@@ -565,8 +587,8 @@ pub struct ResolvedCopy {
     pub method: String,
     /// Target blob URL (the request URL of Put Blob From URL).
     pub url: String,
-    /// Header names lower-cased. `x-ms-copy-source-authorization` holds a bearer token: tests may
-    /// check it, never print it.
+    /// Header names lower-cased (plus `content-length`, from the body). `x-ms-copy-source` holds
+    /// the SAS: tests may check it, never print it.
     pub headers: BTreeMap<String, String>,
     /// MSI resource of the activity's authentication.
     pub msi_resource: String,
@@ -634,6 +656,8 @@ pub type BlobKey = (String, String);
 pub struct BackupBlob {
     pub etag: String,
     pub content: Vec<u8>,
+    /// Its length as the service reports it (`content.len()` unless a test declared more).
+    pub size: u64,
     /// Request headers of the copy that wrote it.
     pub headers: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
@@ -655,7 +679,24 @@ pub struct MemoryStorage {
     pub fail_next: Mutex<(u32, String)>,
     /// Content written instead of the snapshot's (to make the size check fail).
     pub corrupt_next: Mutex<bool>,
+    /// Declared lengths of snapshots bigger than a test wants to hold in memory.
+    pub sizes: Mutex<HashMap<SnapshotKey, u64>>,
+    /// Every copy-source SAS issued ([`lakeguard::copy::datafactory::SourceAuthorizer`]), by
+    /// signature: what it was issued for.
+    pub issued_sas: Mutex<HashMap<String, IssuedSas>>,
     etag_seq: AtomicU64,
+}
+
+/// What a SAS issued by [`MemoryStorage`] grants.
+#[derive(Clone, Debug)]
+pub struct IssuedSas {
+    pub container: String,
+    pub blob: String,
+    pub snapshot: String,
+    pub start: OffsetDateTime,
+    pub expiry: OffsetDateTime,
+    /// The SAS as issued (a query string).
+    pub query: String,
 }
 
 impl MemoryStorage {
@@ -669,6 +710,8 @@ impl MemoryStorage {
             copies: Mutex::default(),
             fail_next: Mutex::new((0, String::new())),
             corrupt_next: Mutex::new(false),
+            sizes: Mutex::default(),
+            issued_sas: Mutex::default(),
             etag_seq: AtomicU64::new(1),
         })
     }
@@ -685,6 +728,78 @@ impl MemoryStorage {
             (container.into(), blob.into(), snapshot.into()),
             (etag.into(), content.to_vec()),
         );
+    }
+
+    /// A snapshot whose service-reported length is `size` (a few bytes of content stand for it).
+    pub fn add_snapshot_sized(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: &str,
+        etag: &str,
+        content: &[u8],
+        size: u64,
+    ) {
+        self.add_snapshot(container, blob, snapshot, etag, content);
+        self.sizes
+            .lock()
+            .unwrap()
+            .insert((container.into(), blob.into(), snapshot.into()), size);
+    }
+
+    /// Makes every SAS issued so far expired (a run that starts its copy too late).
+    pub fn expire_issued_sas(&self) {
+        for sas in self.issued_sas.lock().unwrap().values_mut() {
+            sas.expiry = now() - time::Duration::seconds(1);
+        }
+    }
+
+    /// Checks the SAS of a copy-source URL like the service: known signature, read only, blob
+    /// snapshot scope, exactly this snapshot, within its validity, at most 30 minutes in all.
+    /// Errors never quote the SAS.
+    fn verify_source_sas(
+        &self,
+        query: Option<&str>,
+        container: &str,
+        blob: &str,
+        snapshot: Option<&str>,
+    ) -> Result<(), String> {
+        let q: BTreeMap<String, String> =
+            url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+        let fail = |why: &str| {
+            Err(format!(
+                "403 CannotVerifyCopySource: AuthenticationFailed ({why})"
+            ))
+        };
+        let Some(sig) = q.get("sig") else {
+            return fail("the copy source carries no SAS");
+        };
+        let Some(issued) = self.issued_sas.lock().unwrap().get(sig).cloned() else {
+            return fail("signature not recognised");
+        };
+        if q.get("sp").map(String::as_str) != Some("r")
+            || q.get("sr").map(String::as_str) != Some("bs")
+        {
+            return fail("the SAS is not a read-only snapshot SAS");
+        }
+        if (
+            issued.container.as_str(),
+            issued.blob.as_str(),
+            Some(issued.snapshot.as_str()),
+        ) != (container, blob, snapshot)
+        {
+            return fail("the SAS was issued for another blob or snapshot");
+        }
+        let t = now();
+        if t < issued.start || t >= issued.expiry {
+            return fail("signed expiry time has passed or start time is ahead");
+        }
+        if issued.expiry - issued.start > time::Duration::minutes(30) {
+            return fail("lifetime above 30 minutes");
+        }
+        Ok(())
     }
 
     pub fn set_live(&self, container: &str, blob: &str, etag: &str, content: &[u8]) {
@@ -720,6 +835,7 @@ impl MemoryStorage {
             BackupBlob {
                 etag: etag.clone(),
                 content: content.to_vec(),
+                size: content.len() as u64,
                 headers: BTreeMap::new(),
                 metadata,
             },
@@ -756,12 +872,35 @@ impl StandInStorage for MemoryStorage {
         if tsnap.is_some() {
             return Err("400 InvalidQueryParameterValue: a snapshot cannot be written".into());
         }
+        if copy.header("content-length") != Some("0") {
+            return Err(format!(
+                "400 InvalidHeaderValue: Put Blob From URL needs Content-Length: 0, got {:?}",
+                copy.header("content-length")
+            ));
+        }
+        if copy.header("x-ms-copy-source-authorization").is_some() {
+            return Err("400: the copy source must be authorised by its SAS alone".into());
+        }
         let src = copy
             .source_url()
             .ok_or("400 MissingRequiredHeader: x-ms-copy-source")?;
+        let without_query = src.split('?').next().unwrap_or_default();
         let (sc, sb, ssnap) = split_blob_url(src, &self.source_endpoint).ok_or_else(|| {
-            format!("403 CannotVerifyCopySource: {src} is not in the source account")
+            format!("403 CannotVerifyCopySource: {without_query} is not in the source account")
         })?;
+        self.verify_source_sas(
+            src.split_once('?').map(|(_, q)| q),
+            &sc,
+            &sb,
+            ssnap.as_deref(),
+        )?;
+        let declared = ssnap.as_ref().and_then(|snap| {
+            self.sizes
+                .lock()
+                .unwrap()
+                .get(&(sc.clone(), sb.clone(), snap.clone()))
+                .copied()
+        });
         let content = match ssnap {
             Some(snap) => {
                 let snaps = self.snapshots.lock().unwrap();
@@ -818,11 +957,13 @@ impl StandInStorage for MemoryStorage {
             })
             .collect();
         let etag = self.next_etag();
+        let size = declared.unwrap_or(content.len() as u64);
         backup.insert(
             key,
             BackupBlob {
                 etag: etag.clone(),
                 content,
+                size,
                 headers: copy.headers.clone(),
                 metadata,
             },
@@ -842,7 +983,7 @@ impl StandInStorage for MemoryStorage {
             .lock()
             .unwrap()
             .get(&(blob.container.clone(), blob.blob.clone()))
-            .map(|b| b.content.len() as u64))
+            .map(|b| b.size))
     }
 }
 
@@ -859,13 +1000,15 @@ impl lakeguard::copy::datafactory::BackupBlobs for MemoryStorage {
         &self,
         container: &str,
         blob: &str,
-    ) -> Result<
-        Option<(lakeguard::model::Etag, BTreeMap<String, String>)>,
-        lakeguard::copy::CopyError,
-    > {
-        Ok(self
-            .backup_blob(container, blob)
-            .map(|b| (lakeguard::model::Etag::new(&b.etag), b.metadata)))
+    ) -> Result<Option<lakeguard::copy::datafactory::BackupBlobInfo>, lakeguard::copy::CopyError>
+    {
+        Ok(self.backup_blob(container, blob).map(|b| {
+            lakeguard::copy::datafactory::BackupBlobInfo {
+                etag: lakeguard::model::Etag::new(&b.etag),
+                metadata: b.metadata,
+                content_length: b.size,
+            }
+        }))
     }
 
     async fn set_metadata(
@@ -889,6 +1032,46 @@ impl lakeguard::copy::datafactory::BackupBlobs for MemoryStorage {
         b.metadata = metadata.clone();
         b.etag = self.next_etag();
         Ok(())
+    }
+}
+
+/// The engine's copy-source SAS, issued by the same memory that checks it. Its shape is the
+/// real one (`sv`, `sr=bs`, `sp=r`, `st`, `se`, `spr=https`, `sig`); the signature is a random
+/// token the store remembers.
+#[async_trait]
+impl lakeguard::copy::datafactory::SourceAuthorizer for MemoryStorage {
+    async fn snapshot_sas(
+        &self,
+        container: &str,
+        blob: &str,
+        snapshot: &str,
+        valid_for: time::Duration,
+    ) -> Result<String, lakeguard::copy::CopyError> {
+        let t = now();
+        let start = t - time::Duration::minutes(5);
+        let expiry = t + valid_for.min(time::Duration::minutes(25));
+        let n = self.etag_seq.fetch_add(1, Ordering::SeqCst);
+        let sig = base64::engine::general_purpose::STANDARD
+            .encode(format!("memsig-{n}-{}", now().unix_timestamp_nanos()));
+        let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let query = format!(
+            "sv=2021-08-06&sr=bs&sp=r&st={}&se={}&spr=https&sig={}",
+            enc(&rfc3339(start)),
+            enc(&rfc3339(expiry)),
+            enc(&sig)
+        );
+        self.issued_sas.lock().unwrap().insert(
+            sig,
+            IssuedSas {
+                container: container.into(),
+                blob: blob.into(),
+                snapshot: snapshot.into(),
+                start,
+                expiry,
+                query: query.clone(),
+            },
+        );
+        Ok(query)
     }
 }
 
@@ -963,6 +1146,7 @@ struct Inner {
     page_size: usize,
     /// The next Get Pipeline Run calls answer only after this long (client timeouts).
     get_delays: Vec<Duration>,
+    web_response: WebResponsePolicy,
 }
 
 pub struct StandInState {
@@ -1129,6 +1313,11 @@ impl DataFactoryStandIn {
         self.state.inner.lock().unwrap().scripts.push(script);
     }
 
+    /// How Web activities treat their endpoint's answer from now on.
+    pub fn set_web_response_policy(&self, policy: WebResponsePolicy) {
+        self.state.inner.lock().unwrap().web_response = policy;
+    }
+
     /// Page size of queryPipelineRuns (small values force continuation tokens).
     pub fn set_page_size(&self, n: usize) {
         self.state.inner.lock().unwrap().page_size = n.max(1);
@@ -1172,10 +1361,13 @@ impl DataFactoryStandIn {
 
 impl StandInState {
     fn record(&self, method: &Method, uri: &Uri, body: Option<Value>, status: StatusCode) {
-        // The body of createRun holds the SecureString sourceAuthorization: mask it in the record.
+        // The body of createRun holds SecureString parameters (the SAS): mask them in the record.
+        let secure = self.definition.secure_parameters();
         let body = body.map(|mut b| {
-            if let Some(v) = b.get_mut("sourceAuthorization") {
-                *v = json!("<masked>");
+            for k in &secure {
+                if let Some(v) = b.get_mut(k) {
+                    *v = json!("<masked>");
+                }
             }
             b
         });
@@ -1271,13 +1463,13 @@ impl StandInState {
     }
 }
 
-fn run_json(r: &RunRecord) -> Value {
+fn run_json(r: &RunRecord, secure: &std::collections::BTreeSet<String>) -> Value {
     // Data Factory reports parameter values as strings; SecureString values are not given back.
     let params: Map<String, Value> = r
         .parameters
         .iter()
         .map(|(k, v)| {
-            let s = if k == "sourceAuthorization" {
+            let s = if secure.contains(k) {
                 "**********".to_owned()
             } else {
                 to_text(v)
@@ -1403,7 +1595,7 @@ async fn get_run(
         .unwrap_or_else(|| {
             let inner = st.inner.lock().unwrap();
             match inner.runs.iter().find(|r| r.run_id == run) {
-                Some(r) => Json(run_json(r)).into_response(),
+                Some(r) => Json(run_json(r, &st.definition.secure_parameters())).into_response(),
                 None => arm_error(
                     StatusCode::NOT_FOUND,
                     "PipelineRunNotFound",
@@ -1498,7 +1690,7 @@ async fn query_runs(
         let end = (start + inner.page_size).min(matching.len());
         let page: Vec<Value> = matching[start.min(end)..end]
             .iter()
-            .map(|r| run_json(r))
+            .map(|r| run_json(r, &st.definition.secure_parameters()))
             .collect();
         let mut out = json!({ "value": page });
         if end < matching.len() {
@@ -1736,56 +1928,24 @@ impl Execution {
     }
 
     async fn web_activity(&mut self, name: &str, act: &Value) -> Result<Value, String> {
-        let tp = &act["typeProperties"];
-        let auth = &tp["authentication"];
-        if auth["type"] != "MSI" {
+        let copy = resolve_web_request(name, act, &self.ctx)?;
+        if copy.msi_resource.trim_end_matches('/') != "https://storage.azure.com" {
             return Err(format!(
-                "authentication {} is not managed identity",
-                auth["type"]
+                "MSI resource {} is not Azure Storage",
+                copy.msi_resource
             ));
         }
-        let resource = to_text(&eval_property(&auth["resource"], &self.ctx)?);
-        let method = to_text(&eval_property(&tp["method"], &self.ctx)?);
-        let url = to_text(&eval_property(&tp["url"], &self.ctx)?);
-        let mut headers = BTreeMap::new();
-        for (k, v) in tp["headers"].as_object().into_iter().flatten() {
-            headers.insert(
-                k.to_ascii_lowercase(),
-                to_text(&eval_property(v, &self.ctx)?),
-            );
-        }
-        let copy = ResolvedCopy {
-            run_id: self.ctx.run_id.clone(),
-            activity: name.to_owned(),
-            method: method.clone(),
-            url,
-            headers,
-            msi_resource: resource.clone(),
-        };
-        if resource.trim_end_matches('/') != "https://storage.azure.com" {
-            return Err(format!("MSI resource {resource} is not Azure Storage"));
-        }
-        if method != "PUT"
+        if copy.method != "PUT"
             || copy.header("x-ms-blob-type") != Some("BlockBlob")
             || copy.source_url().is_none()
         {
             return Err("the stand-in performs only Put Blob From URL (PUT, x-ms-blob-type: BlockBlob, x-ms-copy-source)".into());
         }
-        if let Err(e) = bearer_has_audience(
-            copy.header("x-ms-copy-source-authorization"),
-            "https://storage.azure.com",
-        ) {
-            return Err(format!(
-                "403 CannotVerifyCopySource: x-ms-copy-source-authorization: {e}"
-            ));
-        }
+        // Put Blob From URL: 201 Created, no body.
         let etag = self.st.storage.put_blob_from_url(&copy).await?;
-        Ok(json!({
-            "ADFWebActivityResponseHeaders": {"ETag": etag, "x-ms-request-server-encrypted": "true"},
-            "Response": "",
-        }))
+        let policy = self.st.inner.lock().unwrap().web_response;
+        web_activity_output(policy, 201, b"", &etag)
     }
-
     /// Resolves a DatasetReference: dataset parameters from the caller's context, the linked
     /// service's parameters from the dataset's, then the blob location.
     fn resolve_dataset(&self, reference: &Value) -> Result<ResolvedBlob, String> {
@@ -1936,6 +2096,101 @@ impl Execution {
         )?);
         Err(msg)
     }
+}
+
+/// What the stand-in does with a Web activity's successful answer (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WebResponsePolicy {
+    /// An empty body becomes `{"Response": ""}` (observed); a JSON object is the output; any
+    /// other body fails the activity (documented: unsupported).
+    #[default]
+    EmptyIsTolerated,
+    /// Only a JSON object is accepted: an empty body fails the activity too.
+    JsonOnly,
+}
+
+/// The output of a Web activity whose endpoint answered `status` with `body`, or its error.
+pub fn web_activity_output(
+    policy: WebResponsePolicy,
+    status: u16,
+    body: &[u8],
+    etag: &str,
+) -> Result<Value, String> {
+    let headers = json!({"ETag": etag, "x-ms-request-server-encrypted": "true"});
+    if body.is_empty() && policy == WebResponsePolicy::EmptyIsTolerated {
+        return Ok(json!({"Response": "", "ADFWebActivityResponseHeaders": headers}));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut m)) => {
+            m.insert("ADFWebActivityResponseHeaders".into(), headers);
+            Ok(Value::Object(m))
+        }
+        _ => Err(format!(
+            "the endpoint answered {status} with a body that is not a JSON object ({} bytes): a Web activity's endpoint must return JSON",
+            body.len()
+        )),
+    }
+}
+
+/// Evaluates a Web activity into the HTTP request Data Factory would send, refusing what the
+/// Web activity documentation does not allow. The request's `content-length` is the length of
+/// the evaluated `body` (that is what goes on the wire).
+pub fn resolve_web_request(
+    name: &str,
+    act: &Value,
+    ctx: &ExprContext,
+) -> Result<ResolvedCopy, String> {
+    let tp = &act["typeProperties"];
+    for required in ["datasets", "linkedServices"] {
+        if !tp[required].is_array() {
+            return Err(format!(
+                "Web activity {name}: '{required}' is required (an array, may be empty)"
+            ));
+        }
+    }
+    let auth = &tp["authentication"];
+    if auth["type"] != "MSI" {
+        return Err(format!(
+            "authentication {} is not managed identity",
+            auth["type"]
+        ));
+    }
+    let resource = to_text(&eval_property(&auth["resource"], ctx)?);
+    let method = to_text(&eval_property(&tp["method"], ctx)?).to_ascii_uppercase();
+    if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
+        return Err(format!(
+            "Web activity {name}: method {method} is not supported"
+        ));
+    }
+    let body = match tp.get("body") {
+        Some(b) if method != "GET" => Some(match eval_property(b, ctx)? {
+            Value::String(s) => s,
+            other => other.to_string(),
+        }),
+        Some(_) => return Err(format!("Web activity {name}: a GET has no body")),
+        None if matches!(method.as_str(), "POST" | "PUT" | "PATCH") => {
+            return Err(format!(
+                "Web activity {name}: 'body' is required for {method}"
+            ))
+        }
+        None => None,
+    };
+    let url = to_text(&eval_property(&tp["url"], ctx)?);
+    let mut headers = BTreeMap::new();
+    for (k, v) in tp["headers"].as_object().into_iter().flatten() {
+        headers.insert(k.to_ascii_lowercase(), to_text(&eval_property(v, ctx)?));
+    }
+    if let Some(b) = &body {
+        headers.insert("content-length".into(), b.len().to_string());
+    }
+    Ok(ResolvedCopy {
+        run_id: ctx.run_id.clone(),
+        activity: name.to_owned(),
+        method,
+        url,
+        headers,
+        msi_resource: resource,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

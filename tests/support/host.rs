@@ -624,6 +624,19 @@ impl<'a> QueueTrigger<'a> {
         }
     }
 
+    /// `EventBackup` on the event queue.
+    pub fn event_backup(access: &'a dyn QueueAccess, port: u16, queue: &str) -> Self {
+        QueueTrigger {
+            access,
+            port,
+            function: "EventBackup".into(),
+            binding: trigger_binding("EventBackup"),
+            queue: queue.to_string(),
+            max_dequeue_count: MAX_DEQUEUE_COUNT,
+            lease_secs: 600,
+        }
+    }
+
     pub fn poison_queue(&self) -> String {
         format!("{}-poison", self.queue)
     }
