@@ -62,7 +62,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             output,
         } => {
             if drain {
-                let app = backlog_limited(app);
+                // Requests go straight to the drain beside the producer (no queue round trip),
+                // as in `reconcile --drain`; see `ops::snapshot::record_batch_unless_handed_off`.
+                let app = backlog_limited(app).with_handoff();
                 let (bar, dbar) = Bar::pair("snapshot", "backup", output);
                 let run =
                     ops::snapshot::run_with(&app, &container, prefix.as_deref(), full, bar.clone());

@@ -835,3 +835,76 @@ async fn an_http_producer_over_budget_continues_through_the_queue_exactly_once()
     assert_eq!(queues.message_count(&stack.queue).await, names.len());
     stack.assert_no_secrets_in(&handler.logs());
 }
+
+/// `snapshot --drain` hands its requests to the drain in the same process (no Put, Get and Delete
+/// Message per blob of a first backup) and leaves those pages' request batches unrecorded: a
+/// record vouches that every marker of its batch has a request on the queue, which a handed-off
+/// request does not have, and reconcile would trust it for the whole pending TTL.
+#[tokio::test]
+async fn snapshot_drain_hands_requests_over_in_process_and_vouches_for_none() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("hand");
+    let names: Vec<String> = (0..7).map(|i| format!("d/{i} x.csv")).collect();
+    seed(&stack, &container, &names).await;
+    let records = |stack: &Stack| {
+        let backup = stack.backup();
+        async move {
+            backup
+                .list_blobs("lakeguard-state", Some("requests/"))
+                .await
+                .len()
+        }
+    };
+
+    let out = support::handler::run_cli(
+        &[
+            "snapshot",
+            "--container",
+            &container,
+            "--drain",
+            "--output",
+            "json",
+        ],
+        &stack.env(),
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["snapshot"]["enqueued"], 7, "{r:#}");
+    assert_eq!(r["snapshot"]["handed_off"], 7, "{r:#}");
+    assert_eq!(r["backup"]["backed_up"], 7, "{r:#}");
+    let backed: BTreeSet<String> = stack
+        .backup()
+        .list_blobs(&container, None)
+        .await
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(backed, names.iter().cloned().collect());
+    assert_eq!(
+        records(&stack).await,
+        0,
+        "no batch vouches for handed-off requests"
+    );
+
+    // Without a drain the requests go on the queue, and their batch is recorded.
+    stack
+        .source()
+        .put_blob(&container, &names[0], b"version 2", &[])
+        .await
+        .ok("rewrite");
+    let out = support::handler::run_cli(
+        &["snapshot", "--container", &container, "--output", "json"],
+        &stack.env(),
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["enqueued"].as_u64(), r["handed_off"].as_u64()),
+        (Some(1), Some(0)),
+        "{r:#}"
+    );
+    assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 1);
+    assert_eq!(records(&stack).await, 1);
+}

@@ -56,7 +56,6 @@ use super::{CopyEngine, CopyError, CopyJob, CopyOutcome};
 use crate::model::{metadata, Etag};
 use crate::settings::Settings;
 use crate::storage::blob::BlobStore;
-use crate::storage::connection::Credential;
 use crate::storage::sas::{self, DelegationKeyCache};
 use crate::storage::{Clients, StorageError};
 
@@ -224,9 +223,11 @@ pub fn from_settings(
         .backup
         .blob_endpoint()
         .map_err(|e| permanent(e.to_string()))?;
-    let client_id = match &settings.source.credential {
-        Credential::ManagedIdentity { client_id } => client_id.clone(),
-        _ => None,
+    // ARM tokens come from the source connection's identity (its managed identity, or the
+    // operator's Azure CLI login); a key-based source still starts runs as the system identity.
+    let arm_credential = match clients.token_credential(&settings.source.credential)? {
+        Some(c) => c,
+        None => clients.credential(None)?,
     };
     let mut config = DataFactoryConfig::new(
         df.subscription_id.clone(),
@@ -241,7 +242,7 @@ pub fn from_settings(
     Ok(Arc::new(DataFactoryEngine::new(
         config,
         clients.http().clone(),
-        clients.credential(client_id.as_deref())?,
+        arm_credential,
         Arc::new(clients.blob_store(&settings.backup)?),
         Arc::new(SourceSnapshotSas::new(
             clients.blob_store(&settings.source)?,

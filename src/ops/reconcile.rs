@@ -64,7 +64,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tracing::{info, warn, Instrument};
 
-use super::{snapshot, OpError, Progress, MAX_REPORTED_FAILURES};
+use super::snapshot::{self, Delivered};
+use super::{OpError, Progress, MAX_REPORTED_FAILURES};
 use crate::app::App;
 use crate::core::join::{JoinError, NameOrder};
 use crate::core::reconcile::{
@@ -811,7 +812,7 @@ fn join_error(e: JoinError) -> String {
 /// Outcome of one action.
 pub(crate) enum Done {
     Pending,
-    Enqueued,
+    Enqueued(Delivered),
     /// A request for the live version (no snapshot made).
     EnqueuedLive,
     /// Snapshot made but the request could not be queued: removed again, or (`true`) left
@@ -858,28 +859,31 @@ async fn execute(
         .buffer_unordered(ctx.app.settings.concurrency)
         .collect()
         .await;
-    let queued = results
-        .iter()
-        .filter(|(_, _, d)| matches!(d, Done::Enqueued))
-        .count() as u64;
+    let count = |d: Delivered| {
+        results
+            .iter()
+            .filter(|(_, _, x)| matches!(x, Done::Enqueued(y) if *y == d))
+            .count() as u64
+    };
     let orphans = results
         .iter()
         .filter(|(_, _, d)| matches!(d, Done::EnqueueFailed(_, true)))
         .count() as u64;
-    if queued + orphans > 0 {
-        if let Err(e) =
-            crate::ops::state::record_batch(ctx.app, request_batch, queued, orphans).await
-        {
-            warn!(batch = request_batch, error = %e, "could not record the request batch; its markers count as unrecorded");
-        }
-    }
+    snapshot::record_batch_unless_handed_off(
+        ctx.app,
+        request_batch,
+        count(Delivered::Queued),
+        orphans,
+        count(Delivered::HandedOff),
+    )
+    .await;
     for (name, decision, done) in results {
         if let Some(d) = &decision {
             tally.record_decision(d);
         }
         match done {
             Done::Pending => report.already_pending += 1,
-            Done::Enqueued => {
+            Done::Enqueued(_) => {
                 report.snapshots_made += 1;
                 report.requests_enqueued += 1;
             }
@@ -963,7 +967,7 @@ async fn needs_backup(
             match snapshot::snapshot_current(&app.source, container, source, Some(batch)).await {
                 Ok(Some((taken, blob))) => {
                     match snapshot::enqueue(app, container, &blob, &taken, backup_absent).await {
-                        Ok(()) => Done::Enqueued,
+                        Ok(delivered) => Done::Enqueued(delivered),
                         Err(e) => Done::EnqueueFailed(e.message, e.orphaned),
                     }
                 }

@@ -33,6 +33,9 @@ pub enum Credential {
     Sas { token: Secret },
     /// Managed identity (ManagedIdentityCredential), optionally user-assigned.
     ManagedIdentity { client_id: Option<String> },
+    /// The identity logged in to the Azure CLI (`az login`): an operator's terminal, where no
+    /// managed identity exists and shared-key access is (rightly) disabled on the accounts.
+    AzureCli,
 }
 
 impl fmt::Debug for Credential {
@@ -45,6 +48,7 @@ impl fmt::Debug for Credential {
             Credential::ManagedIdentity { client_id } => {
                 write!(f, "ManagedIdentity {{ client_id: {client_id:?} }}")
             }
+            Credential::AzureCli => f.write_str("AzureCli"),
         }
     }
 }
@@ -80,13 +84,24 @@ impl Connection {
         if blob_uri.is_none() && queue_uri.is_none() && account_name.is_none() {
             return Err(ConnectionError::Missing(name.to_owned()));
         }
-        if let Some(kind) = get("credential") {
-            if !kind.eq_ignore_ascii_case("managedidentity") {
+        let azure_cli = match get("credential") {
+            None => false,
+            Some(kind) if kind.eq_ignore_ascii_case("managedidentity") => false,
+            Some(kind) if kind.eq_ignore_ascii_case("azurecli") => true,
+            Some(kind) => {
                 return Err(invalid(
                     name,
-                    format!("`{name}__credential` must be `managedidentity`, not `{kind}`"),
-                ));
+                    format!(
+                        "`{name}__credential` must be `managedidentity` or `azurecli`, not `{kind}`"
+                    ),
+                ))
             }
+        };
+        if azure_cli && get("clientId").is_some() {
+            return Err(invalid(
+                name,
+                format!("`{name}__clientId` selects a managed identity; it cannot be combined with `{name}__credential=azurecli`"),
+            ));
         }
         let parse = |what: &str, v: Option<String>| -> Result<Option<Url>, ConnectionError> {
             v.map(|s| endpoint(&s).map_err(|e| invalid(name, format!("`{name}__{what}`: {e}"))))
@@ -112,7 +127,7 @@ impl Connection {
             if url.scheme() != "https" {
                 return Err(invalid(
                     name,
-                    format!("managed identity needs https endpoints (bearer tokens are never sent over http), got {url}"),
+                    format!("an identity connection needs https endpoints (bearer tokens are never sent over http), got {url}"),
                 ));
             }
         }
@@ -125,8 +140,12 @@ impl Connection {
             account,
             blob_endpoint,
             queue_endpoint,
-            credential: Credential::ManagedIdentity {
-                client_id: get("clientId"),
+            credential: if azure_cli {
+                Credential::AzureCli
+            } else {
+                Credential::ManagedIdentity {
+                    client_id: get("clientId"),
+                }
             },
         })
     }
@@ -375,6 +394,18 @@ mod tests {
             c.queue_endpoint.unwrap().as_str(),
             "https://lake.queue.core.windows.net/"
         );
+        let v = vars(&[("S__accountName", "lake"), ("S__credential", "AzureCli")]);
+        let c = Connection::from_settings("S", &v).unwrap();
+        assert!(matches!(c.credential, Credential::AzureCli));
+        let v = vars(&[
+            ("S__accountName", "lake"),
+            ("S__credential", "managedidentity"),
+        ]);
+        let c = Connection::from_settings("S", &v).unwrap();
+        assert!(matches!(
+            c.credential,
+            Credential::ManagedIdentity { client_id: None }
+        ));
     }
 
     #[test]
@@ -395,6 +426,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("managedidentity"));
+        assert!(err.to_string().contains("azurecli"));
+        let err = Connection::from_settings(
+            "S",
+            &vars(&[
+                ("S__accountName", "a"),
+                ("S__credential", "azurecli"),
+                ("S__clientId", "abc"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("S__clientId"), "{err}");
+        let err = Connection::from_settings(
+            "S",
+            &vars(&[
+                ("S__blobServiceUri", "http://127.0.0.1:1/acct"),
+                ("S__credential", "azurecli"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("https"), "{err}");
     }
 
     #[test]

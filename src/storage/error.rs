@@ -86,10 +86,26 @@ impl StorageError {
 }
 
 fn root_message(err: &azure_core::Error) -> String {
-    // The SDK's messages name operations, not URLs with query strings; keep the chain short.
+    // The SDK's messages name operations, not URLs with query strings; keep the chain short. The
+    // retry policy wraps what it will not retry (a credential that cannot get a token: `az` not
+    // found, not logged in) as "non-transport error occurred which will not be retried": the
+    // cause is in the source chain, and an operator needs it.
     let mut msg = err.to_string();
-    if msg.len() > 300 {
-        msg.truncate(300);
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    if msg.len() > 600 {
+        let mut end = 600;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
     }
     msg
 }

@@ -2,6 +2,7 @@
 //! the small typed operations the rest of lakeguard uses.
 
 pub mod blob;
+pub mod cli_credential;
 pub mod connection;
 pub mod error;
 pub mod listing;
@@ -46,6 +47,8 @@ pub(crate) type Auth = (
 pub struct Clients {
     http: reqwest::Client,
     credentials: Arc<Mutex<CredentialMap>>,
+    /// The Azure CLI credential, built on first use (operators' terminals only).
+    cli: Arc<Mutex<Option<Arc<dyn TokenCredential>>>>,
     max_retries: u32,
 }
 
@@ -55,6 +58,7 @@ impl Clients {
         Ok(Clients {
             http,
             credentials: Default::default(),
+            cli: Default::default(),
             max_retries: settings.max_retries,
         })
     }
@@ -80,6 +84,32 @@ impl Clients {
             .map_err(|e| StorageError::from_azure("managed identity credential", e))?;
         map.insert(client_id.map(str::to_owned), cred.clone());
         Ok(cred)
+    }
+
+    /// The bearer-token credential of a connection: its managed identity or the Azure CLI's
+    /// login; `None` for key and SAS connections.
+    pub fn token_credential(
+        &self,
+        credential: &Credential,
+    ) -> Result<Option<Arc<dyn TokenCredential>>, StorageError> {
+        match credential {
+            Credential::ManagedIdentity { client_id } => {
+                self.credential(client_id.as_deref()).map(Some)
+            }
+            Credential::AzureCli => {
+                let mut cli = self.cli.lock().expect("credential map poisoned");
+                if let Some(c) = cli.as_ref() {
+                    return Ok(Some(c.clone()));
+                }
+                let c: Arc<dyn TokenCredential> = Arc::new(
+                    cli_credential::CachedCliCredential::new()
+                        .map_err(|e| StorageError::from_azure("Azure CLI credential", e))?,
+                );
+                *cli = Some(c.clone());
+                Ok(Some(c))
+            }
+            Credential::SharedKey { .. } | Credential::Sas { .. } => Ok(None),
+        }
     }
 
     /// Client options for an SDK client: our transport, our retry policy, and `per_try` policies
@@ -122,8 +152,8 @@ impl Clients {
                 None,
             ),
             Credential::Sas { token } => (None, vec![], Some(token.secret().to_owned())),
-            Credential::ManagedIdentity { client_id } => {
-                (Some(self.credential(client_id.as_deref())?), vec![], None)
+            Credential::ManagedIdentity { .. } | Credential::AzureCli => {
+                (self.token_credential(&conn.credential)?, vec![], None)
             }
         })
     }

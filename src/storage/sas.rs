@@ -83,7 +83,7 @@ pub async fn read_sas(
             },
         ),
         Credential::Sas { token } => Ok(token.secret().to_owned()),
-        Credential::ManagedIdentity { .. } => {
+        Credential::ManagedIdentity { .. } | Credential::AzureCli => {
             let key = delegation_key(store, cache, now, expiry).await?;
             let scope = if is_path_style_emulator(endpoint, store.account()) {
                 DelegationScope::BlobOnEmulator

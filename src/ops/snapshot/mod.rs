@@ -16,7 +16,7 @@ use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 pub mod run_state;
 
@@ -36,7 +36,11 @@ pub struct SnapshotReport {
     /// Base blobs examined.
     pub scanned: u64,
     pub snapshotted: u64,
+    /// Requests made (queued, or handed to the drain in this process).
     pub enqueued: u64,
+    /// Of those, handed to the drain in this process (`--drain`) instead of queued.
+    #[serde(default)]
+    pub handed_off: u64,
     pub unchanged: u64,
     /// Directory placeholders, and blobs deleted between listing and snapshot.
     pub skipped: u64,
@@ -70,8 +74,9 @@ impl SnapshotReport {
 
 /// Outcome for one blob.
 enum One {
-    /// The version snapshotted and queued (it may be newer than the listed one).
-    Enqueued(Etag, OffsetDateTime),
+    /// The version snapshotted and requested (it may be newer than the listed one): queued, or
+    /// handed to the drain in this process.
+    Enqueued(Etag, OffsetDateTime, Delivered),
     Skipped,
     /// With whether a marked snapshot without a request was left behind.
     Failed(String, bool),
@@ -521,26 +526,28 @@ async fn process(
         .buffer_unordered(app.settings.concurrency)
         .collect()
         .await;
-    let queued = results
-        .iter()
-        .filter(|(_, o)| matches!(o, One::Enqueued(..)))
-        .count() as u64;
+    let count = |d: Delivered| {
+        results
+            .iter()
+            .filter(|(_, o)| matches!(o, One::Enqueued(_, _, x) if *x == d))
+            .count() as u64
+    };
+    let (queued, handed_off) = (count(Delivered::Queued), count(Delivered::HandedOff));
     let orphans = results
         .iter()
         .filter(|(_, o)| matches!(o, One::Failed(_, true)))
         .count() as u64;
-    if queued + orphans > 0 {
-        if let Err(e) = super::state::record_batch(app, batch, queued, orphans).await {
-            warn!(batch, error = %e, "could not record the request batch; its markers count as unrecorded (reconcile may ask again)");
-        }
-    }
+    record_batch_unless_handed_off(app, batch, queued, orphans, handed_off).await;
     for (name, one) in results {
         progress.inc(1);
         match one {
-            One::Enqueued(etag, last_modified) => {
+            One::Enqueued(etag, last_modified, delivered) => {
                 next_state.handled(&name, &etag, last_modified);
                 report.snapshotted += 1;
                 report.enqueued += 1;
+                if delivered == Delivered::HandedOff {
+                    report.handed_off += 1;
+                }
             }
             One::Skipped => report.skipped += 1,
             One::Failed(error, _) => {
@@ -640,7 +647,7 @@ async fn snapshot_and_enqueue(
         Err(e) => return One::Failed(format!("snapshot: {e}"), false),
     };
     match enqueue(app, container, &blob, &snapshot, new).await {
-        Ok(()) => One::Enqueued(blob.etag, blob.last_modified),
+        Ok(delivered) => One::Enqueued(blob.etag, blob.last_modified, delivered),
         Err(e) => One::Failed(e.to_string(), e.orphaned),
     }
 }
@@ -660,7 +667,46 @@ impl std::fmt::Display for EnqueueFailed {
     }
 }
 
-/// Queues the request for a snapshot just made. If that fails, the snapshot is deleted again so
+/// Where a request went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// On the backup queue.
+    Queued,
+    /// To the drain in this process (`snapshot --drain`, `reconcile --drain`: `App::with_handoff`).
+    HandedOff,
+}
+
+/// Records a page's request batch (`state::record_batch`), unless some of its requests were
+/// handed off in process. A record vouches that every marker of the batch has a request *on the
+/// queue*, which reconcile then trusts for the whole pending TTL; a handed-off request lives only
+/// in this process, so its batch stays unrecorded: its markers count as pending for the grace
+/// period alone, and if the process dies before the copy, the next reconcile after the grace asks
+/// again (a duplicate of a request that did finish is harmless: the worker finds the version
+/// already backed up).
+pub(crate) async fn record_batch_unless_handed_off(
+    app: &App,
+    batch: &str,
+    queued: u64,
+    orphans: u64,
+    handed_off: u64,
+) {
+    if handed_off > 0 {
+        debug!(
+            batch,
+            handed_off, "requests handed off in process: the batch stays unrecorded"
+        );
+        return;
+    }
+    if queued + orphans > 0 {
+        if let Err(e) = super::state::record_batch(app, batch, queued, orphans).await {
+            warn!(batch, error = %e, "could not record the request batch; its markers count as unrecorded (reconcile may ask again)");
+        }
+    }
+}
+
+/// Requests the backup of a snapshot just made: handed to the drain in this process when there
+/// is one (it saves the queue's send, receive and delete per blob of a first backup), otherwise
+/// queued. If queueing fails, the snapshot is deleted again so
 /// that the next run sees the blob as changed and retries: snapshot-then-enqueue is not atomic,
 /// and a snapshot without a request would otherwise look "done" (the reference lost such
 /// requests silently). If even the delete fails, reconcile (which compares with the backup)
@@ -671,15 +717,18 @@ pub async fn enqueue(
     blob: &BlobEntry,
     snapshot: &SnapshotTaken,
     backup_absent: bool,
-) -> Result<(), EnqueueFailed> {
+) -> Result<Delivered, EnqueueFailed> {
     let mut request = BackupRequest::new(container, &blob.name, &blob.etag, &snapshot.id)
         .with_backup_absent(backup_absent);
     if let Some(etag) = &snapshot.etag {
         request = request.with_props(version_props(blob, etag));
     }
     app.backlog_reserve().await;
-    match app.queue.send_text(&request.to_json()).await {
-        Ok(()) => Ok(()),
+    let Err(text) = app.hand_off(request.to_json()) else {
+        return Ok(Delivered::HandedOff);
+    };
+    match app.queue.send_text(&text).await {
+        Ok(()) => Ok(Delivered::Queued),
         Err(e) => {
             app.backlog_release();
             warn!(error = %e, "enqueue failed; removing the snapshot so the change is found again");
