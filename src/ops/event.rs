@@ -101,6 +101,7 @@ fn entry(name: &str, p: BlobProperties) -> BlobEntry {
         content_type: p.content_type,
         content_md5: p.content_md5,
         metadata: p.metadata,
+        security: None,
     }
 }
 
@@ -287,6 +288,7 @@ async fn created(
                             .filter(|(k, _)| !metadata::is_lakeguard_key(k))
                             .map(|(k, v)| (k.clone(), v.clone()))
                             .collect(),
+                        security: None,
                     });
                 }
                 r

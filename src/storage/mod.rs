@@ -3,6 +3,7 @@
 
 pub mod blob;
 pub mod connection;
+pub mod dfs;
 pub mod error;
 pub mod listing;
 pub mod queue;
