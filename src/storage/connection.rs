@@ -87,17 +87,18 @@ impl Connection {
             conn.hns = true;
         }
         if let Some(v) = get("hierarchicalNamespace") {
-            conn.hns =
-                match v.to_ascii_lowercase().as_str() {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    other => return Err(invalid(
+            conn.hns = match v.to_ascii_lowercase().as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(invalid(
                         name,
                         format!(
                             "`{name}__hierarchicalNamespace` must be true or false, not `{other}`"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
         }
         Ok(conn)
     }
