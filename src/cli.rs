@@ -246,6 +246,13 @@ pub fn restore_text(r: &crate::ops::restore::RestoreReport) -> String {
             ),
             PlanItem::Unavailable { why, .. } => ("unavailable", why.clone()),
             PlanItem::Unchanged { .. } => ("unchanged", String::new()),
+            PlanItem::SetSecurity { security, .. } => (
+                "security",
+                format!(
+                    "owner {} group {} ACL {}",
+                    security.owner, security.group, security.acl
+                ),
+            ),
         };
         let _ = writeln!(out, "{kind:<12} {}  {detail}", item.name());
     }
