@@ -389,8 +389,23 @@ async fn a_restore_without_the_owner_right_restores_bytes_and_reports_each_acl_f
         )
         .await;
     }
-    l.cycle(&c).await;
-    l.reconcile(&c).await;
+    // Backed up by reconcile alone (no producer run): the directory at once, the files through
+    // requests the worker drains; verify then finds every security state recorded.
+    let r = l.reconcile(&c).await;
+    assert_eq!(
+        (r.directories_backed_up, r.requests_enqueued),
+        (1, 2),
+        "{r:?}"
+    );
+    let d = ops::backup::drain(&l.app, &l.app.queue, no_progress())
+        .await
+        .expect("drain");
+    assert_eq!(d.backed_up, 2, "{d:?}");
+    let v = ops::verify::run(&l.app, &c, false, None, no_progress())
+        .await
+        .unwrap();
+    assert!(v.is_ok(), "{v:?}");
+    assert_eq!((v.security_checked, v.security_mismatched), (3, 0), "{v:?}");
     let t = mark().await;
     let truth = l.truth(&c).await;
 
