@@ -756,6 +756,84 @@ mod tests {
         assert_eq!(short(&plan), ["d:overwrite"]);
     }
 
+    /// Issue 18: the security state of T travels with a restore; content already as at T but
+    /// another security state on a hierarchical target is `SetSecurity`; a directory of T is
+    /// never overwritten, only given its security state.
+    #[test]
+    fn security_and_directories_in_the_plan() {
+        use crate::model::security::{Security, DIRECTORY};
+        let sec = |acl: &str| Security {
+            owner: "o".into(),
+            group: "g".into(),
+            permissions: "rw-r-----".into(),
+            acl: acl.into(),
+        };
+        let with_states = |mut st: NameState, states: &[(i64, &str)], dir: bool| {
+            if let AtT::Present { version } = &mut st.state {
+                version.directory = dir;
+                version.security = states
+                    .iter()
+                    .map(|(at, acl)| crate::core::history::SecurityState {
+                        at: Some(ts(*at)),
+                        state: sec(acl),
+                    })
+                    .collect();
+            }
+            st
+        };
+        let file = with_states(
+            present("f", "f1", 10),
+            &[(20, "user::r--"), (40, "user::rw-")],
+            false,
+        );
+        let dir = with_states(
+            present("d", "lakeguard-directory", 10),
+            &[(20, "user::rwx")],
+            true,
+        );
+        let listed = |e: BlobEntry, acl: &str| BlobEntry {
+            security: Some(sec(acl)),
+            ..e
+        };
+        let mut dir_row = with_meta(entry("d", "0xD", 5), HDI_ISFOLDER, "true");
+        dir_row.content_length = 0;
+        dir_row.metadata.insert(DIRECTORY.into(), "true".into());
+        let plan_at = |t: i64, states: Vec<NameState>, target: Vec<BlobEntry>| {
+            plan_restore(opts(RestoreTarget::InPlace, t), states, target).unwrap()
+        };
+        // Absent targets: restored with the state of T.
+        let plan = plan_at(30, vec![dir.clone(), file.clone()], vec![]);
+        match &plan[1] {
+            PlanItem::Restore { security, .. } => {
+                assert_eq!(security.as_ref().unwrap().acl, "user::r--")
+            }
+            other => panic!("{other:?}"),
+        }
+        let plan = plan_at(50, vec![file.clone()], vec![]);
+        assert!(
+            matches!(&plan[0], PlanItem::Restore { security: Some(s), .. } if s.acl == "user::rw-")
+        );
+        // Same content, other ACL: only the security step; same ACL: unchanged.
+        let target = vec![
+            listed(dir_row.clone(), "user::---"),
+            listed(entry("f", "f1", 10), "user::rw-"),
+        ];
+        let plan = plan_at(30, vec![dir.clone(), file.clone()], target.clone());
+        assert_eq!(short(&plan), ["d:security", "f:security"]);
+        let plan = plan_at(50, vec![dir.clone(), file.clone()], target);
+        assert_eq!(short(&plan), ["d:security", "f:unchanged"]);
+        // A flat target listing (no security) cannot be compared: unchanged.
+        let plan = plan_at(30, vec![file.clone()], vec![entry("f", "f1", 10)]);
+        assert_eq!(short(&plan), ["f:unchanged"]);
+        // A file where the directory was: left alone, reported.
+        let plan = plan_at(
+            30,
+            vec![dir],
+            vec![listed(entry("d", "0xF", 5), "user::rw-")],
+        );
+        assert_eq!(short(&plan), ["d:unavailable"]);
+    }
+
     #[test]
     fn planner_refuses_disorder_and_snapshots() {
         let r = plan_restore(
