@@ -465,3 +465,57 @@ async fn a_restore_without_the_owner_right_restores_bytes_and_reports_each_acl_f
     }
     drop(l.stack);
 }
+
+/// The event path on a hierarchical source: an event carries no ACL, so the version is backed up
+/// with the state read by one Get Access Control.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_backs_up_the_version_with_its_security_state() {
+    let l = lake().await;
+    let c = unique_name("lake");
+    l.src.create_container(&c).await.ok("create container");
+    l.put(&c, "d/e f.csv", b"event data").await;
+    l.set_acl(&c, "d/e f.csv", &[("x-ms-owner", "owner-9")])
+        .await;
+    l.set_acl(
+        &c,
+        "d/e f.csv",
+        &[(
+            "x-ms-acl",
+            "user::rw-,user:carol:r--,group::r--,mask::r--,other::---",
+        )],
+    )
+    .await;
+    let etag = l
+        .src
+        .blob_properties(&c, "d/e f.csv", None)
+        .await
+        .ok("head")
+        .header("etag")
+        .unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/events/eventgrid-blob-created.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let e = if v.is_array() { &mut v[0] } else { &mut v };
+    e["topic"] = serde_json::Value::String(format!(
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Storage/storageAccounts/{DEV_ACCOUNT}"
+    ));
+    e["subject"] = serde_json::Value::String(format!(
+        "/blobServices/default/containers/{c}/blobs/d/e f.csv"
+    ));
+    e["data"]["eTag"] = serde_json::Value::String(etag);
+    let out = ops::event::process_message(&l.app, &l.app.queue, &v.to_string(), 1)
+        .await
+        .expect("event");
+    assert_eq!(out.len(), 1, "{out:?}");
+    let p = l
+        .app
+        .backup
+        .properties(&c, "d/e f.csv", None)
+        .await
+        .expect("backed up");
+    let s = lakeguard::model::Security::from_metadata(&p.metadata).expect("security recorded");
+    assert_eq!(s.owner, "owner-9");
+    assert!(s.acl.contains("user:carol:r--"), "{s:?}");
+    drop(l.stack);
+}

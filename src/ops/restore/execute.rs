@@ -220,6 +220,9 @@ async fn apply_security(
             target.connection().name
         ));
     }
+    // A recorded ACL the service would refuse (damaged metadata) is reported as such.
+    crate::model::security::parse_acl(&sec.acl)
+        .map_err(|e| format!("the recorded ACL is not valid: {e}"))?;
     let first = if sec.acl.trim().is_empty() {
         AccessChange {
             permissions: Some(sec.settable_permissions().to_owned()),
