@@ -519,3 +519,44 @@ async fn an_event_backs_up_the_version_with_its_security_state() {
     assert!(s.acl.contains("user:carol:r--"), "{s:?}");
     drop(l.stack);
 }
+
+/// A file replaced by a directory of the same name: reconcile backs the directory up over the
+/// file's backup (kept as a backup snapshot); restores before and after give the file, then the
+/// directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_replaced_by_a_directory_keeps_both_in_the_history() {
+    let l = lake().await;
+    let c = unique_name("lake");
+    l.src.create_container(&c).await.ok("create container");
+    l.put(&c, "x", b"a file called x").await;
+    l.cycle(&c).await;
+    let t1 = mark().await;
+    let truth1 = l.truth(&c).await;
+    l.delete(&c, "x").await;
+    l.mkdir(&c, "x").await;
+    l.set_acl(
+        &c,
+        "x",
+        &[(
+            "x-ms-acl",
+            "user::rwx,group::---,other::---,default:user::rwx",
+        )],
+    )
+    .await;
+    let r = l.reconcile(&c).await;
+    assert_eq!(
+        (r.tombstones_written, r.directories_backed_up),
+        (0, 1),
+        "{r:?}"
+    );
+    let t2 = mark().await;
+    let truth2 = l.truth(&c).await;
+    assert!(truth2["x"].bytes.is_none() && truth1["x"].bytes.is_some());
+    for (t, truth) in [(t1, &truth1), (t2, &truth2)] {
+        let target = unique_name("restored");
+        let report = l.restore_into(&c, t, &target).await;
+        assert!(report.is_complete(), "{report:?}");
+        assert_same("file, then directory", &l.truth(&target).await, truth);
+    }
+    drop(l.stack);
+}

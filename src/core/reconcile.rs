@@ -103,8 +103,6 @@ pub fn classify(source: Option<BlobEntry>, backup: Option<BlobEntry>) -> Option<
         .filter(|s| s.is_directory_placeholder() && s.security.is_some())
     {
         match &backup {
-            // A file of that name in the backup: the file is gone (handled below).
-            Some(b) if !b.is_directory_placeholder() => {}
             Some(b)
                 if ours_dir(b)
                     && b.meta(DELETED_AT).is_none()
@@ -990,6 +988,13 @@ mod tests {
             "our directory blob is a backup"
         );
         assert_eq!(kind(classify(None, Some(placeholder("d")))), "skip");
+        // A file replaced by a directory (a HEAD of the path finds the directory, so no
+        // tombstone): the directory is backed up over it, the file kept as a snapshot.
+        let file_row = with_meta(entry("d", "0xB", 1), SOURCE_ETAG, "\"0xF\"");
+        assert_eq!(
+            kind(classify(Some(dir.clone()), Some(file_row))),
+            "dir_update"
+        );
         assert_eq!(
             kind(classify(Some(placeholder("d")), None)),
             "skip",

@@ -97,7 +97,7 @@ pub async fn back_up_directory(
     };
     match backup {
         None => {
-            store
+            let created = store
                 .upload_if(
                     c,
                     &dir.name,
@@ -105,6 +105,46 @@ pub async fn back_up_directory(
                     None,
                     &directory_metadata(dir, sec, at),
                     &TargetCondition::Absent,
+                )
+                .await;
+            match created {
+                Ok(_) => Ok(Recorded::Recorded),
+                // A hierarchical backup account made the directory meanwhile, for a child
+                // backed up at the same time: mark that one (If-Match what it is now).
+                Err(e)
+                    if e.is_precondition_failed() || matches!(e, StorageError::Conflict { .. }) =>
+                {
+                    let now = store.properties(c, &dir.name, None).await?;
+                    let row = BlobEntry {
+                        name: dir.name.clone(),
+                        snapshot: None,
+                        etag: now.etag,
+                        last_modified: now.last_modified,
+                        content_length: now.content_length,
+                        content_type: now.content_type,
+                        content_md5: now.content_md5,
+                        metadata: now.metadata,
+                        security: None,
+                    };
+                    Box::pin(back_up_directory(store, c, dir, Some(&row), at)).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        // A file of that name (the source replaced it by a directory): kept as a backup
+        // snapshot, then replaced by the directory blob.
+        Some(row) if !row.is_directory_placeholder() => {
+            store
+                .create_snapshot(c, &dir.name, &row.etag, &row.metadata)
+                .await?;
+            store
+                .upload_if(
+                    c,
+                    &dir.name,
+                    Vec::new(),
+                    None,
+                    &directory_metadata(dir, sec, at),
+                    &TargetCondition::Matches(row.etag.clone()),
                 )
                 .await?;
             Ok(Recorded::Recorded)
