@@ -47,6 +47,9 @@ param backupStorageSku string = 'Standard_GRS'
 @description('Days after which lakeguard\'s bookkeeping records (lakeguard-state/requests/, lakeguard-state/producer-runs/) expire. Must exceed LAKEGUARD_PENDING_TTL_SECS (default 6 h). Backups are never expired.')
 param bookkeepingRetentionDays int = 7
 
+@description('ADLS Gen2 source: give the function Storage Blob Data Owner on it so that restores set owners and groups back (README "ADLS Gen2 fidelity"). Off: ACLs are restored, owner changes reported as failed.')
+param sourceRestoreOwners bool = false
+
 @description('Deploy a Data Factory with lakeguard\'s pipeline and use the datafactory copy engine.')
 param deployDataFactory bool = false
 
@@ -175,6 +178,7 @@ module source 'app/source-access.bicep' = {
   params: {
     accountName: sourceAccountName
     principalId: identity.outputs.principalId
+    restoreOwners: sourceRestoreOwners
   }
 }
 
@@ -319,6 +323,7 @@ module functionApp 'app/function.bicep' = {
     sourceBlobEndpoint: source.outputs.blobEndpoint
     backupBlobEndpoint: backupSharedWithJobs ? jobsStorage.outputs.blobEndpoint : backupStorage!.outputs.blobEndpoint
     nameOrder: source.outputs.isHnsEnabled ? 'hierarchical' : 'utf16'
+    sourceHns: source.outputs.isHnsEnabled
     applicationInsightsConnectionString: monitoring.outputs.connectionString
     backupQueueName: backupQueueName
     reconcileQueueName: reconcileQueueName

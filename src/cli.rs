@@ -246,6 +246,13 @@ pub fn restore_text(r: &crate::ops::restore::RestoreReport) -> String {
             ),
             PlanItem::Unavailable { why, .. } => ("unavailable", why.clone()),
             PlanItem::Unchanged { .. } => ("unchanged", String::new()),
+            PlanItem::SetSecurity { security, .. } => (
+                "security",
+                format!(
+                    "owner {} group {} ACL {}",
+                    security.owner, security.group, security.acl
+                ),
+            ),
         };
         let _ = writeln!(out, "{kind:<12} {}  {detail}", item.name());
     }
@@ -269,6 +276,13 @@ pub fn restore_text(r: &crate::ops::restore::RestoreReport) -> String {
             "done: restored {} (overwritten {}), deleted {}, undo snapshots {}, undo copies {}, changed since plan {}, failed {}, not attempted {} in {} ms",
             e.restored, e.overwritten, e.deleted, e.undo_snapshots, e.undo_copies, e.changed_since_plan, e.failed, e.not_attempted, r.elapsed_ms
         );
+        if e.directories + e.security_set + e.security_failed > 0 {
+            let _ = writeln!(
+                out,
+                "ADLS: directories {}, owner/group/ACL set {}, NOT set {} (listed under failures)",
+                e.directories, e.security_set, e.security_failed
+            );
+        }
         if e.undo_records_failed > 0 {
             let _ = writeln!(
                 out,
@@ -372,6 +386,21 @@ pub fn verify_text(r: &crate::ops::verify::VerifyReport) -> String {
     );
     for n in &r.missing_blobs {
         let _ = writeln!(out, "  missing: {n}");
+    }
+    if r.security_checked > 0 {
+        let _ = writeln!(
+            out,
+            "ADLS: {} paths' owner/group/permissions/ACL compared ({} directories), {} DIFFERENT from the backup's record",
+            r.security_checked, r.directories, r.security_mismatched
+        );
+        for m in &r.security_mismatches {
+            let _ = writeln!(
+                out,
+                "  security differs: {}: {}",
+                m.name,
+                m.differs.join(", ")
+            );
+        }
     }
     for p in &r.pending_blobs {
         let _ = writeln!(

@@ -175,7 +175,11 @@ impl Settings {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let source = Connection::from_settings(SOURCE, vars)?;
+        let mut source = Connection::from_settings(SOURCE, vars)?;
+        // ADLS Gen2 source: listings ask `include=permissions`, directories and ACLs are kept.
+        if boolean(vars, "LAKEGUARD_SOURCE_HNS")? {
+            source.enable_hns()?;
+        }
         let backup = Connection::from_settings(BACKUP, vars)?;
         let jobs = Connection::from_settings(JOBS, vars)?;
         let backup_queue =
@@ -347,6 +351,12 @@ impl Settings {
                 })
             }
         };
+        if source.hns && name_order != crate::core::NameOrder::Hierarchical {
+            return Err(SettingsError::Invalid {
+                name: "LAKEGUARD_SOURCE_HNS",
+                problem: "a hierarchical-namespace source lists in hierarchical order: set LAKEGUARD_NAME_ORDER=hierarchical (the backup account must list the same way; a flat backup account is not supported yet)".into(),
+            });
+        }
         let arm_endpoint =
             get("LAKEGUARD_ARM_ENDPOINT").unwrap_or_else(|| "https://management.azure.com".into());
         let arm_endpoint = Url::parse(&arm_endpoint)
@@ -635,6 +645,35 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("BackupStorage"));
+    }
+
+    #[test]
+    fn source_hns() {
+        let s = Settings::from_map(&base()).unwrap();
+        assert!(!s.source.hns, "default: flat");
+        let mut m = base();
+        m.insert("LAKEGUARD_SOURCE_HNS".into(), "true".into());
+        m.insert("LAKEGUARD_NAME_ORDER".into(), "hierarchical".into());
+        m.insert(
+            "SourceStorage__dfsServiceUri".into(),
+            "http://127.0.0.1:9999/devstoreaccount1".into(),
+        );
+        let s = Settings::from_map(&m).unwrap();
+        assert!(s.source.hns);
+        assert_eq!(
+            s.source.dfs_endpoint.as_ref().unwrap().as_str(),
+            "http://127.0.0.1:9999/devstoreaccount1"
+        );
+        let mut flat = m.clone();
+        flat.remove("LAKEGUARD_NAME_ORDER");
+        let e = Settings::from_map(&flat).unwrap_err().to_string();
+        assert!(e.contains("LAKEGUARD_NAME_ORDER"), "{e}");
+        let mut bad = m.clone();
+        bad.insert("LAKEGUARD_SOURCE_HNS".into(), "perhaps".into());
+        assert!(Settings::from_map(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("LAKEGUARD_SOURCE_HNS"));
     }
 
     #[test]

@@ -29,6 +29,9 @@ param backupBlobEndpoint string
 @description('Listing order of source and backup (README: LAKEGUARD_NAME_ORDER): hierarchical for ADLS Gen2.')
 param nameOrder string = 'utf16'
 
+@description('The source has a hierarchical namespace (README: LAKEGUARD_SOURCE_HNS): listings capture owners, groups, permissions, ACLs and directories.')
+param sourceHns bool = false
+
 param applicationInsightsConnectionString string
 
 @minLength(3)
@@ -104,6 +107,7 @@ var baseSettings = {
   LAKEGUARD_MAX_DEQUEUE_COUNT: string(hostJson.extensions.queues.maxDequeueCount)
   LAKEGUARD_CONCURRENCY: string(concurrency)
   LAKEGUARD_NAME_ORDER: nameOrder
+  LAKEGUARD_SOURCE_HNS: sourceHns ? 'true' : 'false'
   LAKEGUARD_CONTAINERS_INCLUDE: containersInclude
   LAKEGUARD_CONTAINERS_EXCLUDE: containersExclude
   LAKEGUARD_COPY_ENGINE: 'direct'

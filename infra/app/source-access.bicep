@@ -7,6 +7,9 @@ param accountName string
 @description('The function app\'s user-assigned identity.')
 param principalId string
 
+@description('ADLS Gen2 source whose restores must give paths their owner back: Storage Blob Data Owner (a superuser for ACL purposes). Without it a restore sets ACLs on the paths it creates but reports every owner/group change as failed (README "ADLS Gen2 fidelity").')
+param restoreOwners bool = false
+
 var roles = loadJsonContent('../roles.json')
 
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -23,6 +26,18 @@ resource contributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   scope: account
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
+    principalId: principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// Storage Blob Data Owner (only with restoreOwners): Path Update setAccessControl with x-ms-owner
+// / x-ms-group needs a superuser; setting the ACL of a path someone else owns needs one too.
+resource owner 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (restoreOwners) {
+  name: guid(account.id, principalId, roles.storageBlobDataOwner)
+  scope: account
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataOwner)
     principalId: principalId
     principalType: 'ServicePrincipal'
   }

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use super::reconcile::snapshot_version_etag as snapshot_version;
-use crate::model::{BlobEntry, Etag};
+use crate::model::{BlobEntry, Etag, Security};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -23,6 +23,10 @@ pub enum Verdict {
     /// Modified since the previous complete run's watermark and not among the versions it
     /// handled ([`super::watermark::Since`]); whether a snapshot of it exists is not known.
     Modified,
+    /// The newest snapshot holds this version's content, but the path's security state (owner,
+    /// group, permissions, ACL: hierarchical sources only) differs from the one it recorded, or
+    /// it recorded none.
+    SecurityChanged,
     /// The newest snapshot already holds this version.
     Unchanged,
     /// HNS directory placeholder: not data.
@@ -39,7 +43,7 @@ impl Decision {
     pub fn needs_snapshot(&self) -> bool {
         matches!(
             self.verdict,
-            Verdict::New | Verdict::Changed { .. } | Verdict::Modified
+            Verdict::New | Verdict::Changed { .. } | Verdict::Modified | Verdict::SecurityChanged
         )
     }
 }
@@ -51,7 +55,7 @@ impl Decision {
 #[derive(Default)]
 pub struct ChangeDetector {
     bases: BTreeMap<String, BlobEntry>,
-    newest_snapshot: BTreeMap<String, (String, Etag)>,
+    newest_snapshot: BTreeMap<String, (String, Etag, Option<Security>)>,
 }
 
 impl ChangeDetector {
@@ -69,11 +73,12 @@ impl ChangeDetector {
                 let newer = match self.newest_snapshot.get(&entry.name) {
                     None => true,
                     // Snapshot ids are fixed-width RFC 3339 UTC timestamps: they order as strings.
-                    Some((existing, _)) => snap.as_str() > existing.as_str(),
+                    Some((existing, _, _)) => snap.as_str() > existing.as_str(),
                 };
                 if newer {
+                    let security = Security::from_metadata(&entry.metadata);
                     self.newest_snapshot
-                        .insert(entry.name.clone(), (snap.clone(), version));
+                        .insert(entry.name.clone(), (snap.clone(), version, security));
                 }
             }
         }
@@ -112,8 +117,14 @@ impl ChangeDetector {
                 } else {
                     match newest_snapshot.get(&blob.name) {
                         None => Verdict::New,
-                        Some((_, v)) if *v == blob.etag => Verdict::Unchanged,
-                        Some((_, v)) => Verdict::Changed {
+                        Some((_, v, recorded)) if *v == blob.etag => {
+                            match (&blob.security, recorded) {
+                                (Some(now), Some(then)) if now.same_as(then) => Verdict::Unchanged,
+                                (Some(_), _) => Verdict::SecurityChanged,
+                                (None, _) => Verdict::Unchanged,
+                            }
+                        }
+                        Some((_, v, _)) => Verdict::Changed {
                             previous: v.clone(),
                         },
                     }
@@ -150,6 +161,7 @@ mod tests {
             content_type: None,
             content_md5: None,
             metadata: Default::default(),
+            security: None,
         }
     }
 
@@ -194,6 +206,61 @@ mod tests {
                 ("dir".into(), Verdict::Placeholder),
             ]
         );
+    }
+
+    /// Issue 18: on a hierarchical source, a security change with the same content is a change;
+    /// without a listed security state (flat source) nothing changes.
+    #[test]
+    fn security_only_change() {
+        let sec = |acl: &str| Security {
+            owner: "o".into(),
+            group: "g".into(),
+            permissions: "rw-r-----".into(),
+            acl: acl.into(),
+        };
+        let recorded = |acl: &str| {
+            let mut s = snap("a", 1, "0x1", true);
+            sec(acl).write_metadata(&mut s.metadata, datetime!(2026-11-01 00:00 UTC));
+            s
+        };
+        let listed = |acl: Option<&str>| {
+            let mut b = base("a", "0x1");
+            b.security = acl.map(sec);
+            b
+        };
+        let one = |rows: Vec<BlobEntry>| detect(rows).pop().unwrap().verdict;
+        assert_eq!(
+            one(vec![listed(Some("user::rw-")), recorded("user::rw-")]),
+            Verdict::Unchanged
+        );
+        assert_eq!(
+            one(vec![
+                listed(Some("user::rw-,user:x:r--")),
+                recorded("user::rw-")
+            ]),
+            Verdict::SecurityChanged
+        );
+        assert_eq!(
+            one(vec![listed(Some("user::rw-")), snap("a", 1, "0x1", true)]),
+            Verdict::SecurityChanged,
+            "a snapshot that recorded no state"
+        );
+        assert_eq!(
+            one(vec![listed(None), recorded("user::rw-")]),
+            Verdict::Unchanged,
+            "flat source"
+        );
+        assert!(matches!(
+            one(vec![
+                {
+                    let mut b = listed(Some("user::---"));
+                    b.etag = Etag::new("0x2");
+                    b
+                },
+                recorded("user::rw-")
+            ]),
+            Verdict::Changed { .. }
+        ));
     }
 
     /// Item 9 of issue 15: `hdi_isfolder=true` on a blob with content is not a placeholder.
@@ -312,6 +379,7 @@ mod paging_tests {
             content_type: None,
             content_md5: None,
             metadata: Default::default(),
+            security: None,
         };
         let mut d = ChangeDetector::new();
         d.push(e("a", None, "1"));

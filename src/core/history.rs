@@ -47,7 +47,7 @@ use super::reconcile::snapshot_version_etag;
 use crate::model::metadata::{
     self, BACKED_UP_AT, DELETED_AT, SOURCE_ETAG, SOURCE_LAST_MODIFIED, SOURCE_SNAPSHOT,
 };
-use crate::model::{BlobEntry, Etag};
+use crate::model::{BlobEntry, Etag, Security};
 
 /// Which account a row (and so a version's content) is in.
 #[derive(
@@ -110,6 +110,61 @@ pub struct Version {
     pub content_md5: Option<Vec<u8>>,
     /// The source's user metadata of the version (`lakeguard_*` keys removed).
     pub user_metadata: BTreeMap<String, String>,
+    /// Hierarchical source: the path is a directory (restored by creating it, never by a copy).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub directory: bool,
+    /// Hierarchical source: the security states recorded for this content version, each with
+    /// when it was observed ([`Version::security_at`] picks the one current at T).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security: Vec<SecurityState>,
+}
+
+/// One recorded security state of a version (owner, group, permissions, ACL) and when it was
+/// observed in the source (`None`: a record without a time; taken as the oldest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityState {
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub at: Option<OffsetDateTime>,
+    pub state: Security,
+}
+
+impl Version {
+    /// The security state current at `t`: the last one observed at or before `t`, else the
+    /// first recorded (see [`crate::model::security::state_at`]). `None` on flat sources.
+    pub fn security_at(&self, t: OffsetDateTime) -> Option<&Security> {
+        let states: Vec<(Option<OffsetDateTime>, Security)> = self
+            .security
+            .iter()
+            .map(|s| (s.at, s.state.clone()))
+            .collect();
+        let found = crate::model::security::state_at(&states, t)?.clone();
+        self.security
+            .iter()
+            .map(|s| &s.state)
+            .find(|s| **s == found)
+    }
+}
+
+/// The version key of a directory: its ETag is not a content version (it may change with its
+/// children), so all rows of one directory are one version whose security states accumulate.
+pub const DIRECTORY_VERSION: &str = "lakeguard-directory";
+
+/// Whether a row stands for a directory of a hierarchical source: lakeguard's directory blob in
+/// the backup, or a directory listed with its security state in the source.
+fn is_hns_directory(row: &BlobEntry) -> bool {
+    row.is_directory_placeholder()
+        && (row.meta(crate::model::security::DIRECTORY).is_some() || row.security.is_some())
+}
+
+/// The security state a row records (metadata) or was listed with, and when it was observed.
+fn security_of(row: &BlobEntry, seen: Option<OffsetDateTime>) -> Option<SecurityState> {
+    if let Some(state) = Security::from_metadata(&row.metadata) {
+        let at = Security::observed_at(&row.metadata).or(seen);
+        return Some(SecurityState { at, state });
+    }
+    row.security
+        .clone()
+        .map(|state| SecurityState { at: seen, state })
 }
 
 /// A time range in which the history cannot tell what was current. Bounds are inclusive; `None`
@@ -244,7 +299,7 @@ fn backup_observations(
 ) {
     for row in rows
         .iter()
-        .filter(|r| r.name == name && !r.is_directory_placeholder())
+        .filter(|r| r.name == name && (!r.is_directory_placeholder() || is_hns_directory(r)))
     {
         if let Some(id) = &row.snapshot {
             if metadata::parse_time(id).is_none() {
@@ -252,7 +307,7 @@ fn backup_observations(
                 continue;
             }
         }
-        let Some(etag) = row.meta(SOURCE_ETAG).map(Etag::new) else {
+        let Some(mut etag) = row.meta(SOURCE_ETAG).map(Etag::new) else {
             unknown.push(unplaced(row, "has no lakeguard_source_etag"));
             continue;
         };
@@ -276,6 +331,9 @@ fn backup_observations(
                 }
             },
         };
+        if is_hns_directory(row) {
+            etag = Etag::new(DIRECTORY_VERSION);
+        }
         obs.push(Observation {
             etag,
             last_modified,
@@ -305,9 +363,9 @@ fn source_observations(
     let mut last_seen: Option<OffsetDateTime> = None;
     for row in rows
         .iter()
-        .filter(|r| r.name == name && !r.is_directory_placeholder())
+        .filter(|r| r.name == name && (!r.is_directory_placeholder() || is_hns_directory(r)))
     {
-        let (etag, last_modified, seen) = match &row.snapshot {
+        let (mut etag, last_modified, seen) = match &row.snapshot {
             None => {
                 has_base = true;
                 (row.etag.clone(), row.last_modified, listed_at)
@@ -325,6 +383,9 @@ fn source_observations(
                 (snapshot_version_etag(row), lm, Some(t))
             }
         };
+        if is_hns_directory(row) {
+            etag = Etag::new(DIRECTORY_VERSION);
+        }
         obs.push(Observation {
             etag,
             last_modified,
@@ -379,6 +440,8 @@ fn build_versions(name: &str, mut obs: Vec<Observation>) -> Vec<Version> {
                         content_type: o.row.content_type.clone(),
                         content_md5: o.row.content_md5.clone(),
                         user_metadata: user_metadata(&o.row),
+                        directory: is_hns_directory(&o.row),
+                        security: security_of(&o.row, o.seen).into_iter().collect(),
                     },
                     first_received: i,
                     rank,
@@ -400,6 +463,11 @@ fn build_versions(name: &str, mut obs: Vec<Observation>) -> Vec<Version> {
                 }
                 m.live |= o.live;
                 v.in_backup |= in_backup;
+                if let Some(sec) = security_of(&o.row, o.seen) {
+                    if !v.security.contains(&sec) {
+                        v.security.push(sec);
+                    }
+                }
                 if content.is_some() && (v.content.is_none() || rank < m.rank) {
                     m.rank = rank;
                     v.content = content;
@@ -858,6 +926,71 @@ mod tests {
         // v9's old Last-Modified does not place it before v2.
         assert_eq!(at(&h, 10), "absent");
         assert_eq!(at(&h, 19), "absent");
+    }
+
+    /// Issue 18: the security state of one content version changes over time (ACL-only
+    /// changes); state at T picks the state observed last by T; directories are one version.
+    #[test]
+    fn security_state_at_t_within_one_version() {
+        use crate::model::security::DIRECTORY;
+        let sec = |acl: &str| Security {
+            owner: "o".into(),
+            group: "g".into(),
+            permissions: "rw-r-----".into(),
+            acl: acl.into(),
+        };
+        let with_sec = |mut e: BlobEntry, acl: &str, at: i64| {
+            sec(acl).write_metadata(&mut e.metadata, ts(at));
+            e
+        };
+        // v1 backed up at 10 with ACL a; ACL changed to b at 20 (base re-recorded, the old
+        // state kept as a backup snapshot); then c at 30.
+        let snap1 = with_sec(proven("f", "b1", "v1", 5, 100), "user::r--", 10);
+        let mut snap1 = snap1;
+        snap1.snapshot = Some(metadata::format_time(ts(20)));
+        let mut snap2 = with_sec(proven("f", "b1", "v1", 5, 100), "user::rw-", 20);
+        snap2.snapshot = Some(metadata::format_time(ts(30)));
+        let base = with_sec(proven("f", "b1", "v1", 5, 100), "user::rwx", 30);
+        let h = history_from_backup("f", &[base, snap2, snap1]);
+        assert_eq!(h.versions.len(), 1, "{h:?}");
+        let v = &h.versions[0];
+        let acl_at = |t: i64| v.security_at(ts(t)).map(|s| s.acl.clone());
+        assert_eq!(acl_at(11).as_deref(), Some("user::r--"));
+        assert_eq!(acl_at(25).as_deref(), Some("user::rw-"));
+        assert_eq!(acl_at(31).as_deref(), Some("user::rwx"));
+        assert_eq!(
+            acl_at(0).as_deref(),
+            Some("user::r--"),
+            "before the first record"
+        );
+
+        // A directory: zero length, ours, its ETag is not a version.
+        let mut d1 = with_meta(
+            with_meta(
+                proven("d", "bd", "0xDIR1", 5, 100),
+                metadata::HDI_ISFOLDER,
+                "true",
+            ),
+            DIRECTORY,
+            "true",
+        );
+        d1.content_length = 0;
+        let d1 = with_sec(d1, "user::rwx,default:user::rwx", 10);
+        let mut d0 = d1.clone();
+        d0.snapshot = Some(metadata::format_time(ts(40)));
+        d0.metadata.insert(SOURCE_ETAG.into(), "\"0xDIR0\"".into());
+        let h = history_from_backup("d", &[d1, d0]);
+        assert_eq!(h.versions.len(), 1, "{h:?}");
+        assert!(h.versions[0].directory);
+        match state_at(&h, ts(50), Some(ts(0))) {
+            AtT::Present { version } => {
+                assert!(version.security_at(ts(50)).unwrap().has_default_acl())
+            }
+            other => panic!("{other:?}"),
+        }
+        // Flat: no security, not a directory.
+        let h = history_from_backup("x", &[proven("x", "b", "v", 5, 100)]);
+        assert!(h.versions[0].security.is_empty() && !h.versions[0].directory);
     }
 
     #[test]

@@ -54,6 +54,19 @@ pub enum Action {
     /// A directory placeholder (`hdi_isfolder=true`) on either side with nothing to back up:
     /// directories are not data, and a hierarchical-namespace backup account creates its own.
     SkipPlaceholder { name: String },
+    /// Hierarchical source: the backup holds this content version, but the path's security
+    /// state (owner, group, permissions, ACL) differs from the one recorded, or none is: record
+    /// it on the backup version without a copy (`ops::security::record`).
+    SecurityChanged {
+        source: BlobEntry,
+        backup: BlobEntry,
+    },
+    /// Hierarchical source: a directory (with its access and default ACLs) that the backup does
+    /// not hold as lakeguard's directory blob with this security state.
+    BackupDirectory {
+        source: BlobEntry,
+        backup: Option<BlobEntry>,
+    },
 }
 
 impl Action {
@@ -62,7 +75,9 @@ impl Action {
             Action::InSync { name }
             | Action::AlreadyTombstoned { name }
             | Action::SkipPlaceholder { name } => name,
-            Action::NeedsBackup { source, .. } => &source.name,
+            Action::NeedsBackup { source, .. }
+            | Action::SecurityChanged { source, .. }
+            | Action::BackupDirectory { source, .. } => &source.name,
             Action::Tombstone { backup } => &backup.name,
         }
     }
@@ -74,10 +89,38 @@ impl Action {
 /// backup placeholder (made by a hierarchical-namespace backup account) is not a backup of
 /// anything. A source placeholder over a live backup blob therefore tombstones it: the file of
 /// that name is gone (e.g. replaced by a directory).
+///
+/// Hierarchical source (its rows carry a security state): a directory is data, backed up as
+/// lakeguard's directory blob (zero length, `hdi_isfolder=true`, `lakeguard_directory=true`, its
+/// security state); such a backup row is a backup like any other (tombstoned when the directory
+/// goes); a file whose content the backup holds but whose security state differs from the
+/// recorded one is [`Action::SecurityChanged`]. Flat sources: exactly as before.
 pub fn classify(source: Option<BlobEntry>, backup: Option<BlobEntry>) -> Option<Action> {
     let name = source.as_ref().or(backup.as_ref())?.name.clone();
+    let ours_dir = |b: &BlobEntry| b.meta(crate::model::security::DIRECTORY).is_some();
+    if let Some(dir) = source
+        .as_ref()
+        .filter(|s| s.is_directory_placeholder() && s.security.is_some())
+    {
+        match &backup {
+            Some(b)
+                if ours_dir(b)
+                    && b.meta(DELETED_AT).is_none()
+                    && crate::model::Security::from_metadata(&b.metadata)
+                        .is_some_and(|r| dir.security.as_ref().is_some_and(|s| s.same_as(&r))) =>
+            {
+                return Some(Action::InSync { name })
+            }
+            _ => {
+                return Some(Action::BackupDirectory {
+                    source: dir.clone(),
+                    backup,
+                })
+            }
+        }
+    }
     let source = source.filter(|s| !s.is_directory_placeholder());
-    let backup = backup.filter(|b| !b.is_directory_placeholder());
+    let backup = backup.filter(|b| !b.is_directory_placeholder() || ours_dir(b));
     Some(match (source, backup) {
         (None, None) => Action::SkipPlaceholder { name },
         (Some(source), None) => Action::NeedsBackup {
@@ -98,7 +141,15 @@ pub fn classify(source: Option<BlobEntry>, backup: Option<BlobEntry>) -> Option<
             } else {
                 match backup.meta(SOURCE_ETAG) {
                     None => BackupReason::Unmarked,
-                    Some(e) if Etag::new(e) == source.etag => return Some(Action::InSync { name }),
+                    Some(e) if Etag::new(e) == source.etag => {
+                        let recorded = crate::model::Security::from_metadata(&backup.metadata);
+                        return Some(match &source.security {
+                            Some(s) if !recorded.is_some_and(|r| r.same_as(s)) => {
+                                Action::SecurityChanged { source, backup }
+                            }
+                            _ => Action::InSync { name },
+                        });
+                    }
                     Some(_) => BackupReason::Changed,
                 }
             };
@@ -452,6 +503,12 @@ pub struct ReconcileTally {
     pub tombstones: u64,
     pub already_tombstoned: u64,
     pub placeholders: u64,
+    /// Hierarchical source: files whose security state changed with the same content.
+    #[serde(default)]
+    pub security_changed: u64,
+    /// Hierarchical source: directories to back up (new, or with a new security state).
+    #[serde(default)]
+    pub directories: u64,
     /// Last-modified time of the oldest source change not yet in the backup (pending included).
     /// Deletions are not dated: the listing cannot tell when a blob disappeared.
     #[serde(with = "time::serde::rfc3339::option")]
@@ -480,6 +537,8 @@ impl ReconcileTally {
             Action::Tombstone { .. } => self.tombstones += 1,
             Action::AlreadyTombstoned { .. } => self.already_tombstoned += 1,
             Action::SkipPlaceholder { .. } => self.placeholders += 1,
+            Action::SecurityChanged { .. } => self.security_changed += 1,
+            Action::BackupDirectory { .. } => self.directories += 1,
         }
     }
 
@@ -517,6 +576,8 @@ impl ReconcileTally {
         self.tombstones += o.tombstones;
         self.already_tombstoned += o.already_tombstoned;
         self.placeholders += o.placeholders;
+        self.security_changed += o.security_changed;
+        self.directories += o.directories;
         self.oldest_unbacked_change = match (self.oldest_unbacked_change, o.oldest_unbacked_change)
         {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -581,6 +642,7 @@ mod tests {
                 Action::Tombstone { backup } => format!("{}:tombstone", backup.name),
                 Action::AlreadyTombstoned { name } => format!("{name}:already"),
                 Action::SkipPlaceholder { name } => format!("{name}:placeholder"),
+                other => format!("{}:hns", other.name()),
             })
             .collect();
         assert_eq!(
@@ -874,6 +936,99 @@ mod tests {
         ));
     }
 
+    /// Issue 18: on a hierarchical source directories are data and security-only changes are
+    /// actions; rows without a security state (flat source) classify exactly as before.
+    #[test]
+    fn hierarchical_source_directories_and_security() {
+        use crate::model::security::{Security, DIRECTORY};
+        let sec = |acl: &str| Security {
+            owner: "o".into(),
+            group: "g".into(),
+            permissions: "rwxr-x---".into(),
+            acl: acl.into(),
+        };
+        let t0 = time::macros::datetime!(2026-12-01 00:00 UTC);
+        let mut dir = placeholder("d");
+        dir.security = Some(sec("user::rwx,default:user::rwx"));
+        let mut ours = placeholder("d");
+        ours.metadata.insert(DIRECTORY.into(), "true".into());
+        ours.metadata.insert(SOURCE_ETAG.into(), "\"0xD\"".into());
+        sec("user::rwx,default:user::rwx").write_metadata(&mut ours.metadata, t0);
+        let kind = |a: Option<Action>| match a.unwrap() {
+            Action::InSync { .. } => "in_sync",
+            Action::BackupDirectory { backup: None, .. } => "dir_new",
+            Action::BackupDirectory {
+                backup: Some(_), ..
+            } => "dir_update",
+            Action::SecurityChanged { .. } => "security",
+            Action::Tombstone { .. } => "tombstone",
+            Action::SkipPlaceholder { .. } => "skip",
+            Action::NeedsBackup { .. } => "needs_backup",
+            Action::AlreadyTombstoned { .. } => "already",
+        };
+        assert_eq!(kind(classify(Some(dir.clone()), None)), "dir_new");
+        assert_eq!(
+            kind(classify(Some(dir.clone()), Some(placeholder("d")))),
+            "dir_update",
+            "made by the backup account"
+        );
+        assert_eq!(
+            kind(classify(Some(dir.clone()), Some(ours.clone()))),
+            "in_sync"
+        );
+        let mut changed = dir.clone();
+        changed.security = Some(sec("user::rwx"));
+        assert_eq!(
+            kind(classify(Some(changed), Some(ours.clone()))),
+            "dir_update"
+        );
+        assert_eq!(
+            kind(classify(None, Some(ours.clone()))),
+            "tombstone",
+            "our directory blob is a backup"
+        );
+        assert_eq!(kind(classify(None, Some(placeholder("d")))), "skip");
+        // A file replaced by a directory (a HEAD of the path finds the directory, so no
+        // tombstone): the directory is backed up over it, the file kept as a snapshot.
+        let file_row = with_meta(entry("d", "0xB", 1), SOURCE_ETAG, "\"0xF\"");
+        assert_eq!(
+            kind(classify(Some(dir.clone()), Some(file_row))),
+            "dir_update"
+        );
+        assert_eq!(
+            kind(classify(Some(placeholder("d")), None)),
+            "skip",
+            "flat source: as before"
+        );
+
+        let mut file = entry("f", "0x1", 1);
+        let backup = with_meta(entry("f", "0xB", 1), SOURCE_ETAG, "\"0x1\"");
+        assert_eq!(
+            kind(classify(Some(file.clone()), Some(backup.clone()))),
+            "in_sync",
+            "flat"
+        );
+        file.security = Some(sec("user::rw-"));
+        assert_eq!(
+            kind(classify(Some(file.clone()), Some(backup.clone()))),
+            "security",
+            "none recorded"
+        );
+        let mut recorded = backup.clone();
+        sec("user::rw-").write_metadata(&mut recorded.metadata, t0);
+        assert_eq!(
+            kind(classify(Some(file.clone()), Some(recorded.clone()))),
+            "in_sync"
+        );
+        file.security = Some(sec("user::rw-,user:x:r--"));
+        assert_eq!(
+            kind(classify(Some(file.clone()), Some(recorded))),
+            "security"
+        );
+        file.etag = Etag::new("0x2");
+        assert_eq!(kind(classify(Some(file), Some(backup))), "needs_backup");
+    }
+
     #[test]
     fn tally_merge_and_serde() {
         let mut a = ReconcileTally {
@@ -1058,6 +1213,8 @@ mod props {
             Action::Tombstone { .. } => "tombstone".to_owned(),
             Action::AlreadyTombstoned { .. } => "already".to_owned(),
             Action::SkipPlaceholder { .. } => "placeholder".to_owned(),
+            Action::SecurityChanged { .. } => "security".to_owned(),
+            Action::BackupDirectory { .. } => "directory".to_owned(),
         };
         format!("{}={what}", a.name())
     }

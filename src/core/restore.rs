@@ -19,7 +19,7 @@ pub use super::history::{
 };
 use super::join::{join_step, JoinError, JoinStep, NameOrder, Named, SortedInput};
 use crate::model::metadata::RESTORED_FROM_ETAG;
-use crate::model::{BlobEntry, Etag};
+use crate::model::{BlobEntry, Etag, Security};
 
 /// One name's state at the restore point: the planner's left input.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,6 +147,19 @@ pub enum PlanItem {
         name: String,
         version: Version,
         target_etag: Option<Etag>,
+        /// Hierarchical source: the owner, group, permissions and ACL current at T, set on the
+        /// target once the content (or directory) is there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        security: Option<Security>,
+    },
+    /// Hierarchical source and target: the target holds the content (or directory) of T but
+    /// another security state; only the security state is set (Path Update setAccessControl).
+    SetSecurity {
+        name: String,
+        security: Security,
+        /// Whether the path is a directory (for reports).
+        #[serde(default)]
+        directory: bool,
     },
     /// In place only: the blob provably did not exist at T. Delete conditionally on
     /// `target_etag`; its snapshots go with it only after each one whose version is not in
@@ -178,6 +191,7 @@ impl PlanItem {
             PlanItem::Restore { name, .. }
             | PlanItem::Delete { name, .. }
             | PlanItem::Unchanged { name }
+            | PlanItem::SetSecurity { name, .. }
             | PlanItem::LeftAlone { name, .. }
             | PlanItem::Unavailable { name, .. } => name,
         }
@@ -215,6 +229,7 @@ pub fn plan_name(
         return match state.state {
             AtT::Present { version } => Some(PlanItem::Restore {
                 name,
+                security: version.security_at(opts.at).cloned(),
                 version,
                 target_etag: None,
             }),
@@ -234,7 +249,35 @@ pub fn plan_name(
         && !t.is_directory_placeholder()
         && start_by(t.last_modified) <= opts.at;
     let version_known = state.known.contains(&t.etag);
+    // The security state of T, where the target's listing shows another (hierarchical
+    // target); `None` where it matches or cannot be compared.
+    let security_to_set = |version: &Version| {
+        let want = version.security_at(opts.at)?;
+        let have = t.security.as_ref()?;
+        (!have.same_as(want)).then(|| want.clone())
+    };
     Some(match state.state {
+        AtT::Present { version } if version.directory => {
+            if !t.is_directory_placeholder() {
+                PlanItem::Unavailable {
+                    why: format!(
+                        "{name:?} was a directory at T; a file (version {}) is there now, left as it is",
+                        t.etag
+                    ),
+                    name,
+                    target_etag: Some(t.etag),
+                }
+            } else {
+                match security_to_set(&version) {
+                    Some(security) => PlanItem::SetSecurity {
+                        name,
+                        security,
+                        directory: true,
+                    },
+                    None => PlanItem::Unchanged { name },
+                }
+            }
+        }
         AtT::Present { version } => {
             // The marker survives metadata-preserving rewrites of the blob, so it only counts
             // when length and (where both are known) MD5 agree with the version too.
@@ -246,10 +289,18 @@ pub fn plan_name(
                     _ => true,
                 };
             if t.etag == version.source_etag || restored_here {
-                PlanItem::Unchanged { name }
+                match security_to_set(&version) {
+                    Some(security) => PlanItem::SetSecurity {
+                        name,
+                        security,
+                        directory: false,
+                    },
+                    None => PlanItem::Unchanged { name },
+                }
             } else {
                 PlanItem::Restore {
                     name,
+                    security: version.security_at(opts.at).cloned(),
                     version,
                     target_etag: Some(t.etag),
                 }
@@ -427,6 +478,9 @@ pub struct PlanSummary {
     pub unavailable: u64,
     /// Bytes the restores will copy.
     pub restore_bytes: u64,
+    /// Hierarchical target: paths whose content is as at T but whose security state is not.
+    #[serde(default)]
+    pub set_security: u64,
 }
 
 impl PlanSummary {
@@ -445,6 +499,7 @@ impl PlanSummary {
             }
             PlanItem::Delete { .. } => self.delete += 1,
             PlanItem::Unchanged { .. } => self.unchanged += 1,
+            PlanItem::SetSecurity { .. } => self.set_security += 1,
             PlanItem::LeftAlone { .. } => self.left_alone += 1,
             PlanItem::Unavailable { .. } => self.unavailable += 1,
         }
@@ -499,6 +554,7 @@ mod tests {
                 } => format!("{name}:overwrite"),
                 PlanItem::Delete { name, .. } => format!("{name}:delete"),
                 PlanItem::Unchanged { name } => format!("{name}:unchanged"),
+                PlanItem::SetSecurity { name, .. } => format!("{name}:security"),
                 PlanItem::LeftAlone { name, .. } => format!("{name}:left_alone"),
                 PlanItem::Unavailable { name, .. } => format!("{name}:unavailable"),
             })
@@ -698,6 +754,84 @@ mod tests {
         )
         .unwrap();
         assert_eq!(short(&plan), ["d:overwrite"]);
+    }
+
+    /// Issue 18: the security state of T travels with a restore; content already as at T but
+    /// another security state on a hierarchical target is `SetSecurity`; a directory of T is
+    /// never overwritten, only given its security state.
+    #[test]
+    fn security_and_directories_in_the_plan() {
+        use crate::model::security::{Security, DIRECTORY};
+        let sec = |acl: &str| Security {
+            owner: "o".into(),
+            group: "g".into(),
+            permissions: "rw-r-----".into(),
+            acl: acl.into(),
+        };
+        let with_states = |mut st: NameState, states: &[(i64, &str)], dir: bool| {
+            if let AtT::Present { version } = &mut st.state {
+                version.directory = dir;
+                version.security = states
+                    .iter()
+                    .map(|(at, acl)| crate::core::history::SecurityState {
+                        at: Some(ts(*at)),
+                        state: sec(acl),
+                    })
+                    .collect();
+            }
+            st
+        };
+        let file = with_states(
+            present("f", "f1", 10),
+            &[(20, "user::r--"), (40, "user::rw-")],
+            false,
+        );
+        let dir = with_states(
+            present("d", "lakeguard-directory", 10),
+            &[(20, "user::rwx")],
+            true,
+        );
+        let listed = |e: BlobEntry, acl: &str| BlobEntry {
+            security: Some(sec(acl)),
+            ..e
+        };
+        let mut dir_row = with_meta(entry("d", "0xD", 5), HDI_ISFOLDER, "true");
+        dir_row.content_length = 0;
+        dir_row.metadata.insert(DIRECTORY.into(), "true".into());
+        let plan_at = |t: i64, states: Vec<NameState>, target: Vec<BlobEntry>| {
+            plan_restore(opts(RestoreTarget::InPlace, t), states, target).unwrap()
+        };
+        // Absent targets: restored with the state of T.
+        let plan = plan_at(30, vec![dir.clone(), file.clone()], vec![]);
+        match &plan[1] {
+            PlanItem::Restore { security, .. } => {
+                assert_eq!(security.as_ref().unwrap().acl, "user::r--")
+            }
+            other => panic!("{other:?}"),
+        }
+        let plan = plan_at(50, vec![file.clone()], vec![]);
+        assert!(
+            matches!(&plan[0], PlanItem::Restore { security: Some(s), .. } if s.acl == "user::rw-")
+        );
+        // Same content, other ACL: only the security step; same ACL: unchanged.
+        let target = vec![
+            listed(dir_row.clone(), "user::---"),
+            listed(entry("f", "f1", 10), "user::rw-"),
+        ];
+        let plan = plan_at(30, vec![dir.clone(), file.clone()], target.clone());
+        assert_eq!(short(&plan), ["d:security", "f:security"]);
+        let plan = plan_at(50, vec![dir.clone(), file.clone()], target);
+        assert_eq!(short(&plan), ["d:security", "f:unchanged"]);
+        // A flat target listing (no security) cannot be compared: unchanged.
+        let plan = plan_at(30, vec![file.clone()], vec![entry("f", "f1", 10)]);
+        assert_eq!(short(&plan), ["f:unchanged"]);
+        // A file where the directory was: left alone, reported.
+        let plan = plan_at(
+            30,
+            vec![dir],
+            vec![listed(entry("d", "0xF", 5), "user::rw-")],
+        );
+        assert_eq!(short(&plan), ["d:unavailable"]);
     }
 
     #[test]
@@ -913,6 +1047,7 @@ mod props {
             } => "overwrite",
             PlanItem::Delete { .. } => "delete",
             PlanItem::Unchanged { .. } => "unchanged",
+            PlanItem::SetSecurity { .. } => "security",
             PlanItem::LeftAlone { .. } => "left_alone",
             PlanItem::Unavailable { .. } => "unavailable",
         };

@@ -35,6 +35,7 @@ pub fn entry(name: &str, etag: &str, lm: i64) -> BlobEntry {
         content_type: Some("application/octet-stream".into()),
         content_md5: None,
         metadata: BTreeMap::new(),
+        security: None,
     }
 }
 

@@ -78,6 +78,10 @@ pub struct BlobEntry {
     pub content_md5: Option<Vec<u8>>,
     /// Keys lower-cased: metadata names are case-insensitive in the service.
     pub metadata: BTreeMap<String, String>,
+    /// Owner, group, permissions and ACL, from a hierarchical-namespace listing with
+    /// `include=permissions` (`None` everywhere else).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<super::security::Security>,
 }
 
 impl BlobEntry {
@@ -156,6 +160,7 @@ mod tests {
             content_type: None,
             content_md5: None,
             metadata: BTreeMap::from([("hdi_isfolder".into(), "True".into())]),
+            security: None,
         };
         assert!(e.is_directory_placeholder());
         e.content_length = 1;

@@ -51,6 +51,9 @@ pub struct VersionProps {
     /// The blob's user metadata (lakeguard's own keys excluded).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// Hierarchical source: the path's owner, group, permissions and ACL as listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<super::Security>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -279,6 +282,12 @@ mod tests {
             content_type: Some("text/csv".into()),
             last_modified: OffsetDateTime::from_unix_timestamp(1_795_000_000).unwrap(),
             metadata: [("owner".to_string(), "team \"x\"".to_string())].into(),
+            security: Some(crate::model::Security {
+                owner: "alice".into(),
+                group: "staff".into(),
+                permissions: "rw-r-----".into(),
+                acl: "user::rw-,group::r--,other::---".into(),
+            }),
         };
         let r = BackupRequest::new(
             "raw",
@@ -303,6 +312,7 @@ mod tests {
                 content_type: None,
                 last_modified: OffsetDateTime::from_unix_timestamp(1_795_000_000).unwrap(),
                 metadata: BTreeMap::new(),
+                security: None,
             })
             .with_backup_absent(true);
         let text = live.to_json();

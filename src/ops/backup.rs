@@ -46,6 +46,13 @@ pub enum Outcome {
         blob: String,
         etag: String,
     },
+    /// The backup already held the content; only a new security state (hierarchical source)
+    /// was recorded on it, without a copy.
+    SecurityRecorded {
+        container: String,
+        blob: String,
+        etag: String,
+    },
     /// The requested version cannot be copied any more and a newer request covers the blob.
     Superseded {
         container: String,
@@ -77,6 +84,13 @@ impl Outcome {
             } => {
                 format!("{container}/{blob} version {etag} is already in the backup; nothing to do")
             }
+            Outcome::SecurityRecorded {
+                container,
+                blob,
+                etag,
+            } => format!(
+                "{container}/{blob} version {etag}: new owner/group/permissions/ACL recorded (no copy)"
+            ),
             Outcome::Superseded {
                 container,
                 blob,
@@ -230,6 +244,38 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
                 == Some(&req.etag)
                 && !t.metadata.contains_key(metadata::DELETED_AT)
             {
+                // Hierarchical source: the request may carry a new security state of the same
+                // content (an ACL-only change): recorded on the backup version, no copy.
+                if app.source.connection().hns {
+                    if let Some((sec, at)) = requested_security(app, req, trust_hints).await? {
+                        match super::security::record(
+                            &app.backup,
+                            c,
+                            b,
+                            &t.etag,
+                            &t.metadata,
+                            &sec,
+                            at,
+                        )
+                        .await
+                        {
+                            Ok(super::security::Recorded::Recorded) => {
+                                return Ok(Outcome::SecurityRecorded {
+                                    container: c.into(),
+                                    blob: b.into(),
+                                    etag: req.etag.quoted(),
+                                })
+                            }
+                            Ok(super::security::Recorded::Current) => {}
+                            // The backup changed since the HEAD: read it again.
+                            Err(e) if e.is_precondition_failed() => {
+                                trust_hints = false;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
                 info!("already backed up");
                 return Ok(done(&req.etag));
             }
@@ -356,6 +402,38 @@ async fn back_up(app: &App, req: &BackupRequest, dequeue_count: u32) -> Result<O
     }
 }
 
+/// The security state a request carries and when it was observed: the hint (observed when its
+/// snapshot was taken; a live request: now), else the named snapshot's recorded state.
+async fn requested_security(
+    app: &App,
+    req: &BackupRequest,
+    trust_hints: bool,
+) -> Result<Option<(crate::model::Security, OffsetDateTime)>, StorageError> {
+    let snap_time = req.snapshot.as_deref().and_then(metadata::parse_time);
+    if trust_hints {
+        if let Some(sec) = req.props.as_ref().and_then(|p| p.security.clone()) {
+            return Ok(Some((
+                sec,
+                snap_time.unwrap_or_else(OffsetDateTime::now_utc),
+            )));
+        }
+    }
+    let Some(s) = &req.snapshot else {
+        return Ok(None);
+    };
+    let Some(p) = head(&app.source, &req.container, &req.blob, Some(s)).await? else {
+        return Ok(None);
+    };
+    Ok(
+        crate::model::Security::from_metadata(&p.metadata).map(|sec| {
+            let at = crate::model::Security::observed_at(&p.metadata)
+                .or(snap_time)
+                .unwrap_or(p.last_modified);
+            (sec, at)
+        }),
+    )
+}
+
 /// Copies the resolved snapshot over the backup blob with the version's metadata.
 async fn copy_version(
     app: &App,
@@ -377,6 +455,8 @@ async fn copy_version(
     if let Some(s) = snapshot {
         meta.insert(metadata::SOURCE_SNAPSHOT.into(), s.to_owned());
     }
+    // Hierarchical source: the security state the snapshot recorded goes with the version.
+    crate::model::Security::copy_keys(&snap_props.metadata, &mut meta);
     meta.insert(metadata::SOURCE_LAST_MODIFIED.into(), rfc3339(version_time));
     meta.insert(
         metadata::BACKED_UP_AT.into(),
@@ -455,6 +535,14 @@ async fn resolve_snapshot(
     if let (true, true, Some(p)) = (trust_props, live_ok, &req.props) {
         let mut metadata = p.metadata.clone();
         metadata.insert(metadata::SOURCE_ETAG.into(), req.etag.quoted());
+        if let Some(sec) = &p.security {
+            let at = req
+                .snapshot
+                .as_deref()
+                .and_then(metadata::parse_time)
+                .unwrap_or_else(OffsetDateTime::now_utc);
+            sec.write_metadata(&mut metadata, at);
+        }
         return Ok(Some((
             req.snapshot.clone(),
             BlobProperties {
@@ -531,6 +619,8 @@ pub struct DrainReport {
     pub processed: u64,
     pub backed_up: u64,
     pub already_backed_up: u64,
+    /// Requests whose content the backup held, for which only a new security state was recorded.
+    pub security_recorded: u64,
     pub superseded: u64,
     pub poisoned: u64,
     /// Deliveries that failed and were put back for another attempt (a request handed over in
@@ -822,6 +912,7 @@ async fn drain_until(
                 match outcome {
                     Outcome::BackedUp { .. } => report.backed_up += 1,
                     Outcome::AlreadyBackedUp { .. } => report.already_backed_up += 1,
+                    Outcome::SecurityRecorded { .. } => report.security_recorded += 1,
                     Outcome::Superseded { .. } => report.superseded += 1,
                     Outcome::Poisoned { .. } => report.poisoned += 1,
                 }

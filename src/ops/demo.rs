@@ -278,6 +278,7 @@ pub async fn restore_act(app: &App) -> Result<String, OpError> {
             PlanItem::LeftAlone { .. } => "left alone",
             PlanItem::Unavailable { .. } => "UNAVAILABLE",
             PlanItem::Unchanged { .. } => "unchanged",
+            PlanItem::SetSecurity { .. } => "set owner/group/ACL",
         };
         let _ = writeln!(out, "   {what:<32} {}", item.name());
     }

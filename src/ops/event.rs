@@ -101,6 +101,7 @@ fn entry(name: &str, p: BlobProperties) -> BlobEntry {
         content_type: p.content_type,
         content_md5: p.content_md5,
         metadata: p.metadata,
+        security: None,
     }
 }
 
@@ -265,13 +266,31 @@ async fn created(
     }
     let request = if live.etag == version {
         // Snapshot exactly that version: If-Match the event's ETag.
-        let meta = super::snapshot::snapshot_metadata(
+        let now = OffsetDateTime::now_utc();
+        let mut meta = super::snapshot::snapshot_metadata(
             &live.metadata,
             &live.etag,
             live.last_modified,
-            OffsetDateTime::now_utc(),
+            now,
             None,
         );
+        // Hierarchical source: an event carries no ACL; one Get Access Control (a read) records
+        // the path's security state with the version. If it fails, the version is backed up
+        // without it and the next producer or reconcile run records it (it sees none recorded).
+        let security = if app.source.connection().hns {
+            match app.source.get_access_control(c, name).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the access control; recorded by the next full run");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(s) = &security {
+            s.write_metadata(&mut meta, now);
+        }
         match app.source.create_snapshot(c, name, &version, &meta).await {
             Ok(taken) => {
                 let mut r = BackupRequest::new(c, name, &version, &taken.id);
@@ -287,6 +306,7 @@ async fn created(
                             .filter(|(k, _)| !metadata::is_lakeguard_key(k))
                             .map(|(k, v)| (k.clone(), v.clone()))
                             .collect(),
+                        security,
                     });
                 }
                 r

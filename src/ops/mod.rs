@@ -8,6 +8,7 @@ pub mod history_stream;
 pub mod prune;
 pub mod reconcile;
 pub mod restore;
+pub mod security;
 pub mod snapshot;
 pub mod state;
 pub mod usage;

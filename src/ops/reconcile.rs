@@ -200,6 +200,12 @@ pub struct ReconcileReport {
     /// A fresh request for the current version was already queued.
     pub already_pending: u64,
     pub tombstones_written: u64,
+    /// Hierarchical source: files whose new security state was recorded without a copy.
+    #[serde(default)]
+    pub security_recorded: u64,
+    /// Hierarchical source: directories backed up or given their new security state.
+    #[serde(default)]
+    pub directories_backed_up: u64,
     /// Dry run: what a real run would do.
     pub would_enqueue: u64,
     pub would_tombstone: u64,
@@ -716,7 +722,10 @@ async fn walk_container(
                 ctx.progress.inc(1);
                 if matches!(
                     action,
-                    Action::NeedsBackup { .. } | Action::Tombstone { .. }
+                    Action::NeedsBackup { .. }
+                        | Action::Tombstone { .. }
+                        | Action::SecurityChanged { .. }
+                        | Action::BackupDirectory { .. }
                 ) {
                     batch.push(action);
                 }
@@ -819,6 +828,10 @@ pub(crate) enum Done {
     /// behind as an orphaned marker.
     EnqueueFailed(String, bool),
     Tombstoned,
+    /// Hierarchical source: a new security state recorded on the backup version (no copy).
+    SecurityRecorded,
+    /// Hierarchical source: a directory backed up (or its new security state recorded).
+    DirectoryBackedUp,
     WouldEnqueue,
     WouldTombstone,
     Skipped(&'static str),
@@ -850,6 +863,12 @@ async fn execute(
                         needs_backup(ctx, container, source, backup.is_none(), request_batch).await
                     }
                     Action::Tombstone { backup } => (None, tombstone(ctx, container, backup).await),
+                    Action::SecurityChanged { source, backup } => {
+                        (None, security_changed(ctx, container, source, backup).await)
+                    }
+                    Action::BackupDirectory { source, backup } => {
+                        (None, directory(ctx, container, source, backup).await)
+                    }
                     _ => (None, Done::Skipped("nothing to do")),
                 };
                 (name, decision, done)
@@ -890,6 +909,8 @@ async fn execute(
             Done::EnqueuedLive => report.requests_enqueued += 1,
             Done::EnqueueFailed(e, _) => report.error(container, Some(&name), e),
             Done::Tombstoned => report.tombstones_written += 1,
+            Done::SecurityRecorded => report.security_recorded += 1,
+            Done::DirectoryBackedUp => report.directories_backed_up += 1,
             Done::WouldEnqueue => report.would_enqueue += 1,
             Done::WouldTombstone => report.would_tombstone += 1,
             Done::Skipped(why) => {
@@ -977,6 +998,79 @@ async fn needs_backup(
         }
     };
     (Some(decision), done)
+}
+
+/// The time the security state of this listing row was observed: the reconcile's own clock
+/// (the listing page was served moments ago).
+fn observed_now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// Records a file's new security state on the backup version holding its content (hierarchical
+/// source; no copy, no source snapshot): the listing rows of both sides say everything.
+async fn security_changed(
+    ctx: &Ctx<'_>,
+    container: &str,
+    source: BlobEntry,
+    backup: BlobEntry,
+) -> Done {
+    let Some(sec) = &source.security else {
+        return Done::Skipped("no security state listed");
+    };
+    if ctx.dry_run {
+        return Done::WouldEnqueue;
+    }
+    match crate::ops::security::record(
+        &ctx.app.backup,
+        container,
+        &source.name,
+        &backup.etag,
+        &backup.metadata,
+        sec,
+        observed_now(),
+    )
+    .await
+    {
+        Ok(crate::ops::security::Recorded::Recorded) => Done::SecurityRecorded,
+        Ok(crate::ops::security::Recorded::Current) => {
+            Done::Skipped("security state already recorded")
+        }
+        Err(e) if e.is_precondition_failed() || e.is_not_found() => {
+            Done::Skipped("backup changed since the listing")
+        }
+        Err(e) => Done::Failed(format!("recording the security state: {e}")),
+    }
+}
+
+/// Backs up a source directory (hierarchical source) as lakeguard's directory blob.
+async fn directory(
+    ctx: &Ctx<'_>,
+    container: &str,
+    source: BlobEntry,
+    backup: Option<BlobEntry>,
+) -> Done {
+    if ctx.dry_run {
+        return Done::WouldEnqueue;
+    }
+    if let Err(e) = ctx.app.ensure_backup_container(container).await {
+        return Done::Failed(format!("backup container: {e}"));
+    }
+    match crate::ops::security::back_up_directory(
+        &ctx.app.backup,
+        container,
+        &source,
+        backup.as_ref(),
+        observed_now(),
+    )
+    .await
+    {
+        Ok(crate::ops::security::Recorded::Recorded) => Done::DirectoryBackedUp,
+        Ok(crate::ops::security::Recorded::Current) => Done::Skipped("directory already backed up"),
+        Err(e) if e.is_precondition_failed() || matches!(e, StorageError::Conflict { .. }) => {
+            Done::Skipped("backup changed since the listing")
+        }
+        Err(e) => Done::Failed(format!("backing up the directory: {e}")),
+    }
 }
 
 async fn tombstone(ctx: &Ctx<'_>, container: &str, backup: BlobEntry) -> Done {
@@ -1114,6 +1208,8 @@ fn merge_report(total: &mut ReconcileReport, r: &ReconcileReport) {
     total.requests_enqueued += r.requests_enqueued;
     total.already_pending += r.already_pending;
     total.tombstones_written += r.tombstones_written;
+    total.security_recorded += r.security_recorded;
+    total.directories_backed_up += r.directories_backed_up;
     total.would_enqueue += r.would_enqueue;
     total.would_tombstone += r.would_tombstone;
     total.skipped += r.skipped;

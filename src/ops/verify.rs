@@ -137,16 +137,71 @@ pub struct VerifyReport {
     pub history: Option<HistoryReport>,
     pub failed: u64,
     pub failures: Vec<BlobFailure>,
+    /// Hierarchical source: paths (directories included) whose owner, group, permissions and
+    /// ACL were compared with what the backup records for their current version.
+    #[serde(default)]
+    pub security_checked: u64,
+    /// Of those, paths whose recorded security state differs from the source's (or is missing).
+    #[serde(default)]
+    pub security_mismatched: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_mismatches: Vec<SecurityMismatch>,
+    /// Hierarchical source: directories listed in the source.
+    #[serde(default)]
+    pub directories: u64,
     pub elapsed_ms: u128,
 }
 
+/// A path whose recorded security state is not the source's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecurityMismatch {
+    pub name: String,
+    /// `owner`, `group`, `permissions`, `acl`, or `not recorded`.
+    pub differs: Vec<String>,
+    pub source: crate::model::Security,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<crate::model::Security>,
+}
+
 impl VerifyReport {
+    /// Compares the source's listed security state of `name` with the backup row's record.
+    fn check_security(
+        &mut self,
+        name: &str,
+        source: &crate::model::Security,
+        backup: Option<&BlobEntry>,
+    ) {
+        self.security_checked += 1;
+        let recorded = backup.and_then(|b| crate::model::Security::from_metadata(&b.metadata));
+        let differs: Vec<String> = match &recorded {
+            None => vec!["not recorded".into()],
+            Some(r) => r
+                .differences(source)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        };
+        if differs.is_empty() {
+            return;
+        }
+        self.security_mismatched += 1;
+        if self.security_mismatches.len() < MAX_LISTED {
+            self.security_mismatches.push(SecurityMismatch {
+                name: name.to_owned(),
+                differs,
+                source: source.clone(),
+                recorded,
+            });
+        }
+    }
+
     /// Nothing missing, nothing corrupt, nothing that could not be checked.
     pub fn is_ok(&self) -> bool {
         self.missing == 0
             && self.failed == 0
             && self.deep.as_ref().is_none_or(|d| d.mismatched == 0)
             && self.history.as_ref().is_none_or(|h| h.mismatched == 0)
+            && self.security_mismatched == 0
     }
 
     fn fail(&mut self, blob: &str, error: String) {
@@ -386,6 +441,15 @@ pub async fn run_with(
                     continue; // deleted in the source: its snapshots are history, not data
                 };
                 if base.is_directory_placeholder() {
+                    // Hierarchical source: a directory is backed up by its security state.
+                    if let Some(sec) = &base.security {
+                        report.directories += 1;
+                        let ours = backup.as_ref().filter(|b| {
+                            b.meta(crate::model::security::DIRECTORY).is_some()
+                                && b.meta(metadata::DELETED_AT).is_none()
+                        });
+                        report.check_security(&src.name, sec, ours);
+                    }
                     continue;
                 }
                 report.source_blobs += 1;
@@ -397,6 +461,9 @@ pub async fn run_with(
                 });
                 if let Some(b) = holds {
                     report.covered += 1;
+                    if let Some(sec) = &base.security {
+                        report.check_security(&src.name, sec, Some(b));
+                    }
                     if deep {
                         let snap = b.meta(metadata::SOURCE_SNAPSHOT).filter(|s| {
                             src.snapshots

@@ -234,13 +234,47 @@ impl BlobStore {
         .map_err(|e| StorageError::from_azure(format!("blob {container}/{blob}"), e))
     }
 
-    /// One page of a container listing, starting at `marker`.
+    /// A pipeline for requests the SDK has no method for (List Blobs `include=permissions`,
+    /// the dfs endpoint's access control and directory operations): the same transport, retry
+    /// policy and authorisation as every SDK client of this connection (Shared Key signing among
+    /// the per-try policies, or a bearer token for `https://storage.azure.com`).
+    pub(crate) fn raw_pipeline(&self) -> azure_core::http::Pipeline {
+        let mut per_try: Vec<Arc<dyn Policy>> = Vec::new();
+        if let Some(cred) = &self.credential {
+            per_try.push(Arc::new(
+                azure_core::http::policies::auth::BearerTokenAuthorizationPolicy::new(
+                    cred.clone(),
+                    vec!["https://storage.azure.com/.default"],
+                ),
+            ));
+        }
+        azure_core::http::Pipeline::new(
+            option_env!("CARGO_PKG_NAME"),
+            option_env!("CARGO_PKG_VERSION"),
+            self.options.clone(),
+            Vec::new(),
+            per_try,
+            None,
+        )
+    }
+
+    /// The SAS of a SAS connection (appended to every URL we build).
+    pub(crate) fn sas(&self) -> Option<&str> {
+        self.sas.as_deref()
+    }
+
+    /// One page of a container listing, starting at `marker`. On a hierarchical-namespace
+    /// account the listing also carries each path's security state and directories
+    /// ([`super::dfs`]).
     pub async fn list_page(
         &self,
         container: &str,
         opts: &ListOptions,
         marker: Option<String>,
     ) -> Result<ListPage, StorageError> {
+        if self.connection.hns {
+            return super::dfs::list_page_with_permissions(self, container, opts, marker).await;
+        }
         let mut include = Vec::new();
         if opts.snapshots {
             include.push(ListBlobsIncludeItem::Snapshots);
@@ -980,7 +1014,7 @@ fn lower_keys(m: HashMap<String, String>) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn entry_from_item(item: BlobItem) -> Result<BlobEntry, String> {
+pub(crate) fn entry_from_item(item: BlobItem) -> Result<BlobEntry, String> {
     let name = item.name.ok_or("listing entry without a name")?;
     let props = item
         .properties
@@ -1006,5 +1040,6 @@ fn entry_from_item(item: BlobItem) -> Result<BlobEntry, String> {
         content_type: props.content_type,
         content_md5: props.content_md5,
         metadata,
+        security: None,
     })
 }

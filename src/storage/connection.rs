@@ -62,11 +62,84 @@ pub struct Connection {
     pub blob_endpoint: Option<Url>,
     pub queue_endpoint: Option<Url>,
     pub credential: Credential,
+    /// The Data Lake (dfs) endpoint: `X__dfsServiceUri`, else derived from the blob endpoint
+    /// (`.blob.` -> `.dfs.`) when the account has a hierarchical namespace.
+    pub dfs_endpoint: Option<Url>,
+    /// The account has a hierarchical namespace (ADLS Gen2): set for the source by
+    /// `LAKEGUARD_SOURCE_HNS`, for any other connection by `X__dfsServiceUri` or
+    /// `X__hierarchicalNamespace=true`.
+    pub hns: bool,
 }
 
 impl Connection {
     /// Reads connection `name` from the settings map using the Functions convention.
     pub fn from_settings(
+        name: &str,
+        vars: &HashMap<String, String>,
+    ) -> Result<Self, ConnectionError> {
+        let mut conn = Self::from_settings_base(name, vars)?;
+        let get = |suffix: &str| {
+            vars.get(&format!("{name}__{suffix}"))
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        if let Some(dfs) = get("dfsServiceUri") {
+            conn.dfs_endpoint = Some(
+                endpoint(&dfs)
+                    .map_err(|e| invalid(name, format!("`{name}__dfsServiceUri`: {e}")))?,
+            );
+            conn.hns = true;
+        }
+        if let Some(v) = get("hierarchicalNamespace") {
+            conn.hns = match v.to_ascii_lowercase().as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "`{name}__hierarchicalNamespace` must be true or false, not `{other}`"
+                        ),
+                    ))
+                }
+            };
+        }
+        Ok(conn)
+    }
+
+    /// Marks the account hierarchical and makes sure a dfs endpoint is known (given, or derived
+    /// from a `<account>.blob.<suffix>` endpoint).
+    pub fn enable_hns(&mut self) -> Result<(), ConnectionError> {
+        self.hns = true;
+        if self.dfs_endpoint.is_none() {
+            let blob = self.blob_endpoint()?.clone();
+            self.dfs_endpoint = Some(derive_dfs(&blob).ok_or_else(|| {
+                invalid(
+                    &self.name,
+                    format!(
+                        "cannot derive the dfs endpoint from `{blob}` (no `.blob.` in the host); set `{}__dfsServiceUri`",
+                        self.name
+                    ),
+                )
+            })?);
+        }
+        Ok(())
+    }
+
+    /// The dfs endpoint (only for hierarchical accounts).
+    pub fn dfs_endpoint(&self) -> Result<&Url, ConnectionError> {
+        self.dfs_endpoint.as_ref().ok_or_else(|| {
+            invalid(
+                &self.name,
+                format!(
+                    "no dfs endpoint configured; set `{}__dfsServiceUri`",
+                    self.name
+                ),
+            )
+        })
+    }
+
+    fn from_settings_base(
         name: &str,
         vars: &HashMap<String, String>,
     ) -> Result<Self, ConnectionError> {
@@ -147,6 +220,8 @@ impl Connection {
                     client_id: get("clientId"),
                 }
             },
+            dfs_endpoint: None,
+            hns: false,
         })
     }
 
@@ -183,6 +258,8 @@ impl Connection {
                     account: DEVSTORE_ACCOUNT.to_owned(),
                     key: Secret::new(DEVSTORE_KEY),
                 },
+                dfs_endpoint: None,
+                hns: false,
             });
         }
         let protocol = parts
@@ -251,6 +328,8 @@ impl Connection {
             blob_endpoint,
             queue_endpoint,
             credential,
+            dfs_endpoint: None,
+            hns: false,
         })
     }
 
@@ -296,6 +375,16 @@ fn endpoint(s: &str) -> Result<Url, String> {
     let path = url.path().trim_end_matches('/').to_owned();
     url.set_path(&path);
     Ok(url)
+}
+
+/// `https://acct.blob.core.windows.net/` -> `https://acct.dfs.core.windows.net/` (the same
+/// account's Data Lake endpoint); `None` when the host has no `.blob.` label.
+pub fn derive_dfs(blob: &Url) -> Option<Url> {
+    let host = blob.host_str()?;
+    let (head, tail) = host.split_once(".blob.")?;
+    let mut url = blob.clone();
+    url.set_host(Some(&format!("{head}.dfs.{tail}"))).ok()?;
+    Some(url)
 }
 
 /// `https://acct.blob.core.windows.net` -> `acct`; emulator style `http://127.0.0.1:10000/acct` -> `acct`.
@@ -446,6 +535,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("https"), "{err}");
+    }
+
+    #[test]
+    fn dfs_endpoint_given_or_derived() {
+        let mut c = Connection::from_settings("S", &vars(&[("S__accountName", "lake")])).unwrap();
+        assert!(!c.hns && c.dfs_endpoint.is_none());
+        c.enable_hns().unwrap();
+        assert_eq!(
+            c.dfs_endpoint().unwrap().as_str(),
+            "https://lake.dfs.core.windows.net/"
+        );
+        let v = vars(&[
+            ("S", "UseDevelopmentStorage=true"),
+            ("S__dfsServiceUri", "http://127.0.0.1:7777/devstoreaccount1"),
+        ]);
+        let c = Connection::from_settings("S", &v).unwrap();
+        assert!(c.hns);
+        assert_eq!(
+            c.dfs_endpoint.unwrap().as_str(),
+            "http://127.0.0.1:7777/devstoreaccount1"
+        );
+        let mut c =
+            Connection::from_settings("S", &vars(&[("S", "UseDevelopmentStorage=true")])).unwrap();
+        let e = c.enable_hns().unwrap_err().to_string();
+        assert!(e.contains("S__dfsServiceUri"), "{e}");
+        let e = Connection::from_settings(
+            "S",
+            &vars(&[("S__accountName", "a"), ("S__hierarchicalNamespace", "yes")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("hierarchicalNamespace"));
     }
 
     #[test]

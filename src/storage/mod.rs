@@ -4,6 +4,7 @@
 pub mod blob;
 pub mod cli_credential;
 pub mod connection;
+pub mod dfs;
 pub mod error;
 pub mod listing;
 pub mod queue;

@@ -15,6 +15,7 @@ pub mod certs;
 pub mod counting_proxy;
 pub mod fault_proxy;
 pub mod handler;
+pub mod hns;
 pub mod host;
 pub mod identity;
 pub mod rest;

@@ -4,6 +4,7 @@ use super::plan::{ends, Ends};
 use super::undo::{self, UndoRecord};
 use super::*;
 use crate::core::restore::Side;
+use crate::model::Security;
 use crate::storage::blob::SnapshotTaken;
 
 const DELETED_SINCE_PLAN: &str = "deleted since the plan";
@@ -22,6 +23,10 @@ enum Outcome {
     },
     Changed(String),
     Failed(String),
+    /// A directory created (or already there): hierarchical restores.
+    Directory,
+    /// Nothing to write but the security state (`PlanItem::SetSecurity`).
+    SecurityOnly,
 }
 
 /// Phase 3: carries out the spooled items with bounded concurrency.
@@ -85,20 +90,72 @@ pub(super) async fn execute_items(
         id,
         blocks: BlockOptions::from_settings(&app.settings),
     };
-    let results: Vec<(String, Outcome)> = stream::iter(items)
+    // Phase 1: directories and content (a file's parents are created with it on a hierarchical
+    // account). Phase 2, once the batch's content is there: owner, group, permissions and ACLs
+    // (ACL first while the restoring identity still owns a path it created, then owner and group).
+    let results: Vec<(String, Outcome, Option<Security>)> = stream::iter(items)
         .map(|item| {
             let ctx = &ctx;
             async move {
                 let name = item.name().to_owned();
-                (name, ctx.item(item).await)
+                let security = match &item {
+                    PlanItem::Restore { security, .. } => security.clone(),
+                    PlanItem::SetSecurity { security, .. } => Some(security.clone()),
+                    _ => None,
+                };
+                (name, ctx.item(item).await, security)
             }
         })
         .buffer_unordered(app.settings.concurrency.max(1))
         .collect()
         .await;
-    for (name, outcome) in results {
+    // A sampled restore is a restore drill into a scratch container of the (flat) backup
+    // account: it proves content, not ACLs, and has none to set.
+    let drill = req.sample.is_some();
+    let security_steps: Vec<(String, Security)> = results
+        .iter()
+        .filter(|_| !drill)
+        .filter(|(_, o, _)| {
+            matches!(
+                o,
+                Outcome::Restored { .. } | Outcome::Directory | Outcome::SecurityOnly
+            )
+        })
+        .filter_map(|(n, _, s)| s.clone().map(|s| (n.clone(), s)))
+        .collect();
+    let security_results: Vec<(String, Result<(), String>)> = stream::iter(security_steps)
+        .map(|(name, sec)| {
+            let ctx = &ctx;
+            async move {
+                let r =
+                    apply_security(ctx.ends.target, ctx.ends.target_container, &name, &sec).await;
+                (name, r)
+            }
+        })
+        .buffer_unordered(app.settings.concurrency.max(1))
+        .collect()
+        .await;
+    for (name, r) in security_results {
+        match r {
+            Ok(()) => report.security_set += 1,
+            Err(error) => {
+                warn!(blob = %name, %error, "restoring the security state failed (the content is restored)");
+                report.security_failed += 1;
+                report.failed += 1;
+                if report.failures.len() < MAX_REPORTED_FAILURES {
+                    report.failures.push(BlobFailure {
+                        blob: name,
+                        error: format!("security state not restored: {error}"),
+                    });
+                }
+            }
+        }
+    }
+    for (name, outcome, _) in results {
         progress.inc(1);
         match outcome {
+            Outcome::Directory => report.directories += 1,
+            Outcome::SecurityOnly => {}
             Outcome::Restored {
                 overwrote,
                 undo,
@@ -143,6 +200,60 @@ struct Exec<'a> {
     ends: &'a Ends<'a>,
     id: &'a str,
     blocks: BlockOptions,
+}
+
+/// Sets a path's security state as it was at T: the ACL (or, without one, the permissions)
+/// first, then owner and group, each a Path Update `setAccessControl`. Only a hierarchical target
+/// can hold it: on a flat one this fails (reported, never skipped silently). A 403 on the owner
+/// means the identity is not a superuser (Storage Blob Data Owner).
+async fn apply_security(
+    target: &crate::storage::BlobStore,
+    container: &str,
+    name: &str,
+    sec: &Security,
+) -> Result<(), String> {
+    use crate::storage::dfs::AccessChange;
+    if !target.connection().hns {
+        return Err(format!(
+            "the target account ({}) is not hierarchical (set `{}__dfsServiceUri` or `__hierarchicalNamespace=true` if it is)",
+            target.account(),
+            target.connection().name
+        ));
+    }
+    // A recorded ACL the service would refuse (damaged metadata) is reported as such.
+    crate::model::security::parse_acl(&sec.acl)
+        .map_err(|e| format!("the recorded ACL is not valid: {e}"))?;
+    let first = if sec.acl.trim().is_empty() {
+        AccessChange {
+            permissions: Some(sec.settable_permissions().to_owned()),
+            ..Default::default()
+        }
+    } else {
+        AccessChange {
+            acl: Some(sec.acl.clone()),
+            ..Default::default()
+        }
+    };
+    target
+        .set_access_control(container, name, &first)
+        .await
+        .map_err(|e| format!("ACL: {e}"))?;
+    let owner = AccessChange {
+        owner: Some(sec.owner.clone()),
+        group: Some(sec.group.clone()),
+        ..Default::default()
+    };
+    target
+        .set_access_control(container, name, &owner)
+        .await
+        .map_err(|e| {
+            let hint = if e.to_string().contains("403") {
+                " (changing the owner needs a superuser: the Storage Blob Data Owner role)"
+            } else {
+                ""
+            };
+            format!("owner/group: {e}{hint}")
+        })
 }
 
 /// A 412/409 on a conditional copy: the target's or the source's condition? The service names
@@ -218,17 +329,49 @@ impl Exec<'_> {
 
     async fn item(&self, item: PlanItem) -> Outcome {
         match item {
+            PlanItem::Restore { name, version, .. } if version.directory => {
+                self.directory(&name).await
+            }
             PlanItem::Restore {
                 name,
                 version,
                 target_etag,
+                ..
             } => self.restore(&name, &version, target_etag).await,
+            PlanItem::SetSecurity { .. } => Outcome::SecurityOnly,
             PlanItem::Delete {
                 name,
                 target_etag,
                 backed_up,
             } => self.delete(&name, &target_etag, &backed_up).await,
             other => Outcome::Failed(format!("not an actionable item: {other:?}")),
+        }
+    }
+
+    /// Recreates a directory of the history: Path Create `resource=directory` on a hierarchical
+    /// target (an existing directory is fine: a child restored first made it), a zero-length
+    /// `hdi_isfolder=true` blob on a flat one.
+    async fn directory(&self, name: &str) -> Outcome {
+        let (t, c) = (self.ends.target, self.ends.target_container);
+        if t.connection().hns {
+            return match t.create_directory(c, name).await {
+                Ok(_) => Outcome::Directory,
+                Err(e) => Outcome::Failed(format!("create directory: {e}")),
+            };
+        }
+        let meta = std::collections::BTreeMap::from([(
+            metadata::HDI_ISFOLDER.to_owned(),
+            "true".to_owned(),
+        )]);
+        match t
+            .upload_if(c, name, Vec::new(), None, &meta, &TargetCondition::Absent)
+            .await
+        {
+            Ok(_) => Outcome::Directory,
+            Err(e) if e.is_precondition_failed() || matches!(e, StorageError::Conflict { .. }) => {
+                Outcome::Directory
+            }
+            Err(e) => Outcome::Failed(format!("create directory placeholder: {e}")),
         }
     }
 

@@ -155,6 +155,16 @@ pub struct ExecReport {
     pub changed: Vec<String>,
     pub failed: u64,
     pub failures: Vec<BlobFailure>,
+    /// Hierarchical restores: directories recreated.
+    #[serde(default)]
+    pub directories: u64,
+    /// Hierarchical restores: paths given their owner, group, permissions and ACL of T.
+    #[serde(default)]
+    pub security_set: u64,
+    /// Of `failed`: paths whose content is restored but whose security state could not be set
+    /// (listed in `failures`).
+    #[serde(default)]
+    pub security_failed: u64,
     /// Actionable items beyond `limit`, left for the next run.
     pub not_attempted: u64,
 }

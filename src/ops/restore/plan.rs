@@ -238,9 +238,12 @@ pub async fn plan(app: &App, req: &RestoreRequest) -> Result<Plan, OpError> {
                         }
                     }
                     (_, Some(_)) => {}
-                    (PlanItem::Restore { .. } | PlanItem::Delete { .. }, None) => {
-                        spool.push(&item).map_err(spool_error)?
-                    }
+                    (
+                        PlanItem::Restore { .. }
+                        | PlanItem::Delete { .. }
+                        | PlanItem::SetSecurity { .. },
+                        None,
+                    ) => spool.push(&item).map_err(spool_error)?,
                     _ => {}
                 }
             }

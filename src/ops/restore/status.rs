@@ -294,6 +294,9 @@ fn merge(total: &mut ExecReport, r: ExecReport) {
     total.changed_since_plan += r.changed_since_plan;
     total.failed += r.failed;
     total.not_attempted += r.not_attempted;
+    total.directories += r.directories;
+    total.security_set += r.security_set;
+    total.security_failed += r.security_failed;
     for c in r.changed {
         if total.changed.len() < MAX_REPORTED_FAILURES {
             total.changed.push(c);

@@ -295,6 +295,9 @@ fn version_from(props: &BlobProperties, previous: &Etag, content: ContentRef) ->
             .filter(|(k, _)| !metadata::is_lakeguard_key(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        // Undo restores bytes; the security state before a restore is not recorded.
+        directory: false,
+        security: Vec::new(),
     }
 }
 
@@ -356,6 +359,7 @@ async fn plan_record(
                             name: name.clone(),
                             version: version_from(&s, &previous, content),
                             target_etag: Some(written.clone()),
+                            security: None,
                         };
                         (
                             UndoItem::PutBack {
@@ -448,6 +452,7 @@ async fn plan_record(
                             name: name.clone(),
                             version: version_from(&u, &previous, content),
                             target_etag: None,
+                            security: None,
                         };
                         (
                             UndoItem::Recreate {

@@ -291,6 +291,11 @@ async fn begin(
     if full {
         loaded.since = None;
         loaded.why_full = Some("asked for".into());
+    } else if app.source.connection().hns && loaded.since.is_some() {
+        // An ACL change leaves Last-Modified alone (README "ADLS Gen2 fidelity"): only a full
+        // listing (with the newest snapshot of each path) sees it.
+        loaded.since = None;
+        loaded.why_full = Some("hierarchical source: ACL changes need the full listing".into());
     }
     report.since = loaded.since.as_ref().map(|s| s.from());
     report.listing = match &loaded.why_full {
@@ -503,6 +508,9 @@ async fn process(
             }
             // A blob never snapshotted before has, in all likelihood, no backup yet.
             Verdict::New => todo.push((d.blob, true)),
+            // Same content, new owner / group / permissions / ACL: a new snapshot records the
+            // state; the worker finds the content already in the backup and records only it.
+            Verdict::SecurityChanged => todo.push((d.blob, false)),
             // A watermark run cannot tell new from changed: it claims nothing about the backup.
             Verdict::Changed { .. } | Verdict::Modified => todo.push((d.blob, false)),
         }
@@ -599,13 +607,14 @@ pub async fn snapshot_current(
     batch: Option<&str>,
 ) -> Result<Option<(SnapshotTaken, BlobEntry)>, StorageError> {
     for attempt in 1..=SNAPSHOT_ATTEMPTS {
-        let meta = snapshot_metadata(
-            &blob.metadata,
-            &blob.etag,
-            blob.last_modified,
-            OffsetDateTime::now_utc(),
-            batch,
-        );
+        let now = OffsetDateTime::now_utc();
+        let mut meta =
+            snapshot_metadata(&blob.metadata, &blob.etag, blob.last_modified, now, batch);
+        // Hierarchical source: the snapshot records the path's security state as listed, which
+        // the worker carries onto the backup version (and the producer compares next time).
+        if let Some(sec) = &blob.security {
+            sec.write_metadata(&mut meta, now);
+        }
         match store
             .create_snapshot(container, &blob.name, &blob.etag, &meta)
             .await
@@ -765,6 +774,7 @@ fn version_props(blob: &BlobEntry, copy_etag: &Etag) -> VersionProps {
             .filter(|(k, _)| !metadata::is_lakeguard_key(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        security: blob.security.clone(),
     }
 }
 
