@@ -9,12 +9,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use lakeguard::app::App;
 use lakeguard::ops::restore::{self, RestoreRequest, TargetSpec};
 use lakeguard::ops::{self, no_progress};
 use reqwest::Method;
+use support::app::mark;
 use support::hns::{HnsStandIn, PathState, CALLER};
 use support::rest::encode_path;
 use support::{
@@ -174,14 +174,6 @@ impl Lake {
         });
         restore::run(&self.app, &req, no_progress()).await.unwrap()
     }
-}
-
-/// A point strictly between writes (one-second Last-Modified resolution).
-async fn mark() -> OffsetDateTime {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let t = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    t
 }
 
 fn assert_same(what: &str, got: &Truth, want: &Truth) {

@@ -81,13 +81,13 @@ use std::time::{Duration, Instant};
 use futures::{stream, StreamExt};
 use lakeguard::model::metadata;
 use serde_json::Value;
+use support::app::mark;
 use support::fault_proxy::{decide, mix, Fault, FaultProxy, Rates};
 use support::handler::lakeguard_bin;
 use support::rest::encode_path;
 use support::{
     unique_name, Auth, Mode, Persistence, Stack, Stop, StorageRest, DEV_ACCOUNT, DEV_KEY,
 };
-use time::OffsetDateTime;
 
 type Truth = BTreeMap<String, Vec<u8>>;
 
@@ -580,15 +580,6 @@ async fn put_all(src: &StorageRest, c: &str, blobs: Vec<(String, Vec<u8>)>) {
         .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await;
-}
-
-/// A restore point strictly between the writes before and after it, whatever the service's
-/// one-second Last-Modified resolution.
-async fn mark() -> OffsetDateTime {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let t = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    t
 }
 
 fn unquote(s: &str) -> String {

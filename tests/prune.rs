@@ -9,28 +9,9 @@ use std::time::Duration;
 use lakeguard::app::App;
 use lakeguard::ops::{self, no_progress};
 use serde_json::Value;
+use support::app::{cycle, mark};
 use support::{run_cli, unique_name, Mode, Stack, StorageRest};
 use time::OffsetDateTime;
-
-async fn cycle(app: &App, container: &str) {
-    let r = ops::snapshot::run(app, container, None, no_progress())
-        .await
-        .expect("producer");
-    assert!(r.is_complete(), "{r:?}");
-    let d = ops::backup::drain(app, &app.queue, no_progress())
-        .await
-        .expect("drain");
-    assert_eq!(d.poisoned, 0, "{d:?}");
-}
-
-/// A restore point strictly after the last write and before the next one (Last-Modified has
-/// one-second precision).
-async fn mark() -> OffsetDateTime {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let t = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    t
-}
 
 fn snapshots(rows: &[support::rest::ListedBlob], name: &str) -> usize {
     rows.iter()

@@ -16,23 +16,12 @@ use lakeguard::model::metadata;
 use lakeguard::ops::restore::{self, RestoreRequest, TargetSpec, RESERVED_CONTAINER};
 use lakeguard::ops::{self, no_progress};
 use serde_json::{json, Value};
+use support::app::{cycle, mark};
 use support::host::forwarded_http;
 use support::{run_cli, unique_name, Mode, Stack, StorageRest};
 use time::OffsetDateTime;
 
 type Truth = BTreeMap<String, Vec<u8>>;
-
-/// Producer then worker, both must be clean.
-async fn cycle(app: &App, container: &str) {
-    let r = ops::snapshot::run(app, container, None, no_progress())
-        .await
-        .expect("producer");
-    assert!(r.is_complete(), "{r:?}");
-    let d = ops::backup::drain(app, &app.queue, no_progress())
-        .await
-        .expect("drain");
-    assert_eq!(d.poisoned, 0, "{d:?}");
-}
 
 /// Producer then worker as `lakeguard snapshot` and `lakeguard backup --drain`.
 async fn cycle_cli(env: &[(String, String)], container: &str) {
@@ -63,17 +52,6 @@ async fn reconcile(app: &App, container: &str) -> u64 {
     assert_eq!(r.errors, 0, "{r:?}");
     assert_eq!(r.requests_enqueued, 0, "{r:?}");
     r.tombstones_written
-}
-
-/// A restore point strictly between the writes before and after it, whatever the service's
-/// one-second Last-Modified resolution: 1.1 s after the last write, floored to the second, and
-/// 1.1 s before the next one.
-async fn mark() -> OffsetDateTime {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let now = OffsetDateTime::now_utc();
-    let t = now.replace_nanosecond(0).unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    t
 }
 
 async fn put(src: &StorageRest, c: &str, name: &str, data: &[u8], truth: &mut Truth) {

@@ -6,37 +6,19 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use lakeguard::app::App;
 use lakeguard::model::metadata;
+use lakeguard::ops::no_progress;
 use lakeguard::ops::restore::undo::{self, UndoRequest};
 use lakeguard::ops::restore::{self, RestoreRequest};
-use lakeguard::ops::{self, no_progress};
 use serde_json::Value;
+use support::app::{cycle, mark};
 use support::{run_cli, unique_name, Mode, Stack, StorageRest};
 use time::OffsetDateTime;
 
 /// Name -> (content, user metadata).
 type State = BTreeMap<String, (Vec<u8>, BTreeMap<String, String>)>;
-
-async fn cycle(app: &App, container: &str) {
-    let r = ops::snapshot::run(app, container, None, no_progress())
-        .await
-        .expect("producer");
-    assert!(r.is_complete(), "{r:?}");
-    let d = ops::backup::drain(app, &app.queue, no_progress())
-        .await
-        .expect("drain");
-    assert_eq!(d.poisoned, 0, "{d:?}");
-}
-
-async fn mark() -> OffsetDateTime {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let t = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    t
-}
 
 /// The container's base blobs: content and user metadata (lakeguard's own keys left out).
 async fn state(rest: &StorageRest, c: &str) -> State {

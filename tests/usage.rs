@@ -12,20 +12,10 @@ use lakeguard::core::usage::Requests;
 use lakeguard::ops::usage::{self, UsageOptions};
 use lakeguard::ops::{self, no_progress};
 use serde_json::Value;
+use support::app::cycle;
 use support::counting_proxy::ProxiedRequest;
 use support::{run_cli, unique_name, Mode, Stack};
 use time::OffsetDateTime;
-
-async fn cycle(app: &App, container: &str) {
-    let r = ops::snapshot::run(app, container, None, no_progress())
-        .await
-        .expect("producer");
-    assert!(r.is_complete(), "{r:?}");
-    let d = ops::backup::drain(app, &app.queue, no_progress())
-        .await
-        .expect("drain");
-    assert_eq!(d.poisoned, 0, "{d:?}");
-}
 
 /// The Blob Storage price category of one request (Microsoft's "Map each REST operation to a
 /// price", general-purpose v2); `None` for the free ones (Delete Blob).

@@ -9,18 +9,8 @@ use std::process::Output;
 use lakeguard::app::App;
 use lakeguard::ops::{self, no_progress};
 use serde_json::Value;
+use support::app::cycle;
 use support::{run_cli, unique_name, Mode, Stack};
-
-async fn cycle(app: &App, container: &str) {
-    let r = ops::snapshot::run(app, container, None, no_progress())
-        .await
-        .unwrap();
-    assert!(r.is_complete(), "{r:?}");
-    let d = ops::backup::drain(app, &app.queue, no_progress())
-        .await
-        .unwrap();
-    assert_eq!(d.poisoned, 0, "{d:?}");
-}
 
 fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
