@@ -89,7 +89,8 @@ fn root_message(err: &azure_core::Error) -> String {
     // The SDK's messages name operations, not URLs with query strings; keep the chain short. The
     // retry policy wraps what it will not retry (a credential that cannot get a token: `az` not
     // found, not logged in) as "non-transport error occurred which will not be retried": the
-    // cause is in the source chain, and an operator needs it.
+    // cause is in the source chain, and an operator needs it. A transport error's text names the
+    // request URL, whose query may carry a SAS (`sig=`): every URL loses its query.
     let mut msg = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(s) = source {
@@ -100,6 +101,7 @@ fn root_message(err: &azure_core::Error) -> String {
         }
         source = s.source();
     }
+    let mut msg = without_query_strings(&msg);
     if msg.len() > 600 {
         let mut end = 600;
         while !msg.is_char_boundary(end) {
@@ -108,4 +110,56 @@ fn root_message(err: &azure_core::Error) -> String {
         msg.truncate(end);
     }
     msg
+}
+
+/// `text` with the query string of every http(s) URL in it replaced by `?…`.
+fn without_query_strings(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("http") {
+        let (before, url) = rest.split_at(at);
+        out.push_str(before);
+        let end = url
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>'))
+            .unwrap_or(url.len());
+        let (url, after) = url.split_at(end);
+        match url.find('?') {
+            Some(q) => {
+                out.push_str(&url[..q]);
+                out.push_str("?…");
+            }
+            None => out.push_str(url),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transport error names the URL it was sending to; with a SAS connection that URL carries
+    /// the signature, and the error text reaches logs and reports.
+    #[test]
+    fn transport_errors_never_carry_a_query_string() {
+        let io = std::io::Error::other(
+            "error sending request for url (https://acct.blob.core.windows.net/c/a%20b?sv=2024&sig=S3CRET%3D&se=x): connection reset",
+        );
+        let err = azure_core::Error::with_error(ErrorKind::Io, io, "send");
+        let text = StorageError::from_azure("get blob c/a b", err).to_string();
+        assert!(!text.contains("S3CRET"), "{text}");
+        assert!(!text.contains("sv=2024"), "{text}");
+        assert!(
+            text.contains("https://acct.blob.core.windows.net/c/a%20b?…"),
+            "{text}"
+        );
+        assert!(text.contains("connection reset"), "{text}");
+        assert_eq!(without_query_strings("no url here"), "no url here");
+        assert_eq!(
+            without_query_strings("a http://h/p?q=1 b https://h2/x"),
+            "a http://h/p?… b https://h2/x"
+        );
+    }
 }
