@@ -197,7 +197,9 @@ impl PlanItem {
         }
     }
 
-    /// True for items that replace or remove an existing target blob (need --force).
+    /// True for items that replace or remove an existing target blob, or replace an existing
+    /// path's owner, group and ACL (`SetSecurity`: the state it replaces is not kept as undo
+    /// data), so they need --force.
     pub fn is_destructive(&self) -> bool {
         matches!(
             self,
@@ -205,6 +207,7 @@ impl PlanItem {
                 target_etag: Some(_),
                 ..
             } | PlanItem::Delete { .. }
+                | PlanItem::SetSecurity { .. }
         )
     }
 }

@@ -699,7 +699,9 @@ pub(crate) async fn record_batch_unless_handed_off(
     orphans: u64,
     handed_off: u64,
 ) {
-    if handed_off > 0 {
+    // A batch with orphans is recorded even so: "incomplete" makes reconcile trust none of its
+    // markers (at worst it asks again for a handed-off request that did finish).
+    if handed_off > 0 && orphans == 0 {
         debug!(
             batch,
             handed_off, "requests handed off in process: the batch stays unrecorded"
