@@ -269,6 +269,13 @@ async fn prune_functions_plan_and_run_through_the_continuation_queue() {
     assert_eq!(planned.json()["report"]["planned"]["backup_snapshots"], 5);
     let bak = stack.backup();
     assert_eq!(snapshots(&bak.list_blobs(&c, None).await, "f.csv"), 4);
+    // A limit the started prune would not apply is refused, not ignored.
+    let limited = call(format!(
+        "{{\"container\":\"{c}\",\"confirm\":true,\"max_delete\":0}}"
+    ))
+    .await;
+    assert_eq!(limited.status.as_u16(), 400, "{}", limited.body);
+    assert_eq!(snapshots(&bak.list_blobs(&c, None).await, "f.csv"), 4);
     let started = call(format!("{{\"container\":\"{c}\",\"confirm\":true}}")).await;
     assert_eq!(started.status.as_u16(), 202, "{}", started.body);
     let queues = stack.queues();

@@ -113,6 +113,15 @@ pub async fn now(
                 Err(e) => op_error_response(&e),
             };
         }
+        if b.max_delete.is_some() {
+            // The started prune applies LAKEGUARD_PRUNE_MAX_DELETE_PERCENT per hop; a limit the
+            // caller sets must not be silently ignored.
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"status": "invalid", "error": "max_delete applies to a planned (dry) prune only; a confirmed prune uses LAKEGUARD_PRUNE_MAX_DELETE_PERCENT (or run `lakeguard prune --max-delete N`)"})),
+            )
+                .into_response();
+        }
         match prune::start(&app, b.container.as_deref()).await {
             Ok(report) => (
                 StatusCode::ACCEPTED,

@@ -573,7 +573,10 @@ impl Exec<'_> {
                             unrecorded: !self.record_if_absent(name, &record).await,
                         }
                     }
-                    Err(_) => Outcome::Changed(why),
+                    Err(e) if e.is_not_found() => Outcome::Changed(why),
+                    // Not proof of anything: fail the item, so that the chunk is retried and
+                    // the deletion still gets its undo record.
+                    Err(e) => Outcome::Failed(format!("reading the undo copy: {e}")),
                 };
             }
             Err(o) => return o,
