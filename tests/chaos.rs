@@ -1367,36 +1367,44 @@ async fn chaos_backup_converges_and_restores_exactly() {
     let t = Instant::now();
     let before_d = proxy.stats();
     proxy.set_rates(cfg.rates);
-    let target = unique_name("restored-faulted");
-    let restore_args = [
-        "restore",
-        "--container",
-        c.as_str(),
-        "--at",
-        &metadata::format_time(t1),
-        "--to-container",
-        &target,
-        "--output",
-        "json",
-    ];
     let r_kill = (cfg.blobs as u64) / 4 + g.below(cfg.blobs as u64 / 4);
-    let d1 = runner
-        .run(
-            "D1 restore --at T1 under faults (SIGKILL after copy r)",
-            &restore_args,
-            &env1,
-            |pid| {
-                proxy.on_upstream(
-                    r_kill,
-                    |s| s.op == "Copy Blob From URL",
-                    move || sigkill(pid),
-                )
-            },
-            During::Nothing,
-        )
-        .await;
-    assert!(d1.killed(), "D1 should have been killed: {}", d1.describe());
-    proxy.clear_triggers();
+    // Under faults a run may also end on its own before its r-th copy (its listing can exhaust
+    // the retries of LAKEGUARD_MAX_RETRIES): such a run proves nothing about being killed, so D1
+    // starts over into a fresh container until a run is killed mid-restore.
+    let mut d1_runs = 0;
+    let (target, d1) = loop {
+        d1_runs += 1;
+        let target = unique_name("restored-faulted");
+        let args = restore_args_for(&c, t1, &target);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = runner
+            .run(
+                &format!("D1 restore --at T1 under faults (SIGKILL after copy r) #{d1_runs}"),
+                &args,
+                &env1,
+                |pid| {
+                    proxy.on_upstream(
+                        r_kill,
+                        |s| s.op == "Copy Blob From URL",
+                        move || sigkill(pid),
+                    )
+                },
+                During::Nothing,
+            )
+            .await;
+        proxy.clear_triggers();
+        if run.killed() {
+            break (target, run);
+        }
+        assert!(
+            !run.status.success() && d1_runs < 4,
+            "D1 should have been killed after copy {r_kill}, run #{d1_runs}: {}",
+            run.describe()
+        );
+    };
+    assert!(d1.killed());
+    let restore_args = restore_args_for(&c, t1, &target);
+    let restore_args: Vec<&str> = restore_args.iter().map(String::as_str).collect();
     let mut d_runs = 0;
     loop {
         d_runs += 1;
@@ -1527,4 +1535,21 @@ async fn chaos_backup_converges_and_restores_exactly() {
         ));
     }
     eprintln!("{summary}");
+}
+
+/// `restore --at T --to-container TARGET --output json` for container `c`.
+fn restore_args_for(c: &str, at: time::OffsetDateTime, target: &str) -> Vec<String> {
+    [
+        "restore",
+        "--container",
+        c,
+        "--at",
+        &metadata::format_time(at),
+        "--to-container",
+        target,
+        "--output",
+        "json",
+    ]
+    .map(str::to_string)
+    .to_vec()
 }

@@ -32,7 +32,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use time::{Date, OffsetDateTime, Time, UtcOffset};
 
-use super::history::{history_from_backup, history_from_source_snapshots, state_at, AtT, History};
+use super::history::{
+    history_from_backup, history_from_source_snapshots, state_at, AtT, History, Version,
+};
 use crate::model::metadata::{self, BACKED_UP_AT, DELETED_AT, SOURCE_ETAG, SOURCE_SNAPSHOT};
 use crate::model::{BlobEntry, Etag};
 
@@ -244,6 +246,10 @@ pub enum Why {
     Last,
     /// Current (or possibly current) at a promised instant.
     Promised,
+    /// Its proof instants place a kept version that arrived with an older Last-Modified (a
+    /// rename or an undelete keeps the one it had): without it, that version would seem to
+    /// start earlier, and a restore at a promised instant would change.
+    Places,
 }
 
 /// The versions of `history` that `keep` needs at `now`, with the first reason found.
@@ -283,6 +289,39 @@ pub fn needed(history: &History, keep: &Keep, now: OffsetDateTime) -> BTreeMap<E
             if v.current_from <= t {
                 need(&v.source_etag, Why::Promised);
             }
+        }
+    }
+    // A version's window depends on the versions before it only through their floor (see
+    // `history::build_versions`): where the floor reaches its Last-Modified, it lifts its start
+    // or overrules its Last-Modified. Keeping the version that sets that floor keeps the window
+    // exactly as it is; walking backwards covers a kept setter whose own window was lifted.
+    let floors = floors(vs);
+    for (i, v) in vs.iter().enumerate().rev() {
+        if !out.contains_key(&v.source_etag) {
+            continue;
+        }
+        if let Some((floor, setter)) = floors[i] {
+            if floor >= v.source_last_modified {
+                out.entry(vs[setter].source_etag.clone())
+                    .or_insert(Why::Places);
+            }
+        }
+    }
+    out
+}
+
+/// For each version, the floor the versions before it set (the latest instant any of them had
+/// started or was proven current) and the latest version that sets it.
+fn floors(vs: &[Version]) -> Vec<Option<(OffsetDateTime, usize)>> {
+    let mut out = Vec::with_capacity(vs.len());
+    let mut floor: Option<(OffsetDateTime, usize)> = None;
+    for (j, v) in vs.iter().enumerate() {
+        out.push(floor);
+        let reach = v
+            .seen_last
+            .map_or(v.current_from, |s| s.max(v.current_from));
+        if floor.is_none_or(|(f, _)| reach >= f) {
+            floor = Some((reach, j));
         }
     }
     out
@@ -595,6 +634,46 @@ mod tests {
             .is_empty());
     }
 
+    /// A rename or undelete keeps an older Last-Modified: the versions before it place it (their
+    /// proof instants set its floor). Pruning the version that sets the floor would make the
+    /// rebuilt history start it at its Last-Modified, before the version it replaced had ended.
+    #[test]
+    fn keeps_the_version_that_places_a_kept_version_with_an_older_last_modified() {
+        let seen =
+            |r: BlobEntry, t: i64| with_meta(r, SOURCE_SNAPSHOT, &metadata::format_time(ts(t)));
+        // 08:00 a1 (seen 08:00:30); 09:10 x (seen 09:50); b, renamed into place with its
+        // Last-Modified of 08:30, seen 09:55. Hourly instants 08:00, 09:00 and 10:00.
+        let rows = vec![
+            snapshot(seen(backup_row("f", "b1", "a1", 0), 30), 4_231),
+            snapshot(seen(backup_row("f", "b2", "x", 4_200), 6_600), 6_931),
+            seen(backup_row("f", "b3", "b", 1_800), 6_900),
+        ];
+        let now = ts(9_000);
+        let policy = Policy {
+            backup: Keep {
+                hourly: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let before = history_from_backup("f", &rows);
+        assert_eq!(state_key(&before, ts(3_600)), "a1", "{before:#?}");
+        let plan = plan_name(&rows, &[], &policy, now);
+        let after = history_from_backup("f", &apply(&rows, &plan.actions));
+        for t in promises(&policy.backup, now).instants {
+            assert_eq!(
+                state_key(&after, t),
+                state_key(&before, t),
+                "at {t}: {plan:#?}"
+            );
+        }
+        assert!(plan.actions.is_empty(), "x places b: {plan:#?}");
+        assert_eq!(
+            needed(&before, &policy.backup, now).get(&Etag::new("x")),
+            Some(&Why::Places)
+        );
+    }
+
     #[test]
     fn tombstones_expire_with_their_history_unless_back_in_the_source() {
         let rows = vec![
@@ -690,14 +769,17 @@ mod props {
     /// A year of one blob's life: (minutes since the previous event, write or delete). Half of
     /// the gaps are whole hours, so that writes land on bucket ends (whose instant then lies
     /// inside the write's one-second window: every candidate must stay).
-    fn events() -> impl Strategy<Value = Vec<(i64, bool)>> {
+    fn events() -> impl Strategy<Value = Vec<(i64, bool, Option<i64>)>> {
         let gap = prop_oneof![
             1i64..40_000,
             (1i64..200).prop_map(|h| h * 60),
             1i64..90,
             (1i64..4).prop_map(|h| h * 60),
         ];
-        prop::collection::vec((gap, prop::bool::weighted(0.8)), 1..25)
+        // One write in five keeps an older Last-Modified (an ADLS rename or an undelete moves a
+        // version into place with the one it had), up to a few days before its write.
+        let older = prop::option::weighted(0.2, prop_oneof![1i64..90, 1i64..6_000]);
+        prop::collection::vec((gap, prop::bool::weighted(0.8), older), 1..25)
     }
 
     fn keep() -> impl Strategy<Value = Keep> {
@@ -723,22 +805,24 @@ mod props {
 
     /// Backup rows of the simulated life (the worker's protocol: base = newest, the previous
     /// base kept as a snapshot before every overwrite or tombstone; each copy records the
-    /// source snapshot taken 30 s after the write), and the instants of the events.
-    fn simulate(evs: &[(i64, bool)]) -> (Vec<BlobEntry>, Vec<i64>) {
+    /// source snapshot taken 30 s after the write), and the instants of the events. A write with
+    /// `older` minutes carries a Last-Modified that much before it.
+    fn simulate(evs: &[(i64, bool, Option<i64>)]) -> (Vec<BlobEntry>, Vec<i64>) {
         let mut rows = Vec::new();
         let mut base: Option<BlobEntry> = None;
         let mut t = 0i64;
         let mut times = Vec::new();
         let mut present = false;
-        for (n, &(gap, write)) in evs.iter().enumerate() {
+        for (n, &(gap, write, older)) in evs.iter().enumerate() {
             t += gap * 60;
             times.push(t);
             if write {
                 if let Some(b) = base.take() {
                     rows.push(snapshot(b, t + 31));
                 }
+                let lm = t - older.unwrap_or(0) * 60;
                 let r = with_meta(
-                    backup_row("f", &format!("b{n}"), &format!("v{n}"), t),
+                    backup_row("f", &format!("b{n}"), &format!("v{n}"), lm),
                     SOURCE_SNAPSHOT,
                     &metadata::format_time(ts(t + 30)),
                 );

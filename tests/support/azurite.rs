@@ -590,7 +590,11 @@ impl Drop for Azurite {
 fn http_client(pki: Option<&TestPki>) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(4);
+        .pool_max_idle_per_host(4)
+        // Azurite closes a connection after 5 s idle (its keep-alive flag is ignored: it reads a
+        // key the option does not set). A pooled connection reused just as it closes fails with
+        // "error sending request", so the oracle drops idle connections well before that.
+        .pool_idle_timeout(Duration::from_secs(2));
     if let Some(pki) = pki {
         builder = builder.tls_certs_only([pki.reqwest_ca()]);
     }
