@@ -908,3 +908,69 @@ async fn snapshot_drain_hands_requests_over_in_process_and_vouches_for_none() {
     assert_eq!(stack.queues().peek_messages(&stack.queue).await.len(), 1);
     assert_eq!(records(&stack).await, 1);
 }
+
+/// A drain whose queue cannot be read any more (a permanent error) must not leave its producer
+/// waiting for backlog room only the drain would free: a request that failed in process went
+/// onto the queue and keeps its slot until that copy is done, which this drain will never see.
+/// The run ends with the error, and every request is on the queue.
+#[tokio::test]
+async fn snapshot_drain_ends_with_the_error_when_its_queue_cannot_be_read() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let container = unique_name("deadq");
+    let names: Vec<String> = (0..40).map(|i| format!("f{i:02}.csv")).collect();
+    seed(&stack, &container, &names).await;
+    let blobs = stack.blob_proxy();
+    // Every write to the backup account is busy: each copy handed over fails, and is queued.
+    let backup_path = format!("/{}/", support::azurite::BACKUP_ACCOUNT);
+    blobs.fail_next(usize::MAX, move |m, t| {
+        m == "PUT" && t.starts_with(&backup_path)
+    });
+    // Every receive is refused, as after a lost role assignment.
+    let queues = support::CountingProxy::start(stack.azurite.queue_port());
+    queues.answer_next(
+        usize::MAX,
+        axum::http::StatusCode::FORBIDDEN,
+        "AuthorizationPermissionMismatch",
+        |m, t| m == "GET" && t.contains("/messages"),
+    );
+    let dev = support::azurite::DEV_ACCOUNT;
+    let jobs = format!(
+        "DefaultEndpointsProtocol=http;AccountName={dev};AccountKey={};QueueEndpoint={};",
+        stack.azurite.account_key(dev),
+        queues.endpoint(dev),
+    );
+    let mut env = stack.env_via_proxy(&blobs);
+    env.retain(|(k, _)| k != "AzureWebJobsStorage" && k != "LAKEGUARD_MAX_RETRIES");
+    env.extend(
+        [
+            ("AzureWebJobsStorage", jobs.as_str()),
+            // The producer may run 32 requests ahead of the drain.
+            ("LAKEGUARD_CONCURRENCY", "1"),
+            ("LAKEGUARD_MAX_RETRIES", "0"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let args = [
+        "snapshot",
+        "--container",
+        &container,
+        "--drain",
+        "--output",
+        "json",
+    ];
+    let run = support::handler::run_cli(&args, &env);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(120), run)
+        .await
+        .expect("the drain hung: its producer waits for backlog room");
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("AuthorizationPermissionMismatch"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stack.queues().message_count(&stack.queue).await,
+        names.len(),
+        "every request failed in process is on the queue"
+    );
+}

@@ -406,3 +406,74 @@ async fn prune_keeps_undo_data_younger_than_the_undo_retention() {
         "older than the retention: pruned"
     );
 }
+
+/// A started prune (timer, HTTP) answers before the bookkeeping is pruned: that is a hop of
+/// its own, continued a page at a time, so a year of records cannot outlast the invocation.
+#[tokio::test]
+async fn started_prune_hands_the_bookkeeping_to_hops_that_continue_a_page_at_a_time() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let app = support::app(&stack.env());
+    let src = stack.source();
+    let c = unique_name("bookhops");
+    src.create_container(&c).await.ok("create");
+    src.put_blob(&c, "f.csv", b"f version 1", &[])
+        .await
+        .ok("put");
+    cycle(&app, &c).await;
+    let t = mark().await;
+    src.put_blob(&c, "f.csv", b"f version 2", &[])
+        .await
+        .ok("put");
+    src.put_blob(&c, "new.csv", b"created after t", &[])
+        .await
+        .ok("put");
+    cycle(&app, &c).await;
+    let mut req = ops::restore::RestoreRequest::new(c.as_str(), t);
+    req.force = true;
+    let r = ops::restore::run(&app, &req, no_progress()).await.unwrap();
+    assert!(r.is_complete(), "{r:#?}");
+    let kept = || {
+        let (backup, prefix) = (stack.backup(), format!("{}/", r.id));
+        async move {
+            backup
+                .list_blobs(ops::restore::RESERVED_CONTAINER, Some(&prefix))
+                .await
+                .len()
+        }
+    };
+    assert_eq!(kept().await, 3, "an undo copy and two undo records");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let env = stack.env_with(&[
+        ("LAKEGUARD_RETENTION_BACKUP", "last=5"),
+        ("LAKEGUARD_UNDO_RETENTION", "2s"),
+        ("LAKEGUARD_RECONCILE_BUDGET_SECS", "0"),
+        ("LAKEGUARD_LIST_PAGE_SIZE", "1"),
+    ]);
+    let handler = support::Handler::spawn(&env).await;
+    let started = support::host::forwarded_http(
+        handler.port(),
+        "POST",
+        "/api/prune",
+        &[
+            ("x-functions-key", "admin"),
+            ("content-type", "application/json"),
+        ],
+        Some(format!("{{\"container\":\"{c}\",\"confirm\":true}}").into_bytes()),
+    )
+    .await;
+    assert_eq!(started.status.as_u16(), 202, "{}", started.body);
+    let report = &started.json()["report"];
+    assert_eq!(report["continuations_queued"], 2, "{report:#}");
+    assert_eq!(report["deleted"]["bookkeeping"], 0, "{report:#}");
+    assert_eq!(kept().await, 3, "nothing pruned inside the call");
+
+    let rq = format!("{}-reconcile", stack.queue);
+    let hops = support::QueueTrigger::reconcile_worker(&stack.queues(), handler.port(), &rq)
+        .drain(50)
+        .await;
+    assert_eq!((hops.failed, hops.poisoned), (0, 0), "{hops:#?}");
+    // One hop for the container, and with no budget a page (one record) per bookkeeping hop.
+    assert!(hops.succeeded >= 4, "{hops:#?}");
+    assert_eq!(kept().await, 0, "older than the undo retention: pruned");
+}

@@ -396,7 +396,7 @@ pub struct NamePlan {
     /// The name's history has rows that cannot be placed in time: nothing is deleted.
     pub unplaceable: bool,
     /// Source snapshots the policy does not need but whose version the backup does not hold
-    /// (or not provably): kept.
+    /// (or not provably, or only from a later snapshot than this one): kept.
     pub kept_not_in_backup: u64,
 }
 
@@ -472,15 +472,26 @@ pub fn plan_name(
                 _ => None,
             })
             .collect();
-        let held: BTreeSet<(Etag, u64)> = backup
+        // Each held version maps to the earliest source snapshot a kept copy records: a source
+        // snapshot taken before it proves the version current earlier than the backup can (what
+        // places a renamed or undeleted version, see `needed`), so only it and later ones go.
+        let mut held: BTreeMap<(Etag, u64), OffsetDateTime> = BTreeMap::new();
+        for r in backup
             .iter()
             .filter(|r| r.snapshot.as_deref().is_none_or(|s| !going.contains(s)))
-            .filter(|r| r.meta(BACKED_UP_AT).is_some() && r.meta(SOURCE_SNAPSHOT).is_some())
-            .filter_map(|r| {
-                r.meta(SOURCE_ETAG)
-                    .map(|e| (Etag::new(e), r.content_length))
-            })
-            .collect();
+            .filter(|r| r.meta(BACKED_UP_AT).is_some())
+        {
+            let (Some(e), Some(recorded)) = (
+                r.meta(SOURCE_ETAG),
+                r.meta(SOURCE_SNAPSHOT).and_then(metadata::parse_time),
+            ) else {
+                continue;
+            };
+            let first = held
+                .entry((Etag::new(e), r.content_length))
+                .or_insert(recorded);
+            *first = (*first).min(recorded);
+        }
         for row in source.iter().filter(|r| r.snapshot.is_some()) {
             let Some(version) = row.meta(SOURCE_ETAG).map(Etag::new) else {
                 continue; // not made by lakeguard: never touched
@@ -488,7 +499,11 @@ pub fn plan_name(
             if keep.contains_key(&version) {
                 continue;
             }
-            if held.contains(&(version.clone(), row.content_length)) {
+            let taken = row.snapshot.as_deref().and_then(metadata::parse_time);
+            let proven = held
+                .get(&(version.clone(), row.content_length))
+                .is_some_and(|first| taken.is_some_and(|t| *first <= t));
+            if proven {
                 plan.actions.push(PruneAction::SourceSnapshot {
                     name: name.clone(),
                     snapshot: row.snapshot.clone().unwrap_or_default(),
@@ -733,6 +748,15 @@ mod tests {
             matches!(&plan.actions[0], PruneAction::SourceSnapshot { version, .. } if version.as_str() == "v1")
         );
         assert_eq!(plan.kept_not_in_backup, 1);
+        // A source snapshot taken before the one the backup's copy records (here at 11, the copy
+        // records 12) proves the version earlier than the backup can: it stays.
+        let later_proof = vec![
+            snapshot(proven(v("s", "b1", "v1", 10, None), 12), 21),
+            v("s", "b2", "v2", 20, None),
+        ];
+        let plan = plan_name(&later_proof, &source, &policy, ts(100));
+        assert!(plan.actions.is_empty(), "{plan:?}");
+        assert_eq!(plan.kept_not_in_backup, 2);
         // A version whose backup copy this same plan deletes is not held: its source snapshot
         // stays (no version ever leaves both places).
         let both = Policy {

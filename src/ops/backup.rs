@@ -754,8 +754,12 @@ async fn drain_until(
             let (outstanding, settled, handoffs_taken) = (&outstanding, &settled, &handoffs_taken);
             async move {
                 loop {
+                    // The receiver stops for good: requests requeued from here on keep their
+                    // backlog slots, and no receive will ever free them, so a producer must not
+                    // wait for room any more (it would hang the run).
                     let fail = |e: StorageError| {
                         *receive_error.lock().expect("poisoned") = Some(e);
+                        app.backlog_close();
                     };
                     match queue.receive(32, 300).await {
                         Ok(batch) if !batch.is_empty() => {

@@ -18,8 +18,9 @@
 //! - **Budget** (timer, HTTP): a run over all containers hands each container to a continuation
 //!   message (`{"v":1,"kind":"prune","run_id","container","checkpoint","hop"}`); a hop plans until
 //!   its budget, checks and carries out what it planned, and hands the rest over from its
-//!   listing checkpoint. A killed hop is redelivered; its deletions are idempotent and the next
-//!   plan does not list what is gone.
+//!   listing checkpoint. The bookkeeping is a hop of its own (`"bookkeeping": {listing, marker}`),
+//!   a page at least per hop. A killed hop is redelivered; its deletions are idempotent and the
+//!   next plan does not list what is gone.
 //!
 //! Pruning is the only operation that deletes backup data: it is meant to run under an identity
 //! that has that right (an operator's CLI, or a deployment that grants it), unlike the worker.
@@ -349,58 +350,92 @@ async fn plan_container(
     Ok(None)
 }
 
-/// Plans the bookkeeping of the reserved containers.
-async fn plan_bookkeeping(
-    app: &App,
-    spool: &mut Spool,
-    report: &mut PruneReport,
-) -> Result<(), OpError> {
-    let now = OffsetDateTime::now_utc();
-    let targets: [(&str, Option<&str>, Duration); 3] = [
+/// Where a bookkeeping plan goes on: the index of the next of [`BOOKKEEPING`]'s listings and
+/// the marker within it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BookkeepingCursor {
+    pub listing: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
+}
+
+/// lakeguard's bookkeeping: (container, prefix, how long it is kept). The names begin with the
+/// id's UTC start, so each listing gives the oldest first.
+fn bookkeeping(app: &App) -> [(&'static str, Option<&'static str>, Duration); 3] {
+    [
         (RESTORES_CONTAINER, None, app.settings.undo_retention),
         (STATE_CONTAINER, Some("requests/"), RECORD_RETENTION),
         (STATE_CONTAINER, Some("producer-runs/"), RECORD_RETENTION),
-    ];
-    for (container, prefix, retention) in targets {
+    ]
+}
+
+/// Plans the bookkeeping of the reserved containers from `from`, a page at a time, until the
+/// listings end (`None`) or `deadline` passes after a page (where the next hop goes on).
+async fn plan_bookkeeping(
+    app: &App,
+    from: &BookkeepingCursor,
+    deadline: Option<Instant>,
+    spool: &mut Spool,
+    report: &mut PruneReport,
+) -> Result<Option<BookkeepingCursor>, OpError> {
+    let now = OffsetDateTime::now_utc();
+    let targets = bookkeeping(app);
+    let mut cursor = from.clone();
+    while let Some(&(container, prefix, retention)) = targets.get(cursor.listing) {
         let opts = ListOptions {
             prefix: prefix.map(str::to_owned),
             snapshots: false,
             metadata: false,
-            max_results: None,
+            max_results: app.settings.list_page_size,
         };
-        let mut marker = None;
-        loop {
-            let page = match app.backup.list_page(container, &opts, marker.take()).await {
-                Ok(p) => p,
-                Err(e) if e.is_not_found() => break,
-                Err(e) => return Err(e.into()),
-            };
-            for e in page.entries {
-                let id = e
-                    .name
-                    .strip_prefix(prefix.unwrap_or(""))
-                    .unwrap_or(&e.name)
-                    .split('/')
-                    .next()
-                    .unwrap_or("");
-                if expired(id, retention, now) {
-                    let w = Work::Record {
-                        container: container.to_owned(),
-                        blob: e.name.clone(),
-                        etag: e.etag.clone(),
-                        bytes: e.content_length,
-                    };
-                    report.planned.add(&w);
-                    spool.push(&w)?;
+        let next_marker = match app
+            .backup
+            .list_page(container, &opts, cursor.marker.take())
+            .await
+        {
+            Ok(page) => {
+                for e in page.entries {
+                    let id = e
+                        .name
+                        .strip_prefix(prefix.unwrap_or(""))
+                        .unwrap_or(&e.name)
+                        .split('/')
+                        .next()
+                        .unwrap_or("");
+                    if expired(id, retention, now) {
+                        let w = Work::Record {
+                            container: container.to_owned(),
+                            blob: e.name.clone(),
+                            etag: e.etag.clone(),
+                            bytes: e.content_length,
+                        };
+                        report.planned.add(&w);
+                        spool.push(&w)?;
+                    }
                 }
+                page.next_marker
             }
-            match page.next_marker {
-                Some(m) => marker = Some(m),
-                None => break,
-            }
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e.into()),
+        };
+        cursor = match next_marker {
+            Some(marker) => BookkeepingCursor {
+                listing: cursor.listing,
+                marker: Some(marker),
+            },
+            None => BookkeepingCursor {
+                listing: cursor.listing + 1,
+                marker: None,
+            },
+        };
+        if cursor.listing >= targets.len() {
+            return Ok(None);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Some(cursor));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 enum Done {
@@ -595,7 +630,14 @@ pub async fn run(
         )
         .await?;
     }
-    plan_bookkeeping(app, &mut spool, &mut report).await?;
+    plan_bookkeeping(
+        app,
+        &BookkeepingCursor::default(),
+        None,
+        &mut spool,
+        &mut report,
+    )
+    .await?;
     if check(
         &mut report,
         opts.max_delete,
@@ -635,6 +677,10 @@ pub struct Continuation {
     #[serde(default)]
     pub checkpoint: StreamCheckpoint,
     pub hop: u32,
+    /// Set on the hop that prunes lakeguard's own bookkeeping (its listings are not a
+    /// container's history): where it goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bookkeeping: Option<BookkeepingCursor>,
 }
 
 async fn send(app: &App, c: &Continuation) -> Result<(), StorageError> {
@@ -666,22 +712,25 @@ pub async fn start(app: &App, container: Option<&str>) -> Result<PruneReport, Op
     let policy = app.settings.retention.clone();
     let mut report = new_report(app, &policy, false);
     let names = containers(app, container).await?;
-    let mut spool = Spool::new(&report.run_id)?;
-    plan_bookkeeping(app, &mut spool, &mut report).await?;
-    execute(app, &mut spool, &mut report, &super::no_progress()).await?;
-    for c in names {
-        send(
-            app,
-            &Continuation {
-                v: 1,
-                kind: MESSAGE_KIND.into(),
-                run_id: report.run_id.clone(),
-                container: c,
-                checkpoint: StreamCheckpoint::default(),
-                hop: 0,
-            },
-        )
-        .await?;
+    let first = |container: String, bookkeeping: Option<BookkeepingCursor>| Continuation {
+        v: 1,
+        kind: MESSAGE_KIND.into(),
+        run_id: report.run_id.clone(),
+        container,
+        checkpoint: StreamCheckpoint::default(),
+        hop: 0,
+        bookkeeping,
+    };
+    let hops: Vec<Continuation> = names
+        .into_iter()
+        .map(|c| first(c, None))
+        .chain([first(
+            RESTORES_CONTAINER.into(),
+            Some(BookkeepingCursor::default()),
+        )])
+        .collect();
+    for c in &hops {
+        send(app, c).await?;
         report.continuations_queued += 1;
     }
     report.elapsed_ms = started.elapsed().as_millis();
@@ -716,6 +765,9 @@ pub async fn run_hop(app: &App, text: &str) -> Hop {
         Ok(s) => s,
         Err(e) => return Hop::Retry(e.to_string()),
     };
+    if let Some(from) = &c.bookkeeping {
+        return bookkeeping_hop(app, &c, from, started, spool, report).await;
+    }
     let deadline = started + app.settings.reconcile_budget.max(Duration::from_secs(1));
     let rest = match plan_container(
         app,
@@ -741,6 +793,40 @@ pub async fn run_hop(app: &App, text: &str) -> Hop {
     if let Some(checkpoint) = rest {
         let next = Continuation {
             checkpoint,
+            hop: c.hop + 1,
+            ..c.clone()
+        };
+        if let Err(e) = send(app, &next).await {
+            return Hop::Retry(format!("queueing the next hop: {e}"));
+        }
+        report.continuations_queued = 1;
+    }
+    report.elapsed_ms = started.elapsed().as_millis();
+    log(&report);
+    Hop::Done(Box::new(report))
+}
+
+/// The bookkeeping hop: plans a page at least, then until the budget; deletes what it planned
+/// (not subject to the max-delete check, which guards data); hands the rest over.
+async fn bookkeeping_hop(
+    app: &App,
+    c: &Continuation,
+    from: &BookkeepingCursor,
+    started: Instant,
+    mut spool: Spool,
+    mut report: PruneReport,
+) -> Hop {
+    let deadline = started + app.settings.reconcile_budget;
+    let rest = match plan_bookkeeping(app, from, Some(deadline), &mut spool, &mut report).await {
+        Ok(r) => r,
+        Err(e) => return Hop::Retry(format!("planning the bookkeeping: {e}")),
+    };
+    if let Err(e) = execute(app, &mut spool, &mut report, &super::no_progress()).await {
+        return Hop::Retry(format!("pruning the bookkeeping: {e}"));
+    }
+    if let Some(cursor) = rest {
+        let next = Continuation {
+            bookkeeping: Some(cursor),
             hop: c.hop + 1,
             ..c.clone()
         };

@@ -258,21 +258,31 @@ async fn apply_security(
 
 /// A 412/409 on a conditional copy: the target's or the source's condition? The service names
 /// source conditions (`SourceConditionNotMet`), the emulator does not, so when the code does not
-/// say, the target is looked at again: if it still is as planned, the source moved.
+/// say, the target is looked at again: if it still is as planned, the source moved. A target
+/// that cannot be read leaves it unknown: an error, never a guess.
 async fn source_moved(
     e: &StorageError,
     target: &BlobStore,
     c: &str,
     name: &str,
     planned: Option<&Etag>,
-) -> bool {
+) -> Result<bool, StorageError> {
     if e.code().to_ascii_lowercase().contains("source") {
-        return true;
+        return Ok(true);
     }
-    match target.properties(c, name, None).await {
-        Ok(p) => planned == Some(&p.etag),
-        Err(err) if err.is_not_found() => planned.is_none(),
-        Err(_) => false,
+    let now = target.properties(c, name, None).await.map(|p| p.etag);
+    still_as_planned(now, planned)
+}
+
+/// Whether the target, read again (`now`: its ETag, or the error reading it), is as planned.
+fn still_as_planned(
+    now: Result<Etag, StorageError>,
+    planned: Option<&Etag>,
+) -> Result<bool, StorageError> {
+    match now {
+        Ok(etag) => Ok(planned == Some(&etag)),
+        Err(err) if err.is_not_found() => Ok(planned.is_none()),
+        Err(err) => Err(err),
     }
 }
 
@@ -517,7 +527,7 @@ impl Exec<'_> {
             }
             Err(e) if is_condition_failure(&e) => {
                 let t = self.ends.target;
-                let outcome = if source_moved(
+                let outcome = match source_moved(
                     &e,
                     t,
                     self.ends.target_container,
@@ -526,11 +536,14 @@ impl Exec<'_> {
                 )
                 .await
                 {
-                    Outcome::Failed(format!(
+                    Ok(true) => Outcome::Failed(format!(
                         "the version's row in the history changed since the plan (run the restore again): {e}"
-                    ))
-                } else {
-                    Outcome::Changed(e.to_string())
+                    )),
+                    Ok(false) => Outcome::Changed(e.to_string()),
+                    // Unknown: the rerun plans again and sees which one changed.
+                    Err(head) => Outcome::Failed(format!(
+                        "a condition of the copy failed ({e}) and the target could not be read to tell which (run the restore again): {head}"
+                    )),
                 };
                 // A new blob in its place may be this version, restored by an earlier attempt.
                 if target_etag.is_none() && matches!(outcome, Outcome::Changed(_)) {
@@ -685,5 +698,30 @@ impl Exec<'_> {
             }
             Err(e) => Outcome::Failed(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_that_cannot_be_read_again_blames_nobody() {
+        let planned = Etag::new("\"0x1\"");
+        let busy = || StorageError::Retryable {
+            what: "Get Blob Properties".into(),
+            detail: "503".into(),
+        };
+        let gone = || StorageError::NotFound {
+            what: "Get Blob Properties".into(),
+            code: "BlobNotFound".into(),
+        };
+        assert!(still_as_planned(Ok(planned.clone()), Some(&planned)).unwrap());
+        assert!(!still_as_planned(Ok(Etag::new("\"0x2\"")), Some(&planned)).unwrap());
+        assert!(still_as_planned(Err(gone()), None).unwrap());
+        assert!(!still_as_planned(Err(gone()), Some(&planned)).unwrap());
+        // A throttled read says nothing about who changed: not "the target changed".
+        assert!(still_as_planned(Err(busy()), Some(&planned)).is_err());
+        assert!(still_as_planned(Err(busy()), None).is_err());
     }
 }
