@@ -552,3 +552,156 @@ async fn a_file_replaced_by_a_directory_keeps_both_in_the_history() {
     }
     drop(l.stack);
 }
+
+/// The security step of a restore is conditional: a path rewritten after the plan keeps what
+/// its writer gave it (412 on `If-Match`, counted as changed since the plan); one the restore
+/// only re-secures gets its state of T. A directory is never "created" over a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn security_changes_are_conditional_and_a_file_is_never_taken_for_a_directory() {
+    let l = lake().await;
+    let c = unique_name("lake");
+    l.src.create_container(&c).await.ok("create container");
+    l.mkdir(&c, "d").await;
+    l.put(&c, "d/a.txt", b"a at T").await;
+    l.put(&c, "b.txt", b"b at T").await;
+    for p in ["d/a.txt", "b.txt"] {
+        l.set_acl(&c, p, &[("x-ms-acl", "user::rw-,group::r--,other::---")])
+            .await;
+    }
+    l.cycle(&c).await;
+    let t = mark().await;
+    let truth = l.truth(&c).await;
+    // Only the ACLs change after T: an in-place restore only re-secures both files.
+    for p in ["d/a.txt", "b.txt"] {
+        l.set_acl(&c, p, &[("x-ms-acl", "user::rwx,group::rwx,other::r--")])
+            .await;
+    }
+    l.reconcile(&c).await;
+    let mut req = RestoreRequest::new(c.as_str(), t);
+    req.force = true;
+    let mut plan = restore::plan(&l.app, &req).await.unwrap();
+    assert_eq!(plan.summary.set_security, 2, "{:?}", plan.summary);
+    // A writer rewrites d/a.txt between the plan and its execution.
+    l.put(&c, "d/a.txt", b"written meanwhile").await;
+    let written = l.hns.state(DEV_ACCOUNT, &c, "d/a.txt").unwrap();
+    let exec = restore::execute(&l.app, &req, &mut plan, no_progress())
+        .await
+        .unwrap();
+    assert_eq!(exec.changed, vec!["d/a.txt".to_string()], "{exec:?}");
+    assert_eq!((exec.security_set, exec.failed), (1, 0), "{exec:?}");
+    assert_eq!(
+        l.hns.state(DEV_ACCOUNT, &c, "d/a.txt").unwrap(),
+        written,
+        "the rewritten file keeps what its writer left"
+    );
+    let now = l.truth(&c).await;
+    assert_eq!(now["b.txt"], truth["b.txt"], "re-secured to its state of T");
+    assert_eq!(
+        now["d/a.txt"].bytes.as_deref(),
+        Some(&b"written meanwhile"[..])
+    );
+
+    // A directory where a file is: an error, never "already there".
+    let err = l
+        .app
+        .source
+        .ensure_directory(&c, "b.txt")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("a file"), "{err}");
+    let dir = l.app.source.ensure_directory(&c, "d").await.unwrap();
+    let head = l
+        .src
+        .send(Method::HEAD, &format!("/{c}/d"), &[], &[], vec![])
+        .await;
+    assert_eq!(Some(dir.quoted()), head.header("etag"));
+    drop(l.stack);
+}
+
+/// If Set Access Control gives a path a new ETag (the docs do not say; the stand-in can do
+/// either), an in-place restore's undo record follows it, so `restore --undo` still recognises
+/// the path as the restore left it and reverses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undo_follows_a_security_change_that_gives_the_path_a_new_etag() {
+    let l = lake().await;
+    l.hns.set_acl_changes_etag(true);
+    let c = unique_name("lake");
+    l.src.create_container(&c).await.ok("create container");
+    l.put(&c, "f.txt", b"f at T").await;
+    l.set_acl(
+        &c,
+        "f.txt",
+        &[("x-ms-acl", "user::rw-,group::r--,other::---")],
+    )
+    .await;
+    l.cycle(&c).await;
+    let t = mark().await;
+    let truth = l.truth(&c).await;
+    l.put(&c, "f.txt", b"f after T, the bad write").await;
+    l.set_acl(
+        &c,
+        "f.txt",
+        &[("x-ms-acl", "user::rwx,group::rwx,other::rwx")],
+    )
+    .await;
+    l.cycle(&c).await;
+    let after = l.truth(&c).await;
+
+    let mut req = RestoreRequest::new(c.as_str(), t);
+    req.force = true;
+    let r = restore::run(&l.app, &req, no_progress()).await.unwrap();
+    assert!(r.is_complete(), "{r:?}");
+    assert_eq!(r.execution.as_ref().unwrap().security_set, 1, "{r:?}");
+    assert_same("in place at T", &l.truth(&c).await, &truth);
+
+    let u = restore::undo::run(
+        &l.app,
+        &restore::undo::UndoRequest {
+            id: r.id.clone(),
+            container: None,
+            dry_run: false,
+            force: true,
+        },
+        no_progress(),
+    )
+    .await
+    .unwrap();
+    assert!(u.is_complete(), "{u:#?}");
+    assert_eq!(
+        l.truth(&c).await["f.txt"].bytes,
+        after["f.txt"].bytes,
+        "undone: the content of before the restore"
+    );
+    drop(l.stack);
+}
+
+/// Reconcile dates a security state by the listing page that showed it (its `Date`), not by the
+/// moment it gets to record it: a restore between the two must not take the older state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_dates_a_security_state_by_the_page_that_showed_it() {
+    let l = lake().await;
+    let c = unique_name("lake");
+    l.src.create_container(&c).await.ok("create container");
+    l.mkdir(&c, "d").await;
+    l.set_acl(&c, "d", &[("x-ms-acl", "user::rwx,group::r-x,other::---")])
+        .await;
+    let before = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let r = l.reconcile(&c).await;
+    let after = OffsetDateTime::now_utc();
+    assert_eq!(r.directories_backed_up, 1, "{r:?}");
+    let head = l
+        .stack
+        .backup()
+        .send(Method::HEAD, &format!("/{c}/d"), &[], &[], vec![])
+        .await
+        .ok("head");
+    let at = head
+        .header("x-ms-meta-lakeguard_security_at")
+        .and_then(|v| lakeguard::model::metadata::parse_time(&v))
+        .expect("a dated security state");
+    assert!(
+        at.nanosecond() == 0 && before <= at && at <= after,
+        "stamped {at}, not the page's Date (between {before} and {after})"
+    );
+    drop(l.stack);
+}

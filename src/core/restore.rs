@@ -160,6 +160,9 @@ pub enum PlanItem {
         /// Whether the path is a directory (for reports).
         #[serde(default)]
         directory: bool,
+        /// The target's ETag when planned: the change is `If-Match` it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_etag: Option<Etag>,
     },
     /// In place only: the blob provably did not exist at T. Delete conditionally on
     /// `target_etag`; its snapshots go with it only after each one whose version is not in
@@ -276,6 +279,7 @@ pub fn plan_name(
                         name,
                         security,
                         directory: true,
+                        target_etag: Some(t.etag),
                     },
                     None => PlanItem::Unchanged { name },
                 }
@@ -297,6 +301,7 @@ pub fn plan_name(
                         name,
                         security,
                         directory: false,
+                        target_etag: Some(t.etag),
                     },
                     None => PlanItem::Unchanged { name },
                 }

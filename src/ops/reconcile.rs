@@ -694,6 +694,10 @@ async fn walk_container(
     };
     let mut done_name = from.after_name.clone();
     let mut handled_any = false;
+    // When the source page whose rows are in the join was served: a batch is carried out before
+    // the next source page is fetched, so its security states were observed then (not when they
+    // are recorded, which may be minutes later).
+    let mut source_served_at: Option<OffsetDateTime> = None;
     let mut batch: Vec<Action> = Vec::new();
     let checkpoint =
         |asking_source: Option<bool>, source: &Side, backup: &Side, done: &Option<String>| {
@@ -732,14 +736,16 @@ async fn walk_container(
                 continue;
             }
             Step::Done => {
-                execute(ctx, container, std::mem::take(&mut batch), tally, report).await;
+                let batch = std::mem::take(&mut batch);
+                execute(ctx, container, batch, source_served_at, tally, report).await;
                 record_scanned(tally, order, &source, &backup, &done_name);
                 return Walk::Finished;
             }
             Step::NeedSource => true,
             Step::NeedBackup => false,
         };
-        execute(ctx, container, std::mem::take(&mut batch), tally, report).await;
+        let actions = std::mem::take(&mut batch);
+        execute(ctx, container, actions, source_served_at, tally, report).await;
         if handled_any && ctx.out_of_budget() {
             record_scanned(tally, order, &source, &backup, &done_name);
             return Walk::OutOfBudget(checkpoint(
@@ -768,6 +774,9 @@ async fn walk_container(
                 };
             }
         };
+        if asking_source {
+            source_served_at = page.served_at;
+        }
         side.page_start = side.next.clone();
         side.next = page.next_marker.map(Cursor::Marker).unwrap_or(Cursor::End);
         let ended = side.next == Cursor::End;
@@ -843,12 +852,14 @@ async fn execute(
     ctx: &Ctx<'_>,
     container: &str,
     batch: Vec<Action>,
+    source_served_at: Option<OffsetDateTime>,
     tally: &mut ReconcileTally,
     report: &mut ReconcileReport,
 ) {
     if batch.is_empty() {
         return;
     }
+    let observed = crate::storage::dfs::observed_at(source_served_at);
     // The page's requests form one batch, recorded once they are all queued (see
     // `state::record_batch`): that record is what makes their markers trustworthy.
     let request_batch = crate::ops::state::new_batch_id();
@@ -864,10 +875,12 @@ async fn execute(
                     }
                     Action::Tombstone { backup } => (None, tombstone(ctx, container, backup).await),
                     Action::SecurityChanged { source, backup } => {
-                        (None, security_changed(ctx, container, source, backup).await)
+                        let done = security_changed(ctx, container, source, backup, observed);
+                        (None, done.await)
                     }
                     Action::BackupDirectory { source, backup } => {
-                        (None, directory(ctx, container, source, backup).await)
+                        let done = directory(ctx, container, source, backup, observed);
+                        (None, done.await)
                     }
                     _ => (None, Done::Skipped("nothing to do")),
                 };
@@ -1000,12 +1013,6 @@ async fn needs_backup(
     (Some(decision), done)
 }
 
-/// The time the security state of this listing row was observed: the reconcile's own clock
-/// (the listing page was served moments ago).
-fn observed_now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
-}
-
 /// Records a file's new security state on the backup version holding its content (hierarchical
 /// source; no copy, no source snapshot): the listing rows of both sides say everything.
 async fn security_changed(
@@ -1013,6 +1020,7 @@ async fn security_changed(
     container: &str,
     source: BlobEntry,
     backup: BlobEntry,
+    observed: OffsetDateTime,
 ) -> Done {
     let Some(sec) = &source.security else {
         return Done::Skipped("no security state listed");
@@ -1027,7 +1035,7 @@ async fn security_changed(
         &backup.etag,
         &backup.metadata,
         sec,
-        observed_now(),
+        observed,
     )
     .await
     {
@@ -1048,6 +1056,7 @@ async fn directory(
     container: &str,
     source: BlobEntry,
     backup: Option<BlobEntry>,
+    observed: OffsetDateTime,
 ) -> Done {
     if ctx.dry_run {
         return Done::WouldEnqueue;
@@ -1060,7 +1069,7 @@ async fn directory(
         container,
         &source,
         backup.as_ref(),
-        observed_now(),
+        observed,
     )
     .await
     {

@@ -22,7 +22,7 @@ use url::Url;
 use super::blob::{entry_from_item, ListOptions, ListPage};
 use super::{BlobStore, StorageError};
 use crate::model::metadata::HDI_ISFOLDER;
-use crate::model::Security;
+use crate::model::{Etag, Security};
 
 /// The service version of the hand-written requests: `include=permissions` needs 2020-06-12 or
 /// later; this is the one the SDK's clients send.
@@ -257,14 +257,18 @@ impl BlobStore {
         }
     }
 
-    /// Path Update `action=setAccessControl`. Refuses `permissions` together with `acl` before
-    /// sending (the service would answer 400).
+    /// Path Update `action=setAccessControl`, `If-Match` the ETag given (the path as the caller
+    /// last saw it; 412 when it changed). Refuses `permissions` together with `acl` before
+    /// sending (the service would answer 400). Returns the ETag the answer carries: the docs do
+    /// not say whether an access-control change gives the path a new one, so the caller chains
+    /// conditions on the answer, never on its own assumption.
     pub async fn set_access_control(
         &self,
         filesystem: &str,
         path: &str,
         change: &AccessChange,
-    ) -> Result<(), StorageError> {
+        if_match: Option<&Etag>,
+    ) -> Result<Option<Etag>, StorageError> {
         let what = format!("set access control of {filesystem}/{path}");
         if change.permissions.is_some() && change.acl.is_some() {
             return Err(StorageError::Permanent {
@@ -284,20 +288,24 @@ impl BlobStore {
             }
         }
         if headers.is_empty() {
-            return Ok(());
+            return Ok(if_match.cloned());
+        }
+        if let Some(e) = if_match {
+            headers.push(("if-match", e.quoted()));
         }
         let url = self.dfs_url(filesystem, path, "action=setAccessControl")?;
-        send(self, url, Method::Patch, &headers, &what).await?;
-        Ok(())
+        let rsp = send(self, url, Method::Patch, &headers, &what).await?;
+        Ok(etag_of(&rsp))
     }
 
-    /// Path Create `resource=directory`, only if nothing exists at `path` (`If-None-Match: *`):
-    /// `Ok(false)` when something already does (409/412).
-    pub async fn create_directory(
+    /// A directory at `path`, created if nothing is there (Path Create `resource=directory`,
+    /// `If-None-Match: *`): its ETag. Something already there counts only if it is a directory
+    /// (a file of that name is an error, never "created").
+    pub async fn ensure_directory(
         &self,
         filesystem: &str,
         path: &str,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<Etag, StorageError> {
         let what = format!("create directory {filesystem}/{path}");
         let url = self.dfs_url(filesystem, path, "resource=directory")?;
         match send(
@@ -309,13 +317,33 @@ impl BlobStore {
         )
         .await
         {
-            Ok(_) => Ok(true),
+            Ok(rsp) => match etag_of(&rsp) {
+                Some(e) => Ok(e),
+                None => Ok(self.properties(filesystem, path, None).await?.etag),
+            },
             Err(e) if e.is_precondition_failed() || matches!(e, StorageError::Conflict { .. }) => {
-                Ok(false)
+                let p = self.properties(filesystem, path, None).await?;
+                if p.metadata
+                    .get(HDI_ISFOLDER)
+                    .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+                {
+                    Ok(p.etag)
+                } else {
+                    Err(StorageError::Permanent {
+                        what,
+                        detail: "a file of that name is there".into(),
+                    })
+                }
             }
             Err(e) => Err(e),
         }
     }
+}
+
+fn etag_of(rsp: &azure_core::http::RawResponse) -> Option<Etag> {
+    rsp.headers()
+        .get_optional_str(&azure_core::http::headers::HeaderName::from_static("etag"))
+        .map(Etag::new)
 }
 
 /// The time a listing page was served, or now: when a security state was observed.

@@ -25,11 +25,13 @@
 //!   together (400), the ACL grammar `[default:](user|group|mask|other):[id]:[r-][w-][x-]` (400
 //!   `InvalidAccessControlList`), at most 32 entries per access/default ACL, default entries only
 //!   on directories, owner or group changes only by a superuser (403
-//!   `AuthorizationPermissionMismatch`), ACL changes only by the owner or a superuser;
+//!   `AuthorizationPermissionMismatch`), ACL changes only by the owner or a superuser, `If-Match`
+//!   against the path's ETag (412 `ConditionNotMet`), the path's ETag in the answer;
 //! - every request needs an `Authorization` header (or a SAS `sig=`): 401 otherwise.
 //!
 //! Assumptions not stated by the docs, made explicit here: Set Access Control changes neither the
-//! path's ETag nor its Last-Modified (the stand-in leaves the Azurite blob alone); snapshot rows
+//! path's ETag nor its Last-Modified (the stand-in leaves the Azurite blob alone), unless a test
+//! asks for the other answer (`set_acl_changes_etag`); snapshot rows
 //! carry no security fields; the caller is a superuser unless `set_superuser(false)` (an identity
 //! with Storage Blob Data Contributor but not Owner), in which case it is the principal
 //! [`CALLER`].
@@ -166,6 +168,8 @@ struct Shared {
     rest: HashMap<String, StorageRest>,
     paths: Mutex<BTreeMap<Key, PathState>>,
     superuser: AtomicBool,
+    /// The other answer to the docs' silence: an access-control change gives the path a new ETag.
+    acl_changes_etag: AtomicBool,
     log: Mutex<Vec<Seen>>,
 }
 
@@ -198,6 +202,7 @@ impl HnsStandIn {
             rest,
             paths: Mutex::new(BTreeMap::new()),
             superuser: AtomicBool::new(true),
+            acl_changes_etag: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
         });
         let app = Router::new()
@@ -218,6 +223,13 @@ impl HnsStandIn {
     /// [`CALLER`], who may not change owners or groups.
     pub fn set_superuser(&self, yes: bool) {
         self.shared.superuser.store(yes, Ordering::SeqCst);
+    }
+
+    /// Whether Set Access Control gives the path a new ETag (the docs do not say; by default it
+    /// does not). When it does, the stand-in rewrites the blob's metadata unchanged, which gives
+    /// the Azurite blob a new ETag and Last-Modified.
+    pub fn set_acl_changes_etag(&self, yes: bool) {
+        self.shared.acl_changes_etag.store(yes, Ordering::SeqCst);
     }
 
     pub fn state(&self, account: &str, container: &str, path: &str) -> Option<PathState> {
@@ -533,6 +545,28 @@ async fn dfs_action(
         )
             .into_response(),
         ("PATCH", "setAccessControl") => {
+            // Path Update honours If-Match: the path's ETag is the Azurite blob's.
+            let current = match sh.rest.get(account) {
+                Some(rest) => rest
+                    .send(
+                        Method::HEAD,
+                        &format!("/{container}/{}", encode_path(path)),
+                        &[],
+                        &[],
+                        vec![],
+                    )
+                    .await
+                    .header("etag")
+                    .unwrap_or_default(),
+                None => return error(StatusCode::NOT_FOUND, "AccountNotFound", account),
+            };
+            if header(headers, "if-match").is_some_and(|m| m != "*" && m != current) {
+                return error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "ConditionNotMet",
+                    "the path's ETag does not match If-Match",
+                );
+            }
             let owner = header(headers, "x-ms-owner");
             let group = header(headers, "x-ms-group");
             let perms = header(headers, "x-ms-permissions");
@@ -598,7 +632,25 @@ async fn dfs_action(
                 next.acl = entries.join(",");
             }
             sh.paths.lock().unwrap().insert(key, next);
-            StatusCode::OK.into_response()
+            let mut etag = current;
+            if sh.acl_changes_etag.load(Ordering::SeqCst) {
+                let rest = &sh.rest[account];
+                let blob = format!("/{container}/{}", encode_path(path));
+                let head = rest.send(Method::HEAD, &blob, &[], &[], vec![]).await;
+                let meta: Vec<(String, String)> = head
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| k.as_str().starts_with("x-ms-meta-"))
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+                    .collect();
+                let meta: Vec<(&str, &str)> =
+                    meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let r = rest
+                    .send(Method::PUT, &blob, &[("comp", "metadata")], &meta, vec![])
+                    .await;
+                etag = r.header("etag").unwrap_or(etag);
+            }
+            (StatusCode::OK, [("etag", etag)]).into_response()
         }
         _ => error(
             StatusCode::BAD_REQUEST,

@@ -15,6 +15,11 @@ enum Outcome {
         overwrote: bool,
         undo: bool,
         unrecorded: bool,
+        /// The ETag the copy left (`None`: not known, an earlier attempt's blob read back).
+        written: Option<Etag>,
+        /// The undo record written for it (in place), to follow a security step that gives the
+        /// blob a new ETag.
+        record: Option<UndoRecord>,
     },
     /// With the number of the blob's snapshots copied to the undo area first.
     Deleted {
@@ -23,10 +28,34 @@ enum Outcome {
     },
     Changed(String),
     Failed(String),
-    /// A directory created (or already there): hierarchical restores.
-    Directory,
-    /// Nothing to write but the security state (`PlanItem::SetSecurity`).
-    SecurityOnly,
+    /// A directory created (or already there), with its ETag: hierarchical restores.
+    Directory {
+        etag: Option<Etag>,
+    },
+    /// Nothing to write but the security state (`PlanItem::SetSecurity`), `If-Match` the
+    /// planned ETag.
+    SecurityOnly {
+        planned: Option<Etag>,
+    },
+}
+
+impl Outcome {
+    /// The ETag the security step is conditional on: what this item left (or found) there.
+    fn security_condition(&self) -> Option<Option<Etag>> {
+        match self {
+            Outcome::Restored { written, .. } => Some(written.clone()),
+            Outcome::Directory { etag } => Some(etag.clone()),
+            Outcome::SecurityOnly { planned } => Some(planned.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Why a security step did not happen.
+enum SecurityFailure {
+    /// The path changed after this restore wrote (or planned) it: left as it is.
+    Changed(String),
+    Failed(String),
 }
 
 /// Phase 3: carries out the spooled items with bounded concurrency.
@@ -112,23 +141,25 @@ pub(super) async fn execute_items(
     // A sampled restore is a restore drill into a scratch container of the (flat) backup
     // account: it proves content, not ACLs, and has none to set.
     let drill = req.sample.is_some();
-    let security_steps: Vec<(String, Security)> = results
+    let security_steps: Vec<(String, Security, Option<Etag>, Option<UndoRecord>)> = results
         .iter()
         .filter(|_| !drill)
-        .filter(|(_, o, _)| {
-            matches!(
-                o,
-                Outcome::Restored { .. } | Outcome::Directory | Outcome::SecurityOnly
-            )
+        .filter_map(|(n, o, s)| {
+            let condition = o.security_condition()?;
+            let record = match o {
+                Outcome::Restored { record, .. } => record.clone(),
+                _ => None,
+            };
+            s.clone().map(|s| (n.clone(), s, condition, record))
         })
-        .filter_map(|(n, _, s)| s.clone().map(|s| (n.clone(), s)))
         .collect();
-    let security_results: Vec<(String, Result<(), String>)> = stream::iter(security_steps)
-        .map(|(name, sec)| {
+    let security_results: Vec<(String, Result<(), SecurityFailure>)> = stream::iter(security_steps)
+        .map(|(name, sec, condition, record)| {
             let ctx = &ctx;
             async move {
-                let r =
-                    apply_security(ctx.ends.target, ctx.ends.target_container, &name, &sec).await;
+                let r = ctx
+                    .security_step(&name, &sec, condition.as_ref(), record)
+                    .await;
                 (name, r)
             }
         })
@@ -138,7 +169,14 @@ pub(super) async fn execute_items(
     for (name, r) in security_results {
         match r {
             Ok(()) => report.security_set += 1,
-            Err(error) => {
+            Err(SecurityFailure::Changed(why)) => {
+                info!(blob = %name, %why, "changed since this restore wrote it; its security state is left as it is");
+                report.changed_since_plan += 1;
+                if report.changed.len() < MAX_REPORTED_FAILURES {
+                    report.changed.push(name);
+                }
+            }
+            Err(SecurityFailure::Failed(error)) => {
                 warn!(blob = %name, %error, "restoring the security state failed (the content is restored)");
                 report.security_failed += 1;
                 report.failed += 1;
@@ -154,12 +192,13 @@ pub(super) async fn execute_items(
     for (name, outcome, _) in results {
         progress.inc(1);
         match outcome {
-            Outcome::Directory => report.directories += 1,
-            Outcome::SecurityOnly => {}
+            Outcome::Directory { .. } => report.directories += 1,
+            Outcome::SecurityOnly { .. } => {}
             Outcome::Restored {
                 overwrote,
                 undo,
                 unrecorded,
+                ..
             } => {
                 report.restored += 1;
                 report.overwritten += u64::from(overwrote);
@@ -203,26 +242,36 @@ struct Exec<'a> {
 }
 
 /// Sets a path's security state as it was at T: the ACL (or, without one, the permissions)
-/// first, then owner and group, each a Path Update `setAccessControl`. Only a hierarchical target
-/// can hold it: on a flat one this fails (reported, never skipped silently). A 403 on the owner
-/// means the identity is not a superuser (Storage Blob Data Owner).
+/// first, then owner and group, each a Path Update `setAccessControl`, `If-Match` the ETag the
+/// path had when this restore wrote (or planned) it, then the ETag the first answer gave: a path
+/// someone changed meanwhile is left alone. Only a hierarchical target can hold it: on a flat
+/// one this fails (reported, never skipped silently). A 403 on the owner means the identity is
+/// not a superuser (Storage Blob Data Owner). Returns the path's ETag afterwards.
 async fn apply_security(
     target: &crate::storage::BlobStore,
     container: &str,
     name: &str,
     sec: &Security,
-) -> Result<(), String> {
+    condition: Option<&Etag>,
+) -> Result<Option<Etag>, SecurityFailure> {
     use crate::storage::dfs::AccessChange;
     if !target.connection().hns {
-        return Err(format!(
+        return Err(SecurityFailure::Failed(format!(
             "the target account ({}) is not hierarchical (set `{}__dfsServiceUri` or `__hierarchicalNamespace=true` if it is)",
             target.account(),
             target.connection().name
-        ));
+        )));
     }
     // A recorded ACL the service would refuse (damaged metadata) is reported as such.
     crate::model::security::parse_acl(&sec.acl)
-        .map_err(|e| format!("the recorded ACL is not valid: {e}"))?;
+        .map_err(|e| SecurityFailure::Failed(format!("the recorded ACL is not valid: {e}")))?;
+    let failure = |step: &str, e: StorageError| {
+        if e.is_precondition_failed() {
+            SecurityFailure::Changed(format!("{step}: {e}"))
+        } else {
+            SecurityFailure::Failed(format!("{step}: {e}"))
+        }
+    };
     let first = if sec.acl.trim().is_empty() {
         AccessChange {
             permissions: Some(sec.settable_permissions().to_owned()),
@@ -234,17 +283,18 @@ async fn apply_security(
             ..Default::default()
         }
     };
-    target
-        .set_access_control(container, name, &first)
+    let after_acl = target
+        .set_access_control(container, name, &first, condition)
         .await
-        .map_err(|e| format!("ACL: {e}"))?;
+        .map_err(|e| failure("ACL", e))?
+        .or_else(|| condition.cloned());
     let owner = AccessChange {
         owner: Some(sec.owner.clone()),
         group: Some(sec.group.clone()),
         ..Default::default()
     };
-    target
-        .set_access_control(container, name, &owner)
+    let after = target
+        .set_access_control(container, name, &owner, after_acl.as_ref())
         .await
         .map_err(|e| {
             let hint = if e.to_string().contains("403") {
@@ -252,8 +302,12 @@ async fn apply_security(
             } else {
                 ""
             };
-            format!("owner/group: {e}{hint}")
-        })
+            match failure("owner/group", e) {
+                SecurityFailure::Failed(m) => SecurityFailure::Failed(format!("{m}{hint}")),
+                changed => changed,
+            }
+        })?;
+    Ok(after.or(after_acl))
 }
 
 /// A 412/409 on a conditional copy: the target's or the source's condition? The service names
@@ -337,6 +391,25 @@ impl Exec<'_> {
         }
     }
 
+    /// The security step of one path; in place, an undo record follows the path's new ETag
+    /// if the change gave it one (else `restore --undo` would take the path as changed since).
+    async fn security_step(
+        &self,
+        name: &str,
+        sec: &Security,
+        condition: Option<&Etag>,
+        record: Option<UndoRecord>,
+    ) -> Result<(), SecurityFailure> {
+        let (t, c) = (self.ends.target, self.ends.target_container);
+        let after = apply_security(t, c, name, sec, condition).await?;
+        if let (Some(record), Some(after)) = (record, after) {
+            if Some(&after) != condition && !self.record(name, &record.with_written(after)).await {
+                warn!(blob = %name, "the undo record does not follow the ETag the security change gave the path: `restore --undo` will leave it");
+            }
+        }
+        Ok(())
+    }
+
     async fn item(&self, item: PlanItem) -> Outcome {
         match item {
             PlanItem::Restore { name, version, .. } if version.directory => {
@@ -348,7 +421,9 @@ impl Exec<'_> {
                 target_etag,
                 ..
             } => self.restore(&name, &version, target_etag).await,
-            PlanItem::SetSecurity { .. } => Outcome::SecurityOnly,
+            PlanItem::SetSecurity { target_etag, .. } => Outcome::SecurityOnly {
+                planned: target_etag,
+            },
             PlanItem::Delete {
                 name,
                 target_etag,
@@ -364,8 +439,8 @@ impl Exec<'_> {
     async fn directory(&self, name: &str) -> Outcome {
         let (t, c) = (self.ends.target, self.ends.target_container);
         if t.connection().hns {
-            return match t.create_directory(c, name).await {
-                Ok(_) => Outcome::Directory,
+            return match t.ensure_directory(c, name).await {
+                Ok(etag) => Outcome::Directory { etag: Some(etag) },
                 Err(e) => Outcome::Failed(format!("create directory: {e}")),
             };
         }
@@ -377,9 +452,9 @@ impl Exec<'_> {
             .upload_if(c, name, Vec::new(), None, &meta, &TargetCondition::Absent)
             .await
         {
-            Ok(_) => Outcome::Directory,
+            Ok(_) => Outcome::Directory { etag: None },
             Err(e) if e.is_precondition_failed() || matches!(e, StorageError::Conflict { .. }) => {
-                Outcome::Directory
+                Outcome::Directory { etag: None }
             }
             Err(e) => Outcome::Failed(format!("create directory placeholder: {e}")),
         }
@@ -413,6 +488,8 @@ impl Exec<'_> {
                     overwrote,
                     undo: false,
                     unrecorded: false,
+                    written: Some(p.etag),
+                    record: None,
                 }
             }
             _ => otherwise,
@@ -512,17 +589,22 @@ impl Exec<'_> {
             Ok(written) => {
                 let record = match (&target_etag, &undo_snapshot) {
                     (Some(previous), Some(snap)) => UndoRecord::Overwrote {
-                        written,
+                        written: written.clone(),
                         previous: previous.clone(),
                         previous_length,
                         snapshot: snap.id.clone(),
                     },
-                    _ => UndoRecord::Created { written },
+                    _ => UndoRecord::Created {
+                        written: written.clone(),
+                    },
                 };
+                let recorded = self.record(name, &record).await;
                 Outcome::Restored {
                     overwrote: target_etag.is_some(),
                     undo,
-                    unrecorded: !self.record(name, &record).await,
+                    unrecorded: !recorded,
+                    written: Some(written),
+                    record: (recorded && self.ends.in_place).then_some(record),
                 }
             }
             Err(e) if is_condition_failure(&e) => {

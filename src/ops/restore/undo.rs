@@ -79,6 +79,26 @@ pub enum UndoRecord {
 }
 
 impl UndoRecord {
+    /// The same record, for a blob that now has ETag `etag` (a later step of the same restore
+    /// changed it, such as setting its ACL).
+    pub fn with_written(self, etag: Etag) -> UndoRecord {
+        match self {
+            UndoRecord::Overwrote {
+                previous,
+                previous_length,
+                snapshot,
+                ..
+            } => UndoRecord::Overwrote {
+                written: etag,
+                previous,
+                previous_length,
+                snapshot,
+            },
+            UndoRecord::Created { .. } => UndoRecord::Created { written: etag },
+            deleted @ UndoRecord::Deleted { .. } => deleted,
+        }
+    }
+
     pub fn to_metadata(&self) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
         let mut put = |k: &str, v: String| {
