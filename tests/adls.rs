@@ -705,3 +705,152 @@ async fn reconcile_dates_a_security_state_by_the_page_that_showed_it() {
     );
     drop(l.stack);
 }
+
+/// Every path of `c` in `account` as the stand-in and Azurite hold it.
+async fn truth_in(l: &Lake, rest: &StorageRest, account: &str, c: &str) -> Truth {
+    let mut out = Truth::new();
+    for (path, st) in l.hns.states(account, c) {
+        let bytes = if st.dir {
+            None
+        } else {
+            Some(rest.get_blob(c, &path, None).await.ok("get").body)
+        };
+        out.insert(
+            path,
+            Path {
+                bytes,
+                owner: st.owner.clone(),
+                group: st.group.clone(),
+                permissions: st.permissions(),
+                acl: st.acl.clone(),
+            },
+        );
+    }
+    out
+}
+
+/// `lakeguard restore --to-account`: into another hierarchical account every path comes back
+/// with its owner, group and ACLs of T; into a flat one the bytes come back, each path's security
+/// step is reported as failed, and the run exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restore_into_another_account_brings_back_acls_or_says_it_cannot() {
+    let l = lake().await;
+    let c = unique_name("lake");
+    l.src.create_container(&c).await.ok("create container");
+    l.mkdir(&c, "raw").await;
+    l.set_acl(&c, "raw", &[("x-ms-acl", DEFAULT_ACL)]).await;
+    l.mkdir(&c, "raw/empty").await;
+    l.put(&c, "raw/a b.csv", b"a at T").await;
+    l.put(&c, "top.txt", b"top at T").await;
+    l.set_acl(
+        &c,
+        "top.txt",
+        &[(
+            "x-ms-acl",
+            "user::rw-,user:alice:r--,group::r--,mask::r--,other::---",
+        )],
+    )
+    .await;
+    l.set_acl(
+        &c,
+        "top.txt",
+        &[("x-ms-owner", "owner-1"), ("x-ms-group", "grp-1")],
+    )
+    .await;
+    l.cycle(&c).await;
+    l.reconcile(&c).await;
+    let t = mark().await;
+    let truth = l.truth(&c).await;
+    // After T: a file rewritten, an ACL opened up.
+    l.put(&c, "raw/a b.csv", b"a after T").await;
+    l.set_acl(
+        &c,
+        "top.txt",
+        &[("x-ms-acl", "user::rw-,group::rw-,other::rw-")],
+    )
+    .await;
+    l.cycle(&c).await;
+
+    let at = lakeguard::model::metadata::format_time(t);
+    let backup_hns = l
+        .stack
+        .azurite
+        .connection_string_via(BACKUP_ACCOUNT, &l.hns.endpoint(BACKUP_ACCOUNT));
+    let dr = unique_name("dr");
+    let mut env = l.env.clone();
+    env.push(("DrStorage".into(), backup_hns.clone()));
+    env.push((
+        "DrStorage__dfsServiceUri".into(),
+        l.hns.endpoint(BACKUP_ACCOUNT),
+    ));
+    let args = [
+        "restore",
+        "--container",
+        &c,
+        "--at",
+        &at,
+        "--to-account",
+        "DrStorage",
+        "--to-container",
+        &dr,
+        "--output",
+        "json",
+    ];
+    let out = run_cli(&args, &env).await;
+    assert!(out.status.success(), "{out:?}");
+    let dr_rest = StorageRest::new(
+        reqwest::Client::new(),
+        l.hns.endpoint(BACKUP_ACCOUNT),
+        BACKUP_ACCOUNT,
+        Auth::SharedKey(BACKUP_KEY.to_string()),
+    );
+    assert_same(
+        "restore into another hierarchical account",
+        &truth_in(&l, &dr_rest, BACKUP_ACCOUNT, &dr).await,
+        &truth,
+    );
+
+    // Into a flat account (the same one, without its dfs endpoint): bytes, and an honest exit 1.
+    let flat = unique_name("flat");
+    let mut env = l.env.clone();
+    env.push(("FlatStorage".into(), backup_hns));
+    let args = [
+        "restore",
+        "--container",
+        &c,
+        "--at",
+        &at,
+        "--to-account",
+        "FlatStorage",
+        "--to-container",
+        &flat,
+        "--output",
+        "json",
+    ];
+    let out = run_cli(&args, &env).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = &v["execution"];
+    assert_eq!(e["restored"], 2, "{v:#}");
+    assert_eq!(
+        e["security_failed"],
+        truth.len(),
+        "every path's security step: {v:#}"
+    );
+    assert!(
+        e["failures"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not hierarchical"),
+        "{v:#}"
+    );
+    assert_eq!(
+        dr_rest
+            .get_blob(&flat, "raw/a b.csv", None)
+            .await
+            .ok("get")
+            .body,
+        b"a at T"
+    );
+    drop(l.stack);
+}

@@ -64,8 +64,20 @@ struct Fixture {
 impl Fixture {
     async fn start(extra: &[(&str, &str)]) -> Fixture {
         let stack = Stack::start(Mode::SharedKeyHttp).await;
+        let env = stack.env_with(extra);
+        Fixture::start_with(stack, env).await
+    }
+
+    /// With both accounts behind a counting proxy (to answer chosen requests itself).
+    async fn start_via_proxy() -> (Fixture, support::CountingProxy) {
+        let stack = Stack::start(Mode::SharedKeyHttp).await;
+        let proxy = stack.blob_proxy();
+        let env = stack.env_via_proxy(&proxy);
+        (Fixture::start_with(stack, env).await, proxy)
+    }
+
+    async fn start_with(stack: Stack, mut env: Vec<(String, String)>) -> Fixture {
         let queue = format!("{}-events", stack.queue);
-        let mut env = stack.env_with(extra);
         env.push(("LAKEGUARD_EVENT_QUEUE".into(), queue.clone()));
         let handler = support::Handler::spawn(&env).await;
         let c = unique_name("ev");
@@ -342,4 +354,98 @@ async fn out_of_scope_and_malformed_events_are_acknowledged_counted_or_poisoned(
     assert_eq!(r.succeeded, 1, "{:#?}", r.deliveries);
     let poison = queues.peek_messages(&format!("{}-poison", f.queue)).await;
     assert_eq!(poison.len(), 1);
+}
+
+/// A directory event is judged by the subtree it touches and a rename by both of its names:
+/// with `LAKEGUARD_EVENT_PREFIXES=data/keep/`, deleting the directory `data` tombstones what was
+/// under `data/keep/`, and renaming a file out of `data/keep/` tombstones its old name.
+#[tokio::test]
+async fn renames_and_directory_events_are_scoped_by_every_path_they_touch() {
+    let f = Fixture::start(&[("LAKEGUARD_EVENT_PREFIXES", "data/keep/")]).await;
+    for n in ["data/keep/a.csv", "data/keep/x.csv"] {
+        let e = f.put(n, n.as_bytes()).await;
+        f.deliver(&[event("eventgrid", "blob-created", &f.c, n, Some(&e))])
+            .await;
+        assert!(f.backed_up(n).await.is_some(), "{n}");
+    }
+    let src = f.stack.source();
+    // A rename out of the prefixes (emulated: a flat account cannot rename).
+    src.put_blob(&f.c, "elsewhere/x.csv", b"data/keep/x.csv", &[])
+        .await
+        .ok("put");
+    src.delete_blob(&f.c, "data/keep/x.csv").await.ok("delete");
+    let lines = f
+        .deliver(&[rename(
+            "eventgrid",
+            "blob-renamed",
+            &f.c,
+            "data/keep/x.csv",
+            "elsewhere/x.csv",
+        )])
+        .await;
+    assert!(
+        f.backed_up("data/keep/x.csv").await.unwrap().1["deleted"].is_string(),
+        "{lines:?}"
+    );
+    assert!(
+        f.backed_up("elsewhere/x.csv").await.is_none(),
+        "out of scope"
+    );
+    // The parent directory deleted, with everything under it.
+    src.delete_blob(&f.c, "data/keep/a.csv").await.ok("delete");
+    let mut v: Value =
+        serde_json::from_str(&event("eventgrid", "blob-deleted", &f.c, "data", None)).unwrap();
+    let e = if v.is_array() { &mut v[0] } else { &mut v };
+    e["eventType"] = Value::String("Microsoft.Storage.DirectoryDeleted".into());
+    let lines = f.deliver(&[v.to_string()]).await;
+    assert!(
+        f.backed_up("data/keep/a.csv").await.unwrap().1["deleted"].is_string(),
+        "{lines:?}"
+    );
+}
+
+/// A delete event whose tombstone meets a backup that changed meanwhile (a late copy of the
+/// last version) is delivered again, not acknowledged: the deletion is recorded on the retry.
+#[tokio::test]
+async fn a_delete_event_is_retried_when_the_backup_changed_under_its_tombstone() {
+    let (f, proxy) = Fixture::start_via_proxy().await;
+    let e = f.put("k.csv", b"k v1").await;
+    f.deliver(&[event("eventgrid", "blob-created", &f.c, "k.csv", Some(&e))])
+        .await;
+    f.stack
+        .source()
+        .delete_blob(&f.c, "k.csv")
+        .await
+        .ok("delete");
+    let path = format!("/{}/{}/k.csv", support::azurite::BACKUP_ACCOUNT, f.c);
+    proxy.answer_next(
+        1,
+        axum::http::StatusCode::PRECONDITION_FAILED,
+        "ConditionNotMet",
+        move |m, t| m == "PUT" && t.starts_with(&path),
+    );
+    let queues = f.stack.queues();
+    queues
+        .send_message(
+            &f.queue,
+            &base64::engine::general_purpose::STANDARD.encode(event(
+                "cloudevents",
+                "blob-deleted",
+                &f.c,
+                "k.csv",
+                None,
+            )),
+        )
+        .await
+        .ok("send");
+    let r = support::QueueTrigger::event_backup(&queues, f.handler.port(), &f.queue)
+        .drain(5)
+        .await;
+    assert_eq!(
+        (r.failed, r.succeeded, r.poisoned),
+        (1, 1, 0),
+        "{:#?}",
+        r.deliveries
+    );
+    assert!(f.backed_up("k.csv").await.unwrap().1["deleted"].is_string());
 }

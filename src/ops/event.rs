@@ -130,13 +130,53 @@ fn out_of_scope(app: &App, e: &BlobEvent) -> Option<String> {
         return Some(format!("container {} is not covered", e.container));
     }
     let prefixes = &app.settings.event_prefixes;
-    if !prefixes.is_empty() && !prefixes.iter().any(|p| e.name.starts_with(p.as_str())) {
+    // A rename touches two paths and a directory event a whole subtree: each is judged on its
+    // own, and the event is out of scope only when none of them is in.
+    let touches = match &e.kind {
+        EventKind::BlobRenamed { from } => in_scope(prefixes, &e.name) || in_scope(prefixes, from),
+        EventKind::DirectoryRenamed { from } => {
+            !subtree_scopes(prefixes, &e.name).is_empty()
+                || !subtree_scopes(prefixes, from).is_empty()
+        }
+        EventKind::DirectoryDeleted => !subtree_scopes(prefixes, &e.name).is_empty(),
+        _ => in_scope(prefixes, &e.name),
+    };
+    if !touches {
         return Some(format!(
             "{}/{} is outside LAKEGUARD_EVENT_PREFIXES",
             e.container, e.name
         ));
     }
     None
+}
+
+/// Whether `name` is under one of `prefixes` (none: everything is).
+fn in_scope(prefixes: &[String], name: &str) -> bool {
+    prefixes.is_empty() || prefixes.iter().any(|p| name.starts_with(p.as_str()))
+}
+
+/// The listing prefixes that cover exactly the in-scope part of directory `dir`'s subtree:
+/// `dir/` when a prefix holds all of it, else the prefixes that lie inside it; none when the
+/// subtree and the prefixes do not meet.
+fn subtree_scopes(prefixes: &[String], dir: &str) -> Vec<String> {
+    let subtree = format!("{}/", dir.trim_end_matches('/'));
+    if in_scope(prefixes, &subtree) {
+        return vec![subtree];
+    }
+    let mut inside: Vec<String> = prefixes
+        .iter()
+        .filter(|p| p.starts_with(&subtree))
+        .cloned()
+        .collect();
+    inside.sort();
+    // A prefix inside another one adds nothing (and would request its paths twice).
+    let mut out: Vec<String> = Vec::new();
+    for p in inside {
+        if !out.iter().any(|o| p.starts_with(o.as_str())) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// One event queue message (one event, or an array of them). `dequeue_count` is the host's.
@@ -204,8 +244,21 @@ async fn one(
         }
         EventKind::BlobDeleted => deleted(app, &e.container, &e.name).await?,
         EventKind::BlobRenamed { from } => {
-            out.push(created(app, queue, text, &e.container, &e.name, None, dequeue_count).await?);
-            deleted(app, &e.container, from).await?
+            let prefixes = &app.settings.event_prefixes;
+            let new_side = in_scope(prefixes, &e.name);
+            if new_side {
+                let o = created(app, queue, text, &e.container, &e.name, None, dequeue_count);
+                out.push(o.await?);
+            }
+            if in_scope(prefixes, from) {
+                deleted(app, &e.container, from).await?
+            } else {
+                EventOutcome::NotTombstoned {
+                    container: e.container.clone(),
+                    blob: from.clone(),
+                    why: "the old name is outside LAKEGUARD_EVENT_PREFIXES".into(),
+                }
+            }
         }
         EventKind::DirectoryRenamed { from } => {
             directory(app, &e.container, Some(&e.name), from).await?
@@ -348,6 +401,11 @@ async fn deleted(app: &App, c: &str, name: &str) -> Result<EventOutcome, Retry> 
             container: c.into(),
             blob: name.into(),
         }),
+        // Someone wrote the backup meanwhile (a copy of the last version, landing late): the
+        // next delivery reads it again and tombstones what is there now.
+        Done::Skipped(why) if why == super::reconcile::BACKUP_CHANGED => Err(Retry(format!(
+            "tombstoning {c}/{name}: {why}; trying again"
+        ))),
         Done::Skipped(why) => not(why),
         Done::Failed(e) => Err(Retry(e)),
         _ => not("nothing to do"),
@@ -362,9 +420,12 @@ async fn directory(
     to: Option<&str>,
     from: &str,
 ) -> Result<EventOutcome, Retry> {
+    let prefixes = &app.settings.event_prefixes;
     let mut requested = 0;
-    if let Some(to) = to {
-        let prefix = format!("{}/", to.trim_end_matches('/'));
+    for prefix in to
+        .map(|to| subtree_scopes(prefixes, to))
+        .unwrap_or_default()
+    {
         let r = super::snapshot::run_with(app, c, Some(&prefix), true, super::no_progress())
             .await
             .map_err(|e| Retry(e.to_string()))?;
@@ -374,9 +435,32 @@ async fn directory(
                 r.failed
             )));
         }
-        requested = r.enqueued;
+        requested += r.enqueued;
     }
-    let prefix = format!("{}/", from.trim_end_matches('/'));
+    let mut tombstoned = 0;
+    for prefix in subtree_scopes(prefixes, from) {
+        tombstoned += tombstone_under(app, c, prefix).await?;
+    }
+    if tombstoned > 0 || requested > 0 {
+        info!(
+            container = c,
+            requested, tombstoned, "directory event handled"
+        );
+    } else {
+        warn!(
+            container = c,
+            "directory event: nothing to request or tombstone"
+        );
+    }
+    Ok(EventOutcome::Directory {
+        container: c.into(),
+        requested,
+        tombstoned,
+    })
+}
+
+/// Tombstones the backups under `prefix` whose sources are gone; how many.
+async fn tombstone_under(app: &App, c: &str, prefix: String) -> Result<u64, Retry> {
     let opts = ListOptions {
         prefix: Some(prefix),
         snapshots: false,
@@ -397,6 +481,9 @@ async fn directory(
             }
             match tombstone_with(app, false, c, b).await {
                 Done::Tombstoned => tombstoned += 1,
+                Done::Skipped(why) if why == super::reconcile::BACKUP_CHANGED => {
+                    return Err(Retry(format!("tombstoning under {c}: {why}; trying again")))
+                }
                 Done::Failed(e) => return Err(Retry(e)),
                 _ => {}
             }
@@ -406,20 +493,33 @@ async fn directory(
             None => break,
         }
     }
-    if tombstoned > 0 || requested > 0 {
-        info!(
-            container = c,
-            requested, tombstoned, "directory event handled"
-        );
-    } else {
-        warn!(
-            container = c,
-            "directory event: nothing to request or tombstone"
-        );
+    Ok(tombstoned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
     }
-    Ok(EventOutcome::Directory {
-        container: c.into(),
-        requested,
-        tombstoned,
-    })
+
+    #[test]
+    fn a_directory_is_in_scope_where_its_subtree_meets_a_prefix() {
+        assert_eq!(subtree_scopes(&[], "d"), ["d/"]);
+        assert_eq!(subtree_scopes(&p(&["d/"]), "d"), ["d/"]);
+        assert_eq!(subtree_scopes(&p(&["da"]), "data/x/"), ["data/x/"]);
+        // A prefix deeper than the directory: only that part of the subtree.
+        assert_eq!(
+            subtree_scopes(
+                &p(&["data/keep/", "data/keep/deeper/", "data/also/", "other/"]),
+                "data"
+            ),
+            ["data/also/", "data/keep/"]
+        );
+        assert!(subtree_scopes(&p(&["other/"]), "data").is_empty());
+        // `data` is not a parent of `database/`.
+        assert!(subtree_scopes(&p(&["database/"]), "data").is_empty());
+        assert!(in_scope(&[], "x") && in_scope(&p(&["a/"]), "a/b") && !in_scope(&p(&["a/"]), "b"));
+    }
 }

@@ -1043,9 +1043,7 @@ async fn security_changed(
         Ok(crate::ops::security::Recorded::Current) => {
             Done::Skipped("security state already recorded")
         }
-        Err(e) if e.is_precondition_failed() || e.is_not_found() => {
-            Done::Skipped("backup changed since the listing")
-        }
+        Err(e) if e.is_precondition_failed() || e.is_not_found() => Done::Skipped(BACKUP_CHANGED),
         Err(e) => Done::Failed(format!("recording the security state: {e}")),
     }
 }
@@ -1076,7 +1074,7 @@ async fn directory(
         Ok(crate::ops::security::Recorded::Recorded) => Done::DirectoryBackedUp,
         Ok(crate::ops::security::Recorded::Current) => Done::Skipped("directory already backed up"),
         Err(e) if e.is_precondition_failed() || matches!(e, StorageError::Conflict { .. }) => {
-            Done::Skipped("backup changed since the listing")
+            Done::Skipped(BACKUP_CHANGED)
         }
         Err(e) => Done::Failed(format!("backing up the directory: {e}")),
     }
@@ -1085,6 +1083,10 @@ async fn directory(
 async fn tombstone(ctx: &Ctx<'_>, container: &str, backup: BlobEntry) -> Done {
     tombstone_with(ctx.app, ctx.dry_run, container, backup).await
 }
+
+/// Why a tombstone was not written: the backup blob changed between its read and the write (its
+/// conditions failed). The caller that must not lose the deletion tries again.
+pub const BACKUP_CHANGED: &str = "backup changed since the listing";
 
 /// Records that `backup`'s source is gone (after a HEAD of the source: only a real 404 counts):
 /// the backup's current version is kept as a snapshot, then `lakeguard_deleted_at` is set, both
@@ -1115,7 +1117,7 @@ pub(crate) async fn tombstone_with(
     {
         Ok(_) => {}
         Err(e) if e.is_precondition_failed() || e.is_not_found() => {
-            return Done::Skipped("backup changed since the listing")
+            return Done::Skipped(BACKUP_CHANGED)
         }
         Err(e) => return Done::Failed(format!("keeping the backup version: {e}")),
     }
@@ -1135,9 +1137,7 @@ pub(crate) async fn tombstone_with(
         }
         // A worker wrote a new version meanwhile (the blob came back): the extra snapshot is just
         // one more kept version.
-        Err(e) if e.is_precondition_failed() || e.is_not_found() => {
-            Done::Skipped("backup changed since the listing")
-        }
+        Err(e) if e.is_precondition_failed() || e.is_not_found() => Done::Skipped(BACKUP_CHANGED),
         Err(e) => Done::Failed(format!("writing the tombstone: {e}")),
     }
 }
