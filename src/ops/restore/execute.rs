@@ -28,10 +28,8 @@ enum Outcome {
     },
     Changed(String),
     Failed(String),
-    /// A directory created (or already there), with its ETag: hierarchical restores.
-    Directory {
-        etag: Option<Etag>,
-    },
+    /// A directory created (or already there, and a directory): hierarchical restores.
+    Directory,
     /// Nothing to write but the security state (`PlanItem::SetSecurity`), `If-Match` the
     /// planned ETag.
     SecurityOnly {
@@ -40,11 +38,13 @@ enum Outcome {
 }
 
 impl Outcome {
-    /// The ETag the security step is conditional on: what this item left (or found) there.
+    /// The ETag the security step is conditional on: what this item left (or found) there. A
+    /// directory's step is not conditional: whether creating a child gives the directory a new
+    /// ETag is undocumented, and the restore creates children right next to it.
     fn security_condition(&self) -> Option<Option<Etag>> {
         match self {
             Outcome::Restored { written, .. } => Some(written.clone()),
-            Outcome::Directory { etag } => Some(etag.clone()),
+            Outcome::Directory => Some(None),
             Outcome::SecurityOnly { planned } => Some(planned.clone()),
             _ => None,
         }
@@ -192,7 +192,7 @@ pub(super) async fn execute_items(
     for (name, outcome, _) in results {
         progress.inc(1);
         match outcome {
-            Outcome::Directory { .. } => report.directories += 1,
+            Outcome::Directory => report.directories += 1,
             Outcome::SecurityOnly { .. } => {}
             Outcome::Restored {
                 overwrote,
@@ -421,8 +421,12 @@ impl Exec<'_> {
                 target_etag,
                 ..
             } => self.restore(&name, &version, target_etag).await,
-            PlanItem::SetSecurity { target_etag, .. } => Outcome::SecurityOnly {
-                planned: target_etag,
+            PlanItem::SetSecurity {
+                target_etag,
+                directory,
+                ..
+            } => Outcome::SecurityOnly {
+                planned: target_etag.filter(|_| !directory),
             },
             PlanItem::Delete {
                 name,
@@ -440,7 +444,7 @@ impl Exec<'_> {
         let (t, c) = (self.ends.target, self.ends.target_container);
         if t.connection().hns {
             return match t.ensure_directory(c, name).await {
-                Ok(etag) => Outcome::Directory { etag: Some(etag) },
+                Ok(_) => Outcome::Directory,
                 Err(e) => Outcome::Failed(format!("create directory: {e}")),
             };
         }
@@ -452,9 +456,9 @@ impl Exec<'_> {
             .upload_if(c, name, Vec::new(), None, &meta, &TargetCondition::Absent)
             .await
         {
-            Ok(_) => Outcome::Directory { etag: None },
+            Ok(_) => Outcome::Directory,
             Err(e) if e.is_precondition_failed() || matches!(e, StorageError::Conflict { .. }) => {
-                Outcome::Directory { etag: None }
+                Outcome::Directory
             }
             Err(e) => Outcome::Failed(format!("create directory placeholder: {e}")),
         }
