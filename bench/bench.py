@@ -68,7 +68,23 @@ def parse_args(argv=None):
                          "request (what CI runs with --quick)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="only re-write the Markdown table and the chart of an existing results JSON")
+    ap.add_argument("--rpo", action="store_true",
+                    help="run the RPO benchmark instead of the scenarios (lg_bench/rpo.py; --quick: 10 s at 5/s)")
+    ap.add_argument("--rpo-rate", type=float, default=None, help="RPO: changes per second (default 50; quick: 5)")
+    ap.add_argument("--rpo-seconds", type=float, default=None, help="RPO: how long the writer writes (default 60; quick: 10)")
+    ap.add_argument("--rpo-paths", default="event,producer,reconcile", help="RPO: which paths, comma list")
+    ap.add_argument("--rpo-producer-every", type=float, default=10.0, help="RPO: SnapshotProducer call period, s")
+    ap.add_argument("--rpo-reconcile-every", type=float, default=30.0, help="RPO: Reconcile timer period, s")
+    ap.add_argument("--rpo-writers", type=int, default=16,
+                    help="RPO: writer threads (a change is due every 1/rate s; a late writer is reported)")
+    ap.add_argument("--rpo-poll", type=float, default=0.5, help="RPO: backup listing period, s")
+    ap.add_argument("--rpo-drain", type=float, default=None,
+                    help="RPO: how long to wait after the writer stops (default 60 s + 2 periods of the path's trigger)")
     a = ap.parse_args(argv)
+    if a.rpo_rate is None:
+        a.rpo_rate = 5.0 if a.quick else 50.0
+    if a.rpo_seconds is None:
+        a.rpo_seconds = 10.0 if a.quick else 60.0
     if a.quick:
         a.small, a.large = 300, 2
         if a.rss_sizes == "20000,100000":
@@ -299,13 +315,17 @@ def main(argv=None) -> int:
     if a.render:
         doc = json.loads(a.render.read_text())
         stem = a.render.with_suffix("")
+        if doc.get("kind") == "rpo":
+            stem.with_suffix(".md").write_text(report.rpo_markdown(doc))
+            print("\n".join(report.rpo_rows(doc["rpo"])))
+            return 0
         stem.with_suffix(".md").write_text(report.markdown(doc, f"{stem.name}.png"))
         report.chart(doc, stem.with_suffix(".png"))
         print(report.summary(doc))
         return 0
     started = datetime.now(timezone.utc)
     names = [t.strip() for t in a.tools.split(",") if t.strip()]
-    need_peers = bool({"azcopy", "rclone"} & set(names))
+    need_peers = bool({"azcopy", "rclone"} & set(names)) and not a.rpo
     paths = setup_env.ensure_all(need_peers=need_peers)
     lg_bin = a.lakeguard or default_lakeguard()
     if a.build:
@@ -318,6 +338,8 @@ def main(argv=None) -> int:
     az = Azurite(paths["azurite"], run_dir / "azurite")
     log(f"Azurite blob :{az.blob_port} queue :{az.queue_port}, logs in {run_dir}")
     try:
+        if a.rpo:
+            return bench_rpo(a, az, paths, lg_bin, run_dir, started)
         return bench(a, az, names, paths, lg_bin, run_dir, logdir, started)
     finally:
         az.stop()
@@ -506,6 +528,55 @@ def bench(a, az, names, paths, lg_bin, run_dir, logdir, started) -> int:
         if failures:
             return 1
         log("check passed: every lakeguard run correct, its no-op listed and nothing else")
+    return 0
+
+
+def bench_rpo(a, az, paths, lg_bin, run_dir, started) -> int:
+    """The RPO benchmark (lg_bench/rpo.py): per path, the time from each change to its backup."""
+    from lg_bench import rpo
+
+    if not Path(lg_bin).exists():
+        log(f"lakeguard binary not found ({lg_bin}); build it with cargo build --release")
+        return 1
+    kinds = [k.strip() for k in a.rpo_paths.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in rpo.SCENARIOS]
+    if bad:
+        log(f"unknown --rpo-paths {bad}; known: {', '.join(rpo.SCENARIOS)}")
+        return 2
+    opts = {"rate": a.rpo_rate, "seconds": a.rpo_seconds, "producer_every": a.rpo_producer_every,
+            "reconcile_every": a.rpo_reconcile_every, "poll": a.rpo_poll, "drain": a.rpo_drain, "writers": a.rpo_writers,
+            "host_queues": rpo.host_queue_settings()}
+    t0 = time.monotonic()
+    results = rpo.run(az, Path(lg_bin), run_dir, kinds, opts, a.seed)
+    doc = {
+        "started": started.isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "mode": "quick" if a.quick else "full",
+        "kind": "rpo",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_at_end": os.getloadavg()},
+        "versions": versions(paths, lg_bin),
+        "lakeguard_binary": str(lg_bin),
+        "options": opts,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "rpo": results,
+    }
+    stem = started.strftime("%Y-%m-%d") + "-rpo"
+    if a.quick:
+        stem += "-quick"
+    if kinds != list(rpo.SCENARIOS):
+        stem += "-" + "+".join(kinds)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str, ensure_ascii=False))
+    md = report.rpo_markdown(doc)
+    (a.out / f"{stem}.md").write_text(md)
+    print("\n".join(report.rpo_rows(results)))
+    log(f"RPO run took {doc['wall_s']} s; wrote {a.out}/{stem}.json, .md")
+    fails = rpo.check(results)
+    for f in fails:
+        log(f"{'CHECK FAILED' if a.check or a.quick else 'note'}: {f}")
+    if fails and (a.check or a.quick):
+        return 1
     return 0
 
 

@@ -231,3 +231,82 @@ def summary(doc: dict) -> str:
         why = doc["not_runnable"].get("lakeguard", "not selected (--tools)")
         L.append(f"no lakeguard/peer ratios: lakeguard did not run: {why}")
     return "\n".join(L)
+
+
+# --- RPO benchmark (lg_bench/rpo.py) -----------------------------------------------------------------
+def _s(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def rpo_rows(results: dict) -> list[str]:
+    L = ["| path | rate /s (achieved) | changes | backed up | superseded | never backed up | median s | p99 s | max s | Azurite CPU s |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, r in results.items():
+        if "error" in r:
+            L.append(f"| {r['title']} | failed: {r['error']} | | | | | | | | |")
+            continue
+        lat = r["latency_s"]
+        late = f" ({r['backed_up_after_overwrite']} after an overwrite)" if r["backed_up_after_overwrite"] else ""
+        never = f"**{r['never_backed_up']}**" if r["never_backed_up"] else "0"
+        L.append(
+            f"| {r['title']} | {r['rate_target']:g} ({r['rate_achieved']}) | {r['changes']} | {r['backed_up']}{late} "
+            f"| {r['superseded']} | {never} | {_s(lat['median'])} | {_s(lat['p99'])} | {_s(lat['max'])} "
+            f"| {r['azurite_cpu_s']:.1f} |"
+        )
+    return L
+
+
+def rpo_markdown(doc: dict) -> str:
+    o = doc["options"]
+    L = [
+        f"# lakeguard RPO benchmark — {doc['started'][:19]}Z ({doc['mode']} mode)",
+        "",
+        f"Machine: {doc['machine']['cpus']} CPUs, {doc['machine']['platform']}; load average at end "
+        f"{', '.join(f'{x:.1f}' for x in doc['machine']['loadavg_at_end'])}. lakeguard: {doc['versions'].get('lakeguard')} "
+        f"({doc['lakeguard_binary']}). Azurite {doc['versions'].get('azurite')}.",
+        "",
+        f"A writer changes ~1 KiB blobs (half new names, half overwrites) at the rate for {o['seconds']:g} s while "
+        "`lakeguard serve` runs behind a Python emulation of the Functions host (queue triggers per host.json: "
+        f"batch {o['host_queues']['batch']}, newBatchThreshold {o['host_queues']['threshold']}, empty-queue back-off "
+        f"100 ms to {o['host_queues']['max_poll_s']:g} s; one instance). Latency = from Put Blob's answer to the "
+        f"first listing of the backup container (include=metadata,snapshots, every {o['poll']:g} s) that shows "
+        "the version's `lakeguard_source_etag`. *Superseded* = overwritten and never backed up (not counted in "
+        "the latency); *never backed up* = a name's last version still missing after the drain. Producer every "
+        f"{o['producer_every']:g} s, Reconcile timer every {o['reconcile_every']:g} s. Event path: the events are "
+        "put on the queue by the writer right after each write (Event Grid cannot run here); **Event Grid's own "
+        "delivery latency is not included**.",
+        "",
+        *rpo_rows(doc["rpo"]),
+        "",
+    ]
+    ev = doc["rpo"].get("event")
+    if ev and "error" not in ev and ev["rate_target"] >= 50:
+        p99_ok = ev["latency_s"]["p99"] is not None and ev["latency_s"]["p99"] < 60 and not ev["never_backed_up"]
+        rate_ok = (ev["rate_achieved"] or 0) >= 0.95 * 50
+        verdict = "met" if p99_ok and rate_ok else ("NOT met" if not p99_ok else
+                                                    "not shown: the writer did not reach 50 changes/s")
+        L.append(f"Goal (event path, p99 < 60 s at 50 changes/s): **{verdict}** "
+                 f"(p99 {_s(ev['latency_s']['p99'])} s at {ev['rate_achieved']} changes/s achieved).")
+        L.append("")
+    for kind, r in doc["rpo"].items():
+        if "error" in r:
+            continue
+        fns = "; ".join(f"{f} {s['succeeded']} ok / {s['failed']} failed / {s['poisoned']} poisoned"
+                        for f, s in r["functions"].items() if s["invocations"])
+        per = r.get("periodic")
+        calls = ""
+        if per:
+            c = per["calls"]
+            calls = (f"; {per['function']} called {len(c)} times, statuses "
+                     f"{sorted({x['status'] for x in c})}, longest {max((x['took_s'] for x in c), default=0):.1f} s")
+        L.append(f"- {r['title']}: invocations: {fns or 'none'}{calls}; watcher {r['watcher']['polls']} listings "
+                 f"(median {r['watcher']['listing_s_median']} s); writer late on {r['writer_late']['count']} changes "
+                 f"(max {r['writer_late']['max_s']} s); drained in {r['drained_s']} s (limit {r['drain_limit_s']} s); "
+                 f"{r['requests']['total']} requests"
+                 + (f"; left on the queues when the drain ended: {r['left_on_queues_at_drain_end']}"
+                    if r.get("left_on_queues_at_drain_end") else "") + ".")
+        w = r.get("latency_by_10s_of_writing")
+        if w:
+            L.append("  median latency by 10 s of writing: " + ", ".join(f"{x['from_s']}s: {_s(x['median'])}" for x in w))
+    L.append("")
+    return "\n".join(L)
