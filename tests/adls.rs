@@ -116,25 +116,7 @@ impl Lake {
 
     /// Every path of a container as the stand-in and Azurite hold it.
     async fn truth(&self, c: &str) -> Truth {
-        let mut out = Truth::new();
-        for (path, st) in self.hns.states(DEV_ACCOUNT, c) {
-            let bytes = if st.dir {
-                None
-            } else {
-                Some(self.src.get_blob(c, &path, None).await.ok("get").body)
-            };
-            out.insert(
-                path,
-                Path {
-                    bytes,
-                    owner: st.owner.clone(),
-                    group: st.group.clone(),
-                    permissions: st.permissions(),
-                    acl: st.acl.clone(),
-                },
-            );
-        }
-        out
+        truth_in(self, &self.src, DEV_ACCOUNT, c).await
     }
 
     async fn cycle(&self, c: &str) -> ops::backup::DrainReport {

@@ -331,20 +331,20 @@ async fn locked_versions_are_skipped_and_reported_not_failed() {
     );
 }
 
-/// Issue 17, item 6: a restore's undo data (the undo snapshot in the source; the undo copy and
-/// the undo records in the backup account) is kept while younger than
-/// `LAKEGUARD_UNDO_RETENTION`, then pruned with the rest of the restore's bookkeeping.
-#[tokio::test]
-async fn prune_keeps_undo_data_younger_than_the_undo_retention() {
-    let stack = Stack::start(Mode::SharedKeyHttp).await;
-    let app = support::app(&stack.env());
+/// A container with f.csv overwritten and new.csv created after T, restored in place to T: the
+/// restore leaves an undo snapshot of f.csv, an undo copy of new.csv and two undo records.
+async fn restored_in_place(
+    stack: &Stack,
+    app: &App,
+    tag: &str,
+) -> (String, ops::restore::RestoreReport) {
     let src = stack.source();
-    let c = unique_name("undokeep");
+    let c = unique_name(tag);
     src.create_container(&c).await.ok("create");
     src.put_blob(&c, "f.csv", b"f version 1", &[])
         .await
         .ok("put");
-    cycle(&app, &c).await;
+    cycle(app, &c).await;
     let t = mark().await;
     src.put_blob(&c, "f.csv", b"f version 2", &[])
         .await
@@ -352,11 +352,22 @@ async fn prune_keeps_undo_data_younger_than_the_undo_retention() {
     src.put_blob(&c, "new.csv", b"created after t", &[])
         .await
         .ok("put");
-    cycle(&app, &c).await;
+    cycle(app, &c).await;
     let mut req = ops::restore::RestoreRequest::new(c.as_str(), t);
     req.force = true;
-    let r = ops::restore::run(&app, &req, no_progress()).await.unwrap();
+    let r = ops::restore::run(app, &req, no_progress()).await.unwrap();
     assert!(r.is_complete(), "{r:#?}");
+    (c, r)
+}
+
+/// Issue 17, item 6: a restore's undo data (the undo snapshot in the source; the undo copy and
+/// the undo records in the backup account) is kept while younger than
+/// `LAKEGUARD_UNDO_RETENTION`, then pruned with the rest of the restore's bookkeeping.
+#[tokio::test]
+async fn prune_keeps_undo_data_younger_than_the_undo_retention() {
+    let stack = Stack::start(Mode::SharedKeyHttp).await;
+    let app = support::app(&stack.env());
+    let (c, r) = restored_in_place(&stack, &app, "undokeep").await;
     let id = r.id.clone();
     let undo_data = || {
         let (src, backup, c, id) = (stack.source(), stack.backup(), c.clone(), id.clone());
@@ -413,25 +424,7 @@ async fn prune_keeps_undo_data_younger_than_the_undo_retention() {
 async fn started_prune_hands_the_bookkeeping_to_hops_that_continue_a_page_at_a_time() {
     let stack = Stack::start(Mode::SharedKeyHttp).await;
     let app = support::app(&stack.env());
-    let src = stack.source();
-    let c = unique_name("bookhops");
-    src.create_container(&c).await.ok("create");
-    src.put_blob(&c, "f.csv", b"f version 1", &[])
-        .await
-        .ok("put");
-    cycle(&app, &c).await;
-    let t = mark().await;
-    src.put_blob(&c, "f.csv", b"f version 2", &[])
-        .await
-        .ok("put");
-    src.put_blob(&c, "new.csv", b"created after t", &[])
-        .await
-        .ok("put");
-    cycle(&app, &c).await;
-    let mut req = ops::restore::RestoreRequest::new(c.as_str(), t);
-    req.force = true;
-    let r = ops::restore::run(&app, &req, no_progress()).await.unwrap();
-    assert!(r.is_complete(), "{r:#?}");
+    let (c, r) = restored_in_place(&stack, &app, "bookhops").await;
     let kept = || {
         let (backup, prefix) = (stack.backup(), format!("{}/", r.id));
         async move {

@@ -790,12 +790,22 @@ pub async fn run_hop(app: &App, text: &str) -> Hop {
     } else {
         warn!(container = %c.container, refused = ?report.refused, "prune hop refused by the max-delete check");
     }
-    if let Some(checkpoint) = rest {
-        let next = Continuation {
-            checkpoint,
-            hop: c.hop + 1,
-            ..c.clone()
-        };
+    let next = rest.map(|checkpoint| Continuation {
+        checkpoint,
+        hop: c.hop + 1,
+        ..c.clone()
+    });
+    hand_over(app, next, started, report).await
+}
+
+/// A hop's end: queues the next hop (if any), then reports.
+async fn hand_over(
+    app: &App,
+    next: Option<Continuation>,
+    started: Instant,
+    mut report: PruneReport,
+) -> Hop {
+    if let Some(next) = next {
         if let Err(e) = send(app, &next).await {
             return Hop::Retry(format!("queueing the next hop: {e}"));
         }
@@ -824,20 +834,12 @@ async fn bookkeeping_hop(
     if let Err(e) = execute(app, &mut spool, &mut report, &super::no_progress()).await {
         return Hop::Retry(format!("pruning the bookkeeping: {e}"));
     }
-    if let Some(cursor) = rest {
-        let next = Continuation {
-            bookkeeping: Some(cursor),
-            hop: c.hop + 1,
-            ..c.clone()
-        };
-        if let Err(e) = send(app, &next).await {
-            return Hop::Retry(format!("queueing the next hop: {e}"));
-        }
-        report.continuations_queued = 1;
-    }
-    report.elapsed_ms = started.elapsed().as_millis();
-    log(&report);
-    Hop::Done(Box::new(report))
+    let next = rest.map(|cursor| Continuation {
+        bookkeeping: Some(cursor),
+        hop: c.hop + 1,
+        ..c.clone()
+    });
+    hand_over(app, next, started, report).await
 }
 
 /// Merges hop reports (the CLI's `reconcile --continuations` drain).
